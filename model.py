@@ -1,0 +1,365 @@
+"""
+The UMT student: a plain video ViT that only ever sees the tokens the teacher lets through.
+
+Paper: "Unmasked Teacher: Towards Training-Efficient Video Foundation Models", Li et al., ICCV 2023.
+This file holds the stage-1 student (section 3.1 of the paper) and the classifier used for
+fine-tuning. The student is faithful to the official implementation so its checkpoints load key
+for key: no CLS token, tubelet size 1, a fixed 1-D sin-cos position table, BEiT-style q/v biases
+(no key bias), LayerNorm eps 1e-6, exact GELU, and K alignment heads fed by the last K blocks
+through the shared final norm.
+
+Shape legend (used in every comment below):
+    B batch, T frames, H, W pixels, t, h, w token grid (t = T / tubelet, h = H / patch, w = W / patch),
+    N = t*h*w tokens, N_vis kept (visible) tokens, D student width, K aligned layers,
+    C teacher output width, L text length.
+
+Mask convention (REFERENCE D1): a mask is `keep`, a LongTensor [B, N_vis] of the kept token
+indices in (t, h, w) raster order, sorted ascending; `None` keeps every token.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------------------------
+# Position table
+
+
+def sincos_table(n, dim):
+    """The fixed 1-D sin-cos table over the flattened (t, h, w) token index: [n, dim].
+
+    angle(p, j) = p / 10000^(2*floor(j/2)/dim); even channels take sin, odd channels cos. This is
+    the transformer-paper table, not MAE's factorized 2-D/3-D one, and it is what the official UMT
+    student uses. It is never learned and never saved, so it must be regenerated exactly: row p
+    does not depend on n, so the table for 4 frames is the first rows of the table for 8 frames.
+    """
+    pos = torch.arange(n, dtype=torch.float64)[:, None]                        # [n, 1]
+    j = torch.arange(dim, dtype=torch.float64)[None, :]                        # [1, dim]
+    angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode='floor') / dim)  # [n, dim]
+    table = torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.float()
+
+
+def gather_tokens(x, keep):
+    """x [B, N, D], keep [B, N_vis] -> [B, N_vis, D]. Index + gather: no boolean mask, no host sync."""
+    return x.gather(1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with BEiT-style biases: q and v have a learnable bias, k has none.
+
+    The official checkpoint stores one `qkv.weight` [3D, D] with no `qkv.bias`, plus `q_bias` and
+    `v_bias`; at run time the bias is cat(q_bias, 0, v_bias). We keep those names so official
+    weights load, and call scaled_dot_product_attention so PyTorch picks a flash / memory-efficient
+    kernel instead of materializing the [N, N] attention matrix.
+    """
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        assert dim % num_heads == 0, f'width {dim} is not divisible by {num_heads} heads'
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])  # [3D], k bias fixed at 0
+        qkv = F.linear(x, self.qkv.weight, bias)                                     # [B, N, 3D]
+        qkv = qkv.view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # [3, B, heads, N, D/heads]
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])                   # [B, heads, N, D/heads], scale head_dim^-0.5
+        x = x.transpose(1, 2).reshape(B, N, D)                                       # [B, N, D]
+        return self.proj(x)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as the official student
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p (rescale the rest)."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= p      # [B, 1, 1], one draw per sample
+    return x * keep.to(x.dtype) / (1 - p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, LayerNorm eps 1e-6, no layer scale (official init_values = 0)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        return x
+
+
+class AlignHead(nn.Module):
+    """One alignment head of the official `clip_decoder`: Linear(D -> C) -> LayerNorm -> L2 normalize."""
+
+    def __init__(self, dim, teacher_dim):
+        super().__init__()
+        self.head = nn.Linear(dim, teacher_dim)
+        self.norm = nn.LayerNorm(teacher_dim, eps=1e-6)
+
+    def forward(self, x):
+        return F.normalize(self.norm(self.head(x)), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The student
+
+
+@dataclass
+class VideoViTConfig:
+    img_size: int = 224          # input resolution H = W (paper: 224)
+    patch_size: int = 16         # spatial patch size (paper: 16)
+    num_frames: int = 8          # T the position table is built for (paper: 8 in stage 1, 4 in stage 2)
+    tubelet_size: int = 1        # temporal patch size (paper: 1, every frame is its own token slice)
+    embed_dim: int = 768         # D
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.1       # stochastic depth at the last block, linear from 0 (paper: 0.1 B, 0.2 L)
+    align_layers: int = 6        # K, last blocks aligned with the teacher (paper: 6); 0 = no heads
+    teacher_dim: int = 512       # C, teacher output width (CLIP-B/16: 512, CLIP-L/14: 768)
+    checkpoint_blocks: int = 0   # activation checkpointing of the first N blocks (saves memory, costs compute)
+
+
+class VideoViT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        if not 0 <= c.align_layers <= c.depth:
+            raise ValueError(f'align_layers={c.align_layers} must be between 0 and depth={c.depth}')
+        if c.img_size % c.patch_size or c.num_frames % c.tubelet_size:
+            raise ValueError(f'img_size {c.img_size} / num_frames {c.num_frames} not divisible by '
+                             f'patch {c.patch_size} / tubelet {c.tubelet_size}')
+        self.config = c
+        self.patch_embed = nn.Module()  # keeps the official key name patch_embed.proj.*
+        self.patch_embed.proj = nn.Conv3d(3, c.embed_dim, kernel_size=(c.tubelet_size, c.patch_size, c.patch_size),
+                                          stride=(c.tubelet_size, c.patch_size, c.patch_size))
+        n = (c.num_frames // c.tubelet_size) * (c.img_size // c.patch_size) ** 2
+        # Not a parameter and not saved (persistent=False): the official checkpoints do not carry it either.
+        self.register_buffer('pos_embed', sincos_table(n, c.embed_dim), persistent=False)  # [N, D]
+        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear 0 -> drop_path, block 0 never dropped
+        self.blocks = nn.ModuleList([Block(c.embed_dim, c.num_heads, c.mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.clip_decoder = nn.ModuleList([AlignHead(c.embed_dim, c.teacher_dim) for _ in range(c.align_layers)])
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        # Official init: Xavier-uniform Linear weights, zero biases, LayerNorm (1, 0); Conv3d keeps PyTorch's default.
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def grid(self, video):
+        """(t, h, w) token grid of a video [B, 3, T, H, W]; raises a clear error on a bad shape."""
+        c = self.config
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f'video must be [B, 3, T, H, W], got {tuple(video.shape)}')
+        T, H, W = video.shape[2:]
+        if T % c.tubelet_size or H % c.patch_size or W % c.patch_size:
+            raise ValueError(f'T={T} must be divisible by the tubelet {c.tubelet_size} and H={H}, W={W} '
+                             f'by the patch {c.patch_size}')
+        return T // c.tubelet_size, H // c.patch_size, W // c.patch_size
+
+    def pos_table(self, n):
+        """[n, D] position rows. Fewer tokens than the config (images, 4 frames) use the first rows."""
+        if n <= self.pos_embed.shape[0]:
+            return self.pos_embed[:n]
+        return sincos_table(n, self.config.embed_dim).to(self.pos_embed.device)
+
+    def forward(self, video, keep=None):
+        """video [B, 3, T, H, W] -> (x [B, N_vis, D] final-normed, aligned [K, B, N_vis, C] unit vectors or None)."""
+        t, h, w = self.grid(video)
+        B, N, K = video.shape[0], t * h * w, self.config.align_layers
+        if keep is not None and (keep.dtype != torch.long or keep.ndim != 2 or keep.shape[0] != B
+                                 or not 0 < keep.shape[1] <= N):
+            raise ValueError(f'keep must be a LongTensor [B={B}, N_vis<={N}], got {keep.dtype} {tuple(keep.shape)}')
+
+        x = self.patch_embed.proj(video)                     # [B, D, t, h, w]
+        x = x.flatten(2).transpose(1, 2)                     # [B, N, D], tokens in (t, h, w) raster order
+        pos = self.pos_table(N).to(x.dtype)                  # [N, D]
+        x = x + pos
+        if keep is not None:
+            # The student encodes only the visible tokens: no mask tokens, no decoder. This is where
+            # the 80% saving of UMT comes from.
+            x = gather_tokens(x, keep)                       # [B, N_vis, D]
+
+        hidden = []                                          # outputs of the last K blocks
+        for i, blk in enumerate(self.blocks):
+            if i < self.config.checkpoint_blocks and self.training:
+                x = checkpoint(blk, x, use_reentrant=False)  # recomputed in backward; same RNG replayed
+            else:
+                x = blk(x)
+            if i >= self.config.depth - K:
+                hidden.append(x)
+        x = self.norm(x)                                     # [B, N_vis, D]
+        if K == 0:
+            return x, None
+
+        # Every returned layer goes through the same final norm (official quirk), then the position
+        # table is added once more, then layer k's own head maps it into the teacher's space.
+        pos_vis = pos.expand(B, N, -1) if keep is None else gather_tokens(pos.expand(B, N, -1), keep)  # [B, N_vis, D]
+        aligned = [head(self.norm(hk) + pos_vis) for head, hk in zip(self.clip_decoder, hidden)]
+        return x, torch.stack(aligned)                       # [K, B, N_vis, C], slot k <-> block depth-K+k
+
+
+def uta_loss(aligned, targets, per_layer=False):
+    """Unmasked-teacher alignment (UTA) loss, shared by both stages.
+
+    L_uta = mean over layers and visible tokens of 2 - 2 cos(s, t). Both inputs are unit vectors,
+    so this equals |s - t|^2, the "MSE" of the paper. aligned, targets: [K, B, N_vis, C].
+    """
+    assert aligned.shape == targets.shape, f'{tuple(aligned.shape)} vs {tuple(targets.shape)}'
+    loss = 2 - 2 * (aligned.float() * targets.float()).sum(-1)  # [K, B, N_vis]
+    loss = loss.mean(dim=(1, 2))                                 # [K]
+    return loss if per_layer else loss.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning classifier
+
+
+class VideoClassifier(nn.Module):
+    """The official fine-tuning model: all tokens -> mean pool -> fc_norm -> dropout -> head.
+
+    As in the official code the backbone's final norm is replaced by fc_norm after pooling, so a
+    stage-1 checkpoint's `norm.*` and `clip_decoder.*` are not used here.
+    """
+
+    def __init__(self, backbone, num_classes, head_dropout=0.0, init_scale=0.001):
+        super().__init__()
+        D = backbone.config.embed_dim
+        self.backbone = backbone
+        self.backbone.norm = nn.Identity()
+        self.fc_norm = nn.LayerNorm(D, eps=1e-6)
+        self.dropout = nn.Dropout(head_dropout)
+        self.head = nn.Linear(D, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        with torch.no_grad():  # a small head keeps the pre-trained features intact at the start
+            self.head.weight.mul_(init_scale)
+            self.head.bias.zero_()
+
+    def forward(self, video):
+        x, _ = self.backbone(video)                        # [B, N, D], no final norm
+        return self.head(self.dropout(self.fc_norm(x.mean(1))))  # [B, num_classes]
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets and official checkpoints
+
+CONFIGS = {
+    'vit_b16': VideoViTConfig(),                                          # UMT-B/16, 85.6M encoder parameters
+    'vit_l16': VideoViTConfig(embed_dim=1024, depth=24, num_heads=16,     # UMT-L/16, 303M encoder parameters
+                              drop_path=0.2, teacher_dim=768),
+    'tiny': VideoViTConfig(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,  # tests and the CPU demo
+                           drop_path=0.0, align_layers=2, teacher_dim=64),
+}
+
+
+def get_config(name, **overrides):
+    if name not in CONFIGS:
+        raise ValueError(f'unknown model preset {name!r}; valid: {sorted(CONFIGS)}')
+    return VideoViTConfig(**{**CONFIGS[name].__dict__, **overrides})
+
+
+def unwrap_state_dict(sd):
+    """Official and our checkpoints store the weights raw, or under 'model' / 'module'."""
+    for key in ('model', 'module'):
+        if key in sd and isinstance(sd[key], dict):
+            return sd[key]
+    return sd
+
+
+def load_official(state_dict, num_frames=None, img_size=None, num_heads=None):
+    """Build and load a model from an official UMT checkpoint; returns (model, unused_keys).
+
+    - stage 1 (`encoder.*`, `clip_decoder.*`, REFERENCE 5.1)       -> VideoViT
+    - stage 2 (`vision_encoder.encoder.*`, ...; REFERENCE 5.4)      -> VideoViT (text side, teacher: unused)
+    - fine-tuned (`patch_embed.*`, `blocks.*`, `fc_norm.*`, `head.*`; 5.2) -> VideoClassifier
+    The config is inferred from the shapes; heads = width / 64 (true for B and L) unless given.
+    A stored `pos_embed` (frames or resolution other than 8 x 224) is used as is; its token count
+    gives the frame count at img_size (default 224) or the resolution at num_frames.
+    """
+    sd = unwrap_state_dict(state_dict)
+    unused = []
+    if any(k.startswith('vision_encoder.') for k in sd):  # stage-2 model: keep its vision encoder
+        unused = [k for k in sd if not k.startswith('vision_encoder.')]
+        sd = {k[len('vision_encoder.'):]: v for k, v in sd.items() if k.startswith('vision_encoder.')}
+        unused += ['vision_encoder.' + k for k in sd if k.startswith('pool_norm.')]
+        sd = {k: v for k, v in sd.items() if not k.startswith('pool_norm.')}
+    finetuned = 'head.weight' in sd
+    sd = {k.removeprefix('encoder.'): v for k, v in sd.items()}
+
+    w = sd['patch_embed.proj.weight']                                # [D, 3, tubelet, patch, patch]
+    D, tubelet, patch = w.shape[0], w.shape[2], w.shape[-1]
+    depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
+    K = sum(1 for k in sd if k.startswith('clip_decoder.') and k.endswith('.head.weight'))
+    pos = sd.pop('pos_embed', None)                                  # [1, N, D] or absent
+    if img_size is None and num_frames is None and pos is not None:
+        img_size = 224
+    img_size = img_size or 224
+    if pos is not None and num_frames is None:
+        num_frames = pos.shape[1] // (img_size // patch) ** 2 * tubelet
+    elif pos is not None:
+        img_size = int(math.isqrt(pos.shape[1] // (num_frames // tubelet))) * patch
+    config = VideoViTConfig(
+        img_size=img_size, patch_size=patch, num_frames=num_frames or 8, tubelet_size=tubelet, embed_dim=D,
+        depth=depth, num_heads=num_heads or max(D // 64, 1), mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / D,
+        drop_path=0.0, align_layers=K, teacher_dim=sd['clip_decoder.0.head.weight'].shape[0] if K else 512)
+    backbone = VideoViT(config)
+    if pos is not None:
+        if pos.shape[1:] != backbone.pos_embed.shape:
+            raise ValueError(f'pos_embed: checkpoint shape {tuple(pos.shape)} does not fit {config}')
+        backbone.pos_embed.copy_(pos[0])
+    model = backbone
+    if finetuned:
+        model = VideoClassifier(backbone, num_classes=sd['head.weight'].shape[0])
+        sd = {('backbone.' + k if not k.startswith(('fc_norm.', 'head.')) else k): v for k, v in sd.items()}
+    load_strict(model, sd)
+    return model, unused
+
+
+def load_strict(model, sd):
+    """load_state_dict(strict=True), with errors that name the offending keys and shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f'{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}'
+             for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError('checkpoint does not fit the model:\n' + '\n'.join(
+            [f'  missing: {k}' for k in missing] + [f'  unexpected: {k}' for k in unexpected]
+            + [f'  wrong shape: {s}' for s in wrong]))
+    model.load_state_dict(sd, strict=True)
