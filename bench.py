@@ -1,0 +1,163 @@
+"""
+Speed, memory and FLOPs of one complete UMT training step, with random weights.
+
+A stage-1 step is: teacher forward on the full clip -> semantic mask from its CLS attention ->
+student forward on the kept tokens -> UTA loss -> backward -> AdamW step. bench.py times each
+phase, counts the model FLOPs analytically and reports the achieved FLOP/s against the hardware:
+the bf16 peak of the GPU (MFU), or on CPU a dense fp32 matmul measured in the same run.
+
+    python bench.py                                   # ViT-B/16 + CLIP-B/16, 8 x 224^2, batch 2, fp32 on CPU
+    python bench.py --preset=gpu                      # batch 64, bf16, compiled student (one GPU)
+    python bench.py --frames=16 --mask_ratio=0.9      # any constant below can be overridden
+    python bench.py --stage=2                         # one stage-2 step (VTC + VTM + MLM + UTA)
+"""
+
+import resource
+import sys
+import time
+
+import torch
+
+import common
+import model as M
+from masking import make_mask
+from teacher import build_teacher
+
+# ----------------------------------------------------------------------------------------------
+STAGE = 1                     # 1: video-only alignment step, 2: video-text step
+MODEL = 'vit_b16'             # student preset (model.CONFIGS)
+TEACHER = 'ViT-B-16-quickgelu'  # open_clip name ('tiny' for the test); weights are random here
+TEACHER_SIZE = 0              # teacher resolution, 0 = the CLIP default (196 for ViT-L-14)
+BATCH = 2                     # clips per step
+FRAMES = 8                    # T (paper: 8 in stage 1, 4 in stage 2)
+IMG_SIZE = 224
+MASK_RATIO = 0.8              # paper: 0.8
+ALIGN_LAYERS = 6              # paper: 6
+DTYPE = 'float32'             # 'auto' = bf16 on GPU; the CPU target is measured in fp32
+COMPILE = False               # torch.compile the student (static shapes: every frame keeps n_keep tokens)
+CHECKPOINT_BLOCKS = 0         # activation checkpointing of the first N student blocks
+WARMUP_STEPS = 2              # untimed steps (allocator, compile, oneDNN kernel selection)
+STEPS = 5                     # timed steps; medians are reported
+DEVICE = 'auto'
+PRESETS = {
+    'cpu': {},
+    'gpu': {'BATCH': 64, 'DTYPE': 'auto', 'COMPILE': True, 'STEPS': 10, 'WARMUP_STEPS': 3},
+    'l16_gpu': {'MODEL': 'vit_l16', 'TEACHER': 'ViT-L-14-quickgelu', 'TEACHER_SIZE': 196, 'BATCH': 32,
+                'DTYPE': 'auto', 'COMPILE': True, 'STEPS': 10, 'WARMUP_STEPS': 3},
+    'tiny': {'MODEL': 'tiny', 'TEACHER': 'tiny', 'IMG_SIZE': 64, 'ALIGN_LAYERS': 2, 'STEPS': 2, 'WARMUP_STEPS': 1},
+}
+config = common.configure(globals(), PRESETS, sys.argv[1:])
+
+# ----------------------------------------------------------------------------------------------
+# Models and a random batch
+
+_, _, device = common.setup_distributed(DEVICE)
+ctx, scaler, dtype = common.precision(device, DTYPE)
+torch.manual_seed(0)
+cfg = M.get_config(MODEL, num_frames=FRAMES, img_size=IMG_SIZE, align_layers=ALIGN_LAYERS,
+                   checkpoint_blocks=CHECKPOINT_BLOCKS)
+student = M.VideoViT(cfg).to(device).train()
+teacher = build_teacher(TEACHER, None, ALIGN_LAYERS, TEACHER_SIZE or None).to(device)
+fwd = torch.compile(student) if COMPILE else student
+optimizer = torch.optim.AdamW(common.param_groups(student, 0.05), lr=1e-4, betas=(0.9, 0.95),
+                              fused=device.type == 'cuda')
+video = torch.randn(BATCH, 3, FRAMES, IMG_SIZE, IMG_SIZE, device=device)
+gen = torch.Generator(device).manual_seed(0)
+
+
+def sync():
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def step():
+    """One stage-1 step, cut into timed phases (the syncs cost a little; 'total' below is without them)."""
+    times = {}
+    t0 = time.perf_counter()
+    with ctx:
+        hidden, attn = teacher.encode(video)                      # [K, B, N, E], [B, T, h*w]
+        keep = make_mask('semantic', attn, MASK_RATIO, gen)       # [B, T*n_keep]
+        targets = teacher.targets(hidden, keep)                   # [K, B, N_vis, C]
+    sync(); times['teacher'] = time.perf_counter() - t0; t0 = time.perf_counter()
+    with ctx:
+        _, aligned = fwd(video, keep)                             # [K, B, N_vis, C]
+        loss = M.uta_loss(aligned, targets)
+    sync(); times['student_fwd'] = time.perf_counter() - t0; t0 = time.perf_counter()
+    scaler.scale(loss).backward()
+    sync(); times['backward'] = time.perf_counter() - t0; t0 = time.perf_counter()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    sync(); times['optimizer'] = time.perf_counter() - t0
+    return times
+
+
+# ----------------------------------------------------------------------------------------------
+# Analytic FLOPs per clip (a multiply-add = 2 FLOPs; norms, activations and softmax are ignored)
+#   transformer layer on n tokens of width d, MLP ratio 4:  2*n*12*d^2 (qkv, out, fc1, fc2) + 4*n^2*d (QK^T, AV)
+#   teacher  = T frames x (patch embed 2*hw*3p^2*E + L_t layers on 1+hw tokens) + K proj 2*N_vis*E*C   (forward only)
+#   student  = 3 x (patch embed 2*N*3p^2*D + depth layers on N_vis tokens + K heads 2*N_vis*D*C)      (fwd + 2x bwd)
+
+def layer_flops(n, d, mlp_ratio=4.0):
+    return 2 * n * (4 + 2 * mlp_ratio) * d * d + 4 * n * n * d
+
+
+v = teacher.visual
+hw = (teacher.image_size // teacher.patch) ** 2
+E, Lt, C = v.conv1.out_channels, len(v.transformer.resblocks), v.proj.shape[1]
+t, h, w = FRAMES // cfg.tubelet_size, IMG_SIZE // cfg.patch_size, IMG_SIZE // cfg.patch_size
+N = t * h * w
+n_vis = t * (h * w - int(h * w * MASK_RATIO))
+teacher_flops = FRAMES * (2 * hw * 3 * teacher.patch ** 2 * E + Lt * layer_flops(1 + hw, E)) \
+    + ALIGN_LAYERS * 2 * n_vis * E * C
+student_flops = 3 * (2 * N * 3 * cfg.tubelet_size * cfg.patch_size ** 2 * cfg.embed_dim
+                     + cfg.depth * layer_flops(n_vis, cfg.embed_dim, cfg.mlp_ratio)
+                     + ALIGN_LAYERS * 2 * n_vis * cfg.embed_dim * cfg.teacher_dim)
+flops_per_clip = teacher_flops + student_flops
+
+
+def matmul_rate(n=2048, reps=10):
+    """Dense fp32 matmul FLOP/s on this device right now: the CPU's practical ceiling."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    sync(); t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Run
+
+print(f'device {device} ({torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"}), '
+      f'dtype {dtype}, compile {COMPILE}, batch {BATCH} x {FRAMES} x {IMG_SIZE}^2, mask {MASK_RATIO} '
+      f'({n_vis}/{N} tokens kept), student {MODEL}, teacher {TEACHER}')
+for _ in range(WARMUP_STEPS):
+    step()
+if device.type == 'cuda':
+    torch.cuda.reset_peak_memory_stats()
+phases, totals = [], []
+for _ in range(STEPS):
+    phases.append(step())
+    sync(); t0 = time.perf_counter()
+    step()                                   # the same step again, timed whole (no phase syncs inside)
+    sync(); totals.append(time.perf_counter() - t0)
+median = lambda xs: sorted(xs)[len(xs) // 2]
+step_s = median(totals)
+achieved = flops_per_clip * BATCH / step_s
+if device.type == 'cuda':
+    peak_mem = torch.cuda.max_memory_allocated() / 2 ** 30
+    name = torch.cuda.get_device_name()
+    peak = 989e12 if 'H100' in name or 'H200' in name else (312e12 if 'A100' in name else float('nan'))  # dense bf16
+    ceiling = f'MFU {achieved / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s dense bf16 peak'
+else:
+    peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB -> GiB, whole process
+    rate = matmul_rate()
+    ceiling = f'{achieved / rate:.1%} of the dense fp32 matmul rate measured now ({rate / 1e9:.1f} GFLOP/s)'
+print(f'step {step_s * 1e3:.0f} ms (median of {STEPS}) | {BATCH / step_s:.2f} clips/s | peak memory {peak_mem:.2f} GiB')
+print('phases (ms, median): ' + ', '.join(f'{k} {median([p[k] for p in phases]) * 1e3:.0f}' for k in phases[0]))
+print(f'FLOPs per clip: teacher {teacher_flops / 1e9:.1f} G + student {student_flops / 1e9:.1f} G (fwd+bwd) = '
+      f'{flops_per_clip / 1e9:.1f} G')
+print(f'achieved {achieved / 1e9:.1f} GFLOP/s = {ceiling}')

@@ -1,0 +1,19 @@
+"""Runs bench.py's tiny configuration so the benchmark cannot rot, and checks what it reports."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_tiny_stage1():
+    out = subprocess.run([sys.executable, 'bench.py', '--preset=tiny'], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert '104/512 tokens kept' in out.stdout                     # 8 frames x (64 - int(64 * 0.8)) tokens
+    clips = float(re.search(r'([\d.]+) clips/s', out.stdout).group(1))
+    share = float(re.search(r'= ([\d.]+)% of the dense fp32 matmul rate', out.stdout).group(1))
+    assert clips > 0 and 0 < share < 200
+    for phase in ('teacher', 'student_fwd', 'backward', 'optimizer'):
+        assert phase in out.stdout
