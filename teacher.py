@@ -1,0 +1,195 @@
+"""The frozen CLIP teacher of Unmasked Teacher (UMT, ICCV 2023, arXiv 2303.16058), used in both stages.
+
+UMT distills a video student from an image CLIP that never sees a mask. Every frame of the *full* clip
+goes through CLIP's visual transformer on its own, and the teacher gives back two things:
+  1. targets: the patch tokens of its last K blocks, each through CLIP's ln_post and proj, then
+     L2-normalized. The student's alignment heads regress them on its visible tokens (UTA, 2 - 2 cos).
+  2. attn: the last block's attention from the CLS query to every patch, averaged over heads.
+     Semantic masking keeps the patches that CLIP looks at (masking.py).
+
+Weights come from open_clip: 'ViT-B-16-quickgelu' + 'openai' for UMT-B, 'ViT-L-14-quickgelu' with
+image_size=196 for UMT-L (196/14 = 14x14 patches, the same grid as the student's 224/16). The forward is
+written out here over open_clip's own modules, because open_clip has no API for attention weights: every
+block runs F.scaled_dot_product_attention, and the last block's CLS row is computed for the one CLS
+query only, which is O(N) instead of the N x N matrix.
+
+Departure from the official code: it feeds CLIP the student's ImageNet-normalized frames; we convert
+them to CLIP's own mean/std first (see encode).
+
+Usage:
+    teacher = build_teacher('ViT-B-16-quickgelu', 'openai', align_layers=6).to(device)
+    hidden, attn = teacher.encode(video)       # attn -> semantic mask -> keep
+    targets = teacher.targets(hidden, keep)    # [K, B, N_vis, C], only for the tokens the student sees
+
+Shapes: B batch, T frames, H,W pixels, S teacher resolution, h,w patch grid per frame, N = T*h*w,
+N_vis kept tokens, K aligned layers, E teacher width (768 for B/16), C output width (512 for B/16).
+"""
+import os
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the data pipeline normalizes clips with these (as the official code)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # ... but OpenAI CLIP was trained with these
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+WEIGHTS_HINT = (
+    "Hint: download the open_clip 'openai' weights once on a machine with network (they land in the "
+    "Hugging Face cache; set HF_HUB_OFFLINE=1 later to use the cache without retries), or pass a local "
+    "file as `pretrained`, e.g. open_clip_pytorch_model.bin from the Hugging Face repo "
+    "timm/vit_base_patch16_clip_224.openai, together with a '-quickgelu' model name such as "
+    "'ViT-B-16-quickgelu'.")
+
+
+def tiny_clip(quick_gelu=True):
+    """A 64-px random-weight open_clip.CLIP for tests and the CPU demo. It is seeded: the teacher is
+    never saved, so a resumed demo run must rebuild exactly the same teacher."""
+    vision = open_clip.model.CLIPVisionCfg(image_size=64, patch_size=8, width=64, layers=4, head_width=32)
+    text = open_clip.model.CLIPTextCfg(context_length=32, vocab_size=49408, width=64, heads=2, layers=4)
+    with torch.random.fork_rng(devices=[]):  # seed 0 without disturbing the caller's RNG stream
+        torch.manual_seed(0)
+        return open_clip.CLIP(embed_dim=64, vision_cfg=vision, text_cfg=text, quick_gelu=quick_gelu)
+
+
+def check_quickgelu(model):
+    """OpenAI CLIP was trained with QuickGELU, x * sigmoid(1.702 x). With exact GELU the features are
+    quietly wrong, and open_clip picks nn.GELU without a warning for e.g. 'ViT-B-16' + a file path."""
+    act = model.visual.transformer.resblocks[0].mlp.gelu
+    if not isinstance(act, QuickGELU):
+        raise ValueError(
+            f"OpenAI CLIP weights need QuickGELU but this model uses {type(act).__name__}: use a "
+            "'-quickgelu' model name (e.g. 'ViT-B-16-quickgelu', 'ViT-L-14-quickgelu'). If the file holds "
+            "non-OpenAI weights trained with GELU, this teacher is not the paper's.")
+
+
+def build_clip(name='ViT-B-16-quickgelu', pretrained='openai'):
+    """Frozen open_clip CLIP model (both towers; model.py builds the text side from the same model).
+    `pretrained`: an open_clip tag, a local weights file, or None for random weights.
+    name='tiny' always gives tiny_clip() (random weights; `pretrained` is ignored)."""
+    if name == 'tiny':
+        model = tiny_clip()
+    else:
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained)
+        except RuntimeError as e:  # offline without a cached download, or a file that does not exist
+            if pretrained is None:
+                raise
+            raise RuntimeError(f"Could not load CLIP weights {pretrained!r} for {name!r}: {e}\n"
+                               f"{WEIGHTS_HINT}") from e
+        if pretrained == 'openai' or (pretrained is not None and os.path.isfile(pretrained)):
+            check_quickgelu(model)
+    return model.eval().requires_grad_(False)
+
+
+def resize_pos_embed(pos, grid):
+    """[1 + g*g, E] -> [1 + grid*grid, E]: bicubic on the 2-D patch grid; the CLS row is kept as is."""
+    g = int(round((pos.shape[0] - 1) ** 0.5))
+    patches = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # [1, E, g, g]
+    patches = F.interpolate(patches.float(), size=(grid, grid), mode='bicubic', align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)  # [grid*grid, E], raster order
+    return torch.cat([pos[:1], patches.to(pos.dtype)]).detach()
+
+
+class CLIPTeacher(nn.Module):
+    """CLIP's visual tower run frame by frame; always frozen (eval, no grad, never saved, never in DDP)."""
+
+    def __init__(self, clip_model, align_layers=6, image_size=None):
+        super().__init__()
+        self.visual = v = clip_model.visual  # the text tower is not needed to make targets
+        blocks = v.transformer.resblocks
+        if not all(type(b) is ResidualAttentionBlock for b in blocks):
+            raise ValueError('CLIPTeacher needs a plain CLIP ViT (open_clip ResidualAttentionBlock blocks)')
+        depth = len(blocks)
+        if not (isinstance(align_layers, int) and 1 <= align_layers <= depth):
+            raise ValueError(f'align_layers must be an int in 1..{depth} (the teacher has {depth} blocks), '
+                             f'got {align_layers!r}')
+        self.align_layers, self.heads = align_layers, blocks[0].attn.num_heads
+        self.patch, native = v.patch_size[0], v.image_size[0]
+        self.image_size = image_size or native  # S: frames are resized to S x S before the teacher
+        if self.image_size % self.patch:
+            raise ValueError(f'image_size {self.image_size} is not a multiple of the patch size {self.patch}')
+        # Learned positions exist for the native grid only: resize them once here (UMT-L: 16x16 -> 14x14).
+        grid = self.image_size // self.patch
+        pos = None if self.image_size == native else resize_pos_embed(v.positional_embedding, grid)  # [1+grid^2, E]
+        self.register_buffer('pos_resized', pos, persistent=False)
+        # x_clip = (x * std_in + mean_in - mean_clip) / std_clip, folded into one scale and one shift.
+        mean_in, std_in, mean_clip, std_clip = (torch.tensor(c).view(3, 1, 1) for c in
+                                                (IMAGENET_MEAN, IMAGENET_STD, CLIP_MEAN, CLIP_STD))
+        self.register_buffer('in_scale', std_in / std_clip, persistent=False)
+        self.register_buffer('in_shift', (mean_in - mean_clip) / std_clip, persistent=False)
+        self.eval().requires_grad_(False)
+
+    def train(self, mode=True):
+        return super().train(False)  # a frozen teacher stays in eval mode, even inside model.train()
+
+    def block(self, blk, x, cls_attn=False):
+        """One open_clip ResidualAttentionBlock on x [BT, M, E] (M = 1 + h*w), written out so attention
+        goes through SDPA and the last block can also return its CLS-query attention row [BT, h*w]."""
+        BT, M, E = x.shape
+        nh, hd = self.heads, E // self.heads
+        qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)  # [BT, M, 3E]
+        q, k, v = qkv.view(BT, M, 3, nh, hd).permute(2, 0, 3, 1, 4)  # 3 x [BT, nh, M, hd]
+        a = F.scaled_dot_product_attention(q, k, v)  # [BT, nh, M, hd], softmax(q k^T / sqrt(hd)) v
+        a = a.transpose(1, 2).reshape(BT, M, E)  # [BT, M, E], heads side by side again
+        x = x + blk.ls_1(blk.attn.out_proj(a))  # ls_* are Identity for OpenAI CLIP
+        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        if not cls_attn:
+            return x, None
+        # CLS query only: softmax(q_cls k^T / sqrt(hd)) is one row per head, O(M) instead of M x M.
+        # fp32 even under autocast: the semantic sampler draws from these probabilities.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = q[:, :, :1].float() @ k.float().transpose(-2, -1) * hd ** -0.5  # [BT, nh, 1, M]
+            attn = logits.softmax(dim=-1).mean(dim=1)[:, 0, 1:]  # [BT, h*w]: mean over heads, CLS key dropped
+        return x, attn  # rows sum to slightly < 1 (the CLS -> CLS mass is gone); fine for sampling
+
+    @torch.no_grad()
+    def encode(self, video):
+        """video [B, 3, T, H, W] ImageNet-normalized -> (hidden [K, B, N, E] patch tokens of the last K
+        blocks before ln_post, in (t, h, w) raster order; attn [B, T, h*w] fp32)."""
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f'expected an ImageNet-normalized video [B, 3, T, H, W], got {tuple(video.shape)}')
+        B, _, T, H, W = video.shape
+        S, v = self.image_size, self.visual
+        x = video.transpose(1, 2).reshape(B * T, 3, H, W)  # [B*T, 3, H, W]: every frame is its own image
+        if (H, W) != (S, S):  # e.g. 224 -> 196 for the L/14 teacher
+            x = F.interpolate(x, size=(S, S), mode='bicubic', align_corners=False)  # [B*T, 3, S, S]
+        # ImageNet -> CLIP normalization. The official code skips this and feeds CLIP the ImageNet-
+        # normalized frames (about 1.2x the contrast CLIP was trained on); we give CLIP what it expects.
+        x = x * self.in_scale + self.in_shift
+        x = v.conv1(x.to(v.conv1.weight.dtype))  # [B*T, E, h, w], one token per patch
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # [B*T, h*w, E]
+        cls = v.class_embedding.to(x.dtype).expand(B * T, 1, -1)  # [B*T, 1, E]
+        pos = v.positional_embedding if self.pos_resized is None else self.pos_resized  # [1 + h*w, E]
+        x = v.ln_pre(torch.cat([cls, x], dim=1) + pos.to(x.dtype))  # [B*T, 1 + h*w, E]
+        blocks, hidden, attn = v.transformer.resblocks, [], None
+        for i, blk in enumerate(blocks):
+            x, attn = self.block(blk, x, cls_attn=i == len(blocks) - 1)
+            if i >= len(blocks) - self.align_layers:  # one of the last K blocks: keep its patch tokens
+                hidden.append(x[:, 1:].reshape(B, T * h * w, -1))  # [B, N, E], CLS dropped, (t, h, w) order
+        return torch.stack(hidden), attn.view(B, T, h * w)  # [K, B, N, E], [B, T, h*w]
+
+    @torch.no_grad()
+    def targets(self, hidden, keep=None):
+        """hidden [K, B, N, E], keep LongTensor [B, N_vis] or None (all) -> unit vectors [K, B, N_vis, C].
+        Gathering first means ln_post and proj only run on the tokens the student sees."""
+        K, B, N, E = hidden.shape
+        if keep is not None:  # index + gather: no boolean mask, no host sync
+            hidden = hidden.gather(2, keep[None, :, :, None].expand(K, B, keep.shape[1], E))  # [K, B, N_vis, E]
+        x = self.visual.ln_post(hidden) @ self.visual.proj  # [K, B, N_vis, C], CLIP's own output space
+        return F.normalize(x.float(), dim=-1)  # fp32 unit vectors: the UTA loss is 2 - 2 cos
+
+    @torch.no_grad()
+    def forward(self, video):
+        """video [B, 3, T, H, W] -> (targets [K, B, N, C] for every token, attn [B, T, h*w])."""
+        hidden, attn = self.encode(video)
+        return self.targets(hidden), attn
+
+
+def build_teacher(name='ViT-B-16-quickgelu', pretrained='openai', align_layers=6, image_size=None):
+    """UMT-B: the defaults. UMT-L: build_teacher('ViT-L-14-quickgelu', image_size=196). Demo: build_teacher('tiny')."""
+    return CLIPTeacher(build_clip(name, pretrained), align_layers=align_layers, image_size=image_size)
