@@ -1,0 +1,518 @@
+"""Video data for UMT: frame-accurate sparse decoding with PyAV, the official sampling and augmentation rules,
+datasets that survive broken files, a resumable sampler, and a tiny synthetic demo set.
+
+Paper / official code: stage 1 uses 8 TSN-sparse frames, a multi-scale corner crop and a flip (REFERENCE 1.8);
+stage 2 uses 4 frames, RandomResizedCrop(scale 0.5-1, bicubic) and a flip (2.7); fine-tuning tests with
+C clips x 3 crops (3.2). All clips are ImageNet-normalized float tensors [3, T, S, S], as in the official code.
+
+    python data.py --make-demo demo                   # synthetic dataset (8 classes, captions, images), ~seconds
+    python data.py --check train.csv --root videos    # decode every entry -> train.csv.clean / train.csv.bad
+    python data.py --make-bench-clips bench           # two H.264 clips: 10 s, and 60 s with a keyframe every 2 s
+    python data.py --bench bench/long60s.mp4          # sparse sampling vs full decode vs naive seeking
+"""
+import argparse, bisect, itertools, json, math, os, statistics, time, warnings
+from collections import namedtuple
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)  # ImageNet statistics, as the official code (not CLIP's)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
+MS_SCALES = (1, .875, .75, .66)  # stage-1 multi-scale crop: crop side = short side x scale (official)
+MS_MAX_DISTORT = 1               # the w and h scale indices may differ by at most this (official)
+RRC_SCALE = (0.5, 1.0)           # stage-2 RandomResizedCrop area fraction (official); aspect ratio 3/4..4/3
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')  # still images are 1-frame videos
+MIN_ATTEMPTS = 20                # judge the bad-file fraction only after this many loads in a process
+BAD_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError, IndexError, Image.DecompressionBombError)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding
+
+def _video_stream(c, threads):
+    if not c.streams.video:
+        raise ValueError('no video stream')
+    s = c.streams.video[0]
+    s.thread_type = 'AUTO' if threads > 1 else 'SLICE'  # must be set before the first decode
+    s.codec_context.thread_count = threads              # keep small in DataLoader workers (workers x threads)
+    return s
+
+def _scan(c, s):
+    """One demux-only pass (no decoding): sorted pts of every frame (the i-th smallest pts is frame i, so indices
+    come from timestamps, and B-frames, VFR and non-zero start times need no special case) and, per keyframe,
+    (pts, decode time): some demuxers (avi) seek by decode time, which is earlier than pts with B-frames."""
+    pts, keys = [], []
+    for p in c.demux(s):
+        t = p.pts if p.pts is not None else p.dts
+        if p.size == 0 or t is None or p.is_discard:  # flush packet / edit-list leftovers: never shown
+            continue
+        pts.append(t)
+        if p.is_keyframe:
+            keys.append((t, t if p.dts is None else min(t, p.dts)))
+    if not pts:
+        raise ValueError('no video packets')
+    return sorted(pts), sorted(keys) or [(min(pts), min(pts))]
+
+def read_frames(path, indices, threads=1):
+    """Frames `indices` of a video as uint8 [len(indices), H, W, 3], pixel-identical to sequential decoding.
+    `indices` may be unsorted, repeated, or past the end (-> last frame); it may also be a function n_frames ->
+    indices, so a caller can sample once the true length is known without opening the file twice."""
+    if path.lower().endswith(IMAGE_EXTS):  # a still image is a 1-frame video
+        with Image.open(path) as im:
+            img = np.asarray(im.convert('RGB'))
+        idx = np.asarray(indices(1) if callable(indices) else indices)
+        return np.repeat(img[None], len(idx), axis=0)
+    with av.open(path) as c:  # `with`: containers leak in DataLoader workers otherwise
+        s = _video_stream(c, threads)
+        pts, keys = _scan(c, s)
+        idx = np.asarray(indices(len(pts)) if callable(indices) else indices, dtype=np.int64)
+        if idx.size == 0 or idx.min() < 0:
+            raise ValueError(f'bad frame indices {idx}')
+        idx = np.minimum(idx, len(pts) - 1)  # past the end: repeat the last frame
+        key_pts = [k for k, _ in keys]
+        wanted = {pts[i] for i in idx}
+
+        def decode_from(position):  # seek, then feed packets ourselves so unwanted frames can be skipped
+            c.seek(position, stream=s, backward=True)  # lands on a keyframe at or before `position`
+            for p in c.demux(s):
+                # A frame nobody asked for that no other frame references (most B-frames) need not be decoded.
+                s.codec_context.skip_frame = 'DEFAULT' if p.pts in wanted else 'NONREF'
+                for f in s.decode(p):
+                    if f.pts is None:
+                        raise ValueError('decoded a frame without a timestamp')
+                    yield f
+
+        out, it, frame = {}, None, None      # frame = the last decoded frame (it may already be past a target)
+        for i in np.unique(idx):             # sorted unique targets; decode forward only
+            tgt = pts[i]
+            j = max(bisect.bisect_right(key_pts, tgt) - 1, 0)  # nearest keyframe at or before the target
+            # Seek only if a keyframe lies between where we are and the target; otherwise decoding on is cheaper.
+            if it is None or frame.pts < key_pts[j]:
+                # where to seek: the keyframe's pts; if that overshoots (avi seeks by decode time), its decode
+                # time; if that overshoots too, the first keyframe (= sequential decoding, always right)
+                tries = [key_pts[j], keys[j][1], keys[0][1]]
+                it, frame = decode_from(tries.pop(0)), None
+            while frame is None or frame.pts < tgt:
+                nxt = next(it, None)
+                if nxt is None:  # end of stream: keep the last frame
+                    break
+                if frame is None and nxt.pts > tgt and tries:  # the seek overshot: try the next position
+                    it = decode_from(tries.pop(0))
+                    continue
+                frame = nxt
+            if frame is None:
+                raise ValueError('no frame could be decoded')
+            out[i] = frame.to_ndarray(format='rgb24')  # convert only the frames we keep
+        return np.stack([out[i] for i in idx])         # index back: order and repeats as asked
+
+def video_length(path):
+    """Number of frames. Metadata can be 0/None (webm, mkv), so fall back to counting packets (demux only)."""
+    if path.lower().endswith(IMAGE_EXTS):
+        return 1
+    with av.open(path) as c:
+        s = _video_stream(c, 1)
+        return s.frames if s.frames > 0 else len(_scan(c, s)[0])
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frame sampling (official rules)
+
+def sample_indices(n, num_frames, mode, rng=None, clip=0, num_clips=1):
+    """Frame indices [num_frames] for a video of n frames. Short videos repeat frames instead of failing.
+    train:  TSN sparse (1.8): num_frames equal segments of n // num_frames frames, one random frame in each.
+    middle: the middle frame of each of num_frames equal segments (stage-2 evaluation, 2.7).
+    test:   clip `clip` of `num_clips` (3.2): seg = (n-1)/T, frame i at round(seg*i) + int(seg/(C+1)*(clip+1))."""
+    i = np.arange(num_frames)
+    if mode == 'train':
+        avg = n // num_frames
+        if avg > 0:
+            return i * avg + rng.integers(avg, size=num_frames)
+        return np.sort(rng.integers(n, size=num_frames))  # fewer frames than wanted: sorted random repeats
+    if mode == 'middle':
+        edges = np.linspace(0, n, num_frames + 1).astype(int)
+        return np.clip((edges[:-1] + edges[1:] - 1) // 2, 0, n - 1)
+    if mode == 'test':
+        seg = (n - 1) / num_frames
+        return np.clip(np.round(seg * i).astype(int) + int(seg / (num_clips + 1) * (clip + 1)), 0, n - 1)
+    raise ValueError(f'unknown sampling mode {mode!r}')
+
+# ----------------------------------------------------------------------------------------------------------------
+# Augmentation: a crop box (top, left, height, width) in source pixels, the same for every frame of a clip
+
+def multiscale_box(h, w, size, rng):
+    """GroupMultiScaleCrop (1.8): side = short side x one of MS_SCALES per axis (scale indices differ <= 1),
+    sides within 3 px of `size` snap to it, offset = one of 13 fixed positions on a 5x5 grid."""
+    sides = [int(min(h, w) * s) for s in MS_SCALES]
+    sides = [size if abs(x - size) < 3 else x for x in sides]
+    pairs = [(a, b) for i, a in enumerate(sides) for j, b in enumerate(sides) if abs(i - j) <= MS_MAX_DISTORT]
+    ch, cw = pairs[rng.integers(len(pairs))]
+    ch, cw = min(ch, h), min(cw, w)
+    # corners, center, 4 edge centers, 4 quarter points (in quarters of the free space along each axis)
+    grid = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2), (2, 0), (2, 4), (4, 2), (0, 2), (1, 1), (1, 3), (3, 1), (3, 3)]
+    gy, gx = grid[rng.integers(len(grid))]
+    return gy * ((h - ch) // 4), gx * ((w - cw) // 4), ch, cw
+
+def rrc_box(h, w, rng):
+    """RandomResizedCrop box (2.7): area fraction in RRC_SCALE, log-uniform aspect in [3/4, 4/3], 10 tries."""
+    for _ in range(10):
+        area = h * w * rng.uniform(*RRC_SCALE)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1)), ch, cw
+    s = min(h, w)  # fallback: the central square
+    return (h - s) // 2, (w - s) // 2, s, s
+
+def eval_boxes(h, w, num_crops=1):
+    """Resize short side to S then crop S x S == crop the short-side square: center (1) or start/center/end of
+    the long side (3), as the official multi-view test (3.2)."""
+    assert num_crops in (1, 3), 'num_crops must be 1 or 3'
+    s, long_free = min(h, w), max(h, w) - min(h, w)
+    offsets = [long_free // 2] if num_crops == 1 else [0, long_free // 2, long_free]
+    return [(o, 0, s, s) if h > w else (0, o, s, s) for o in offsets]
+
+def augment(frames, size, kind, rng=None, flip=False, num_crops=1):
+    """uint8 [T,H,W,3] -> list of normalized float32 [3,T,S,S], one per crop. kind: 'multiscale' (stage 1),
+    'rrc' (stage 2), 'center' (eval: short side -> S, 1 or 3 crops), 'squash' (stage-2 eval: whole frame -> SxS).
+    One box and one flip decision per clip, so motion stays consistent across frames."""
+    T, H, W, _ = frames.shape
+    if kind == 'multiscale':
+        boxes, mode = [multiscale_box(H, W, size, rng)], 'bilinear'
+    elif kind == 'rrc':
+        boxes, mode = [rrc_box(H, W, rng)], 'bicubic'
+    elif kind == 'center':
+        boxes, mode = eval_boxes(H, W, num_crops), 'bilinear'
+    elif kind == 'squash':
+        boxes, mode = [(0, 0, H, W)], 'bicubic'  # aspect ratio not kept, as the official stage-2 eval
+    else:
+        raise ValueError(f'unknown augmentation {kind!r}')
+    flipped = flip and rng.random() < 0.5
+    views = []
+    for y, x, ch, cw in boxes:
+        clip = torch.from_numpy(np.ascontiguousarray(frames[:, y:y + ch, x:x + cw])).permute(0, 3, 1, 2).float()
+        if (ch, cw) != (size, size):  # [T,3,ch,cw] -> [T,3,S,S]; bicubic overshoots, so clamp
+            clip = F.interpolate(clip, size=(size, size), mode=mode, antialias=True, align_corners=False)
+            clip = clip.clamp_(0, 255)
+        if flipped:
+            clip = clip.flip(-1)
+        clip = clip.permute(1, 0, 2, 3)  # [T,3,S,S] -> [3,T,S,S]
+        views.append(((clip / 255 - MEAN) / STD).contiguous())
+    return views
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets. A key is an index or (index, seed); every random choice of an item comes from default_rng(seed), so
+# the data is the same whatever the number of workers, and a resumed run sees exactly what it would have seen.
+
+class _RobustDataset(torch.utils.data.Dataset):
+    """Shared machinery: per-item RNG and skip-and-replace of bad files with a loud failure threshold.
+    Subclasses pass the file of every item and define load(i, rng) -> dict."""
+    def __init__(self, paths, max_bad_fraction):
+        self.paths, self.max_bad_fraction = paths, max_bad_fraction
+        self.attempts, self.num_bad, self.bad_files = 0, 0, {}  # this process only (each worker has its own)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, key)
+        rng = np.random.default_rng(seed)
+        for skipped in range(100):
+            self.attempts += 1
+            try:  # 'index' is the item actually returned (a replacement if the asked one was bad)
+                return dict(self.load(index, rng), index=index, skipped=skipped)
+            except BAD_ERRORS as e:
+                self._bad(self.paths[index], f'{type(e).__name__}: {e}')
+                index = int(rng.integers(len(self)))  # replacement drawn with the item's own rng
+        raise RuntimeError('100 bad samples in a row')
+
+    def _bad(self, path, reason):
+        self.num_bad += 1
+        if path not in self.bad_files:
+            self.bad_files[path] = reason
+            warnings.warn(f'bad sample {path} ({reason}): replaced by a random sample')
+        if self.attempts >= MIN_ATTEMPTS and self.num_bad > self.max_bad_fraction * self.attempts:
+            examples = '\n'.join(f'  {p}: {r}' for p, r in list(self.bad_files.items())[:5])
+            raise RuntimeError(f'{self.num_bad} of {self.attempts} samples were bad (more than max_bad_fraction='
+                               f'{self.max_bad_fraction}); the dataset looks broken. Examples:\n{examples}\n'
+                               'Run `python data.py --check FILE` to list every bad entry.')
+
+def _join(root, p):
+    return os.path.join(root, p) if root and not os.path.isabs(p) else p
+
+def read_list(list_file, root=None):
+    """Classification list: `path label` per line, separated by a comma, spaces or a tab -> [(path, label)]."""
+    out = []
+    for line in open(list_file):
+        line = line.strip()
+        if line and not line.startswith('#'):
+            path, label = line.rsplit(',', 1) if ',' in line else line.rsplit(None, 1)
+            out.append((_join(root, path.strip()), int(label)))
+    return out
+
+Annotation = namedtuple('Annotation', 'path captions is_image')
+
+def _load_json(path):
+    text = open(path).read()
+    try:
+        objs = json.loads(text)
+    except json.JSONDecodeError:  # JSONL: one object per line
+        objs = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [objs] if isinstance(objs, dict) else objs
+
+def read_annotations(ann_file, root=None, media=None):
+    """Official JSON list (or JSONL) of {"video" or "image": path, "caption": str or [str]} -> [Annotation]."""
+    out = []
+    for o in _load_json(ann_file):
+        is_image = 'image' in o
+        caps = o['caption'] if isinstance(o['caption'], list) else [o['caption']]
+        if media is None or media == ('image' if is_image else 'video'):
+            out.append(Annotation(_join(root, o['image' if is_image else 'video']), caps, is_image))
+    return out
+
+class VideoClassification(_RobustDataset):
+    """Kinetics-style classification. train: TSN frames + aug ('multiscale' stage 1, 'rrc') + flip;
+    val: 1 clip, center crop; test: num_clips x num_crops views -> video [V,3,T,S,S] when V > 1."""
+    def __init__(self, list_file, root=None, num_frames=8, size=224, mode='train', aug='multiscale', flip=True,
+                 num_clips=1, num_crops=1, max_bad_fraction=0.05, threads=1):
+        assert mode in ('train', 'val', 'test') and aug in ('multiscale', 'rrc')
+        self.samples = read_list(list_file, root)
+        self.num_classes = max(label for _, label in self.samples) + 1
+        self.num_frames, self.size, self.mode, self.aug, self.flip = num_frames, size, mode, aug, flip
+        self.num_clips, self.num_crops = (num_clips, num_crops) if mode == 'test' else (1, 1)
+        self.threads = threads
+        super().__init__([p for p, _ in self.samples], max_bad_fraction)
+
+    def load(self, i, rng):
+        path, label = self.samples[i]
+        T, C = self.num_frames, self.num_clips
+        if self.mode == 'train':
+            frames = read_frames(path, lambda n: sample_indices(n, T, 'train', rng), self.threads)
+            return {'video': augment(frames, self.size, self.aug, rng, self.flip)[0], 'label': label}
+        # val / test: all clips decoded in one pass, then C clips x crops views
+        frames = read_frames(path, lambda n: np.concatenate(
+            [sample_indices(n, T, 'test', clip=c, num_clips=C) for c in range(C)]), self.threads)
+        views = [v for c in range(C) for v in augment(frames[c * T:(c + 1) * T], self.size, 'center',
+                                                      num_crops=self.num_crops)]
+        return {'video': torch.stack(views) if len(views) > 1 else views[0], 'label': label}
+
+class VideoText(_RobustDataset):
+    """Video/image-caption pairs (stage 2). train: TSN frames, RRC + flip, one random caption; eval: middle
+    frames, squash resize, first caption. `.items` keeps every caption for retrieval evaluation.
+    Images give [3,1,S,S]; keep images and videos in separate loaders (media=...), as the official MetaLoader."""
+    def __init__(self, ann_file, root=None, num_frames=4, size=224, mode='train', media=None,
+                 max_bad_fraction=0.05, threads=1):
+        assert mode in ('train', 'eval') and media in (None, 'video', 'image')
+        self.items = read_annotations(ann_file, root, media)
+        self.num_frames, self.size, self.mode, self.threads = num_frames, size, mode, threads
+        super().__init__([a.path for a in self.items], max_bad_fraction)
+
+    def load(self, i, rng):
+        item = self.items[i]
+        T = 1 if item.is_image else self.num_frames
+        if self.mode == 'train':
+            frames = read_frames(item.path, lambda n: sample_indices(n, T, 'train', rng), self.threads)
+            caption = item.captions[rng.integers(len(item.captions))]
+            return {'video': augment(frames, self.size, 'rrc', rng, flip=True)[0], 'caption': caption}
+        frames = read_frames(item.path, lambda n: sample_indices(n, T, 'middle'), self.threads)
+        return {'video': augment(frames, self.size, 'squash')[0], 'caption': item.captions[0]}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampler and loader
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """DistributedSampler semantics (one global permutation per (seed, epoch), padded or cut to a multiple of
+    world_size, rank r takes positions r, r+W, ...) that yields (index, item_seed) with item_seed a function of
+    (seed, epoch, global position). set_start(p) skips this rank's first p samples of the next epoch iterated
+    (one-shot: the epoch after starts at 0 again). len() = samples per rank in a full epoch."""
+    def __init__(self, length, shuffle=True, seed=0, rank=0, world_size=1, drop_last=True):
+        self.length, self.shuffle, self.seed, self.rank, self.world = length, shuffle, seed, rank, world_size
+        per_rank = length // world_size if drop_last else math.ceil(length / world_size)
+        self.total, self.epoch, self.start = per_rank * world_size, 0, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def set_start(self, position):
+        self.start = position
+
+    def __len__(self):
+        return self.total // self.world
+
+    def __iter__(self):
+        g = np.random.default_rng([self.seed, self.epoch])  # the same on every rank
+        order = g.permutation(self.length) if self.shuffle else np.arange(self.length)
+        order = np.resize(order, self.total)  # pad by repeating from the start, or cut
+        seeds = g.integers(2 ** 62, size=self.total)
+        start, self.start = self.start, 0
+        for p in range(self.rank + start * self.world, self.total, self.world):
+            yield int(order[p]), int(seeds[p])
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # parallelism comes from the workers; more threads only oversubscribe the cores
+
+def make_loader(dataset, batch_size, shuffle, seed, rank, world_size, num_workers, drop_last=True, start=0):
+    """DataLoader over a ResumableSampler; `start` = samples of this rank's epoch already consumed (resume)."""
+    sampler = ResumableSampler(len(dataset), shuffle, seed, rank, world_size, drop_last)
+    sampler.set_start(start)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_worker_init)
+    return loader, sampler
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic data: a deterministic demo set (class = color x shape x direction) and benchmark clips
+
+DEMO_COLORS = {'red': (220, 40, 40), 'blue': (40, 90, 230)}
+DEMO_SHAPES = ('square', 'circle')
+DEMO_DIRECTIONS = ('left', 'right')
+DEMO_VIDEOS, DEMO_VAL = 15, 3     # videos per class, of which the last DEMO_VAL are held out for validation
+DEMO_T, DEMO_H, DEMO_W = 16, 96, 128
+
+def write_video(path, frames, fps=25, codec='libx264', pix_fmt='yuv420p', options=None):
+    """Encode an iterable of uint8 [H,W,3] frames. Fixed options and one encoder thread -> reproducible bytes."""
+    frames = iter(frames)
+    first = next(frames)
+    with av.open(path, 'w') as c:
+        s = c.add_stream(codec, rate=fps, options=options or {}, height=first.shape[0], width=first.shape[1],
+                         pix_fmt=pix_fmt)
+        for a in itertools.chain([first], frames):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(a, format='rgb24')))
+        c.mux(s.encode())  # flush delayed (B-)frames
+
+def _demo_frames(color, shape, direction, rng, n=DEMO_T):
+    """A shape crossing most of the frame width over n frames, on a gray background with fixed noise."""
+    yy, xx = np.mgrid[:DEMO_H, :DEMO_W]
+    bg = np.clip(rng.integers(80, 160) + rng.normal(0, 10, (DEMO_H, DEMO_W, 1)), 0, 255).repeat(3, 2)
+    r = int(rng.integers(12, 16))              # half size: still ~8 px after a 64-px resize
+    y = int(rng.integers(r, DEMO_H - r))
+    x0, x1 = (r + 2, DEMO_W - r - 3)[::1 if direction == 'right' else -1]
+    for t in range(n):
+        x = x0 + (x1 - x0) * t / (n - 1)
+        inside = (np.abs(yy - y) <= r) & (np.abs(xx - x) <= r) if shape == 'square' else \
+            (yy - y) ** 2 + (xx - x) ** 2 <= r * r
+        img = bg.copy()
+        img[inside] = DEMO_COLORS[color]
+        yield img.astype(np.uint8)
+
+def make_demo(out_dir, seed=0):
+    """DIR/videos/*.mp4, train.csv, val.csv, classes.txt, captions_{train,val}.json, images/*.jpg and
+    captions_images.json. The same seed gives byte-identical files."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(f'{out_dir}/videos', exist_ok=True)
+    os.makedirs(f'{out_dir}/images', exist_ok=True)
+    classes = [(c, s, d) for c in DEMO_COLORS for s in DEMO_SHAPES for d in DEMO_DIRECTIONS]
+    split = {'train': ([], []), 'val': ([], [])}  # (list lines, caption objects)
+    for label, (color, shape, direction) in enumerate(classes):
+        for k in range(DEMO_VIDEOS):
+            name = f'videos/{color}_{shape}_{direction}_{k:02d}.mp4'
+            write_video(f'{out_dir}/{name}', _demo_frames(color, shape, direction, rng), fps=8,
+                        options={'preset': 'veryfast', 'crf': '20', 'threads': '1'})
+            lines, caps = split['val' if k >= DEMO_VIDEOS - DEMO_VAL else 'train']
+            lines.append(f'{name},{label}\n')
+            caps.append({'video': name, 'caption': f'a {color} {shape} moving {direction}'})
+    for part, (lines, caps) in split.items():
+        open(f'{out_dir}/{part}.csv', 'w').writelines(lines)
+        json.dump(caps, open(f'{out_dir}/captions_{part}.json', 'w'), indent=1)
+    open(f'{out_dir}/classes.txt', 'w').writelines(f'{c} {s} moving {d}\n' for c, s, d in classes)
+    images = [(color, shape) for color in DEMO_COLORS for shape in DEMO_SHAPES]
+    for color, shape in images:  # stills: the first frame of a fresh clip
+        img = next(_demo_frames(color, shape, 'right', rng))
+        Image.fromarray(img).save(f'{out_dir}/images/{color}_{shape}.jpg', quality=95)
+    json.dump([{'image': f'images/{c}_{s}.jpg', 'caption': f'a {c} {s}'} for c, s in images],
+              open(f'{out_dir}/captions_images.json', 'w'), indent=1)
+
+def make_bench_clips(out_dir):
+    """340x256 25 fps H.264 with a panning textured background and per-frame noise (so it is not trivially
+    compressible): short10s.mp4 (x264 default GOP) and long60s.mp4 (a keyframe every 2 s)."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(0)
+    blobs = np.kron(rng.integers(0, 255, (32, 56, 3)), np.ones((8, 8, 1)))  # 256 x 448 texture
+    texture = np.clip(blobs + rng.normal(0, 20, blobs.shape), 0, 255).astype(np.int16)
+    def frames(n):
+        for t in range(n):
+            img = np.roll(texture, 2 * t, axis=1)[:, :340] + rng.integers(-16, 17, (256, 340, 3), dtype=np.int16)
+            yield np.clip(img, 0, 255).astype(np.uint8)
+    write_video(f'{out_dir}/short10s.mp4', frames(250), options={'preset': 'veryfast'})
+    write_video(f'{out_dir}/long60s.mp4', frames(1500), options={'preset': 'veryfast',
+                                                                 'x264-params': 'keyint=50:min-keyint=50:scenecut=0'})
+
+def bench(path, runs=15, num_frames=8):
+    """Median time per clip: keyframe-aware sparse sampling vs decoding the whole file vs one seek per frame."""
+    n, rng = video_length(path), np.random.default_rng(0)
+    def full():  # the bound for any sequential reader: decode every frame, convert none
+        with av.open(path) as c:
+            for _ in c.decode(_video_stream(c, 1)):
+                pass
+    def naive():  # seek to every target by time and decode forward
+        with av.open(path) as c:
+            s = _video_stream(c, 1)
+            for i in sample_indices(n, num_frames, 'train', rng):
+                tgt = (s.start_time or 0) + round(i / s.average_rate / s.time_base)
+                c.seek(tgt, stream=s)
+                next(f for f in c.decode(s) if f.pts >= tgt).to_ndarray(format='rgb24')
+    def sparse():
+        read_frames(path, lambda n: sample_indices(n, num_frames, 'train', rng))
+    methods = {'decode whole file': full, f'{num_frames}-frame sparse (read_frames)': sparse, 'naive seek': naive}
+    times = {name: [] for name in methods}
+    for _ in range(runs):  # interleaved, so load from other processes hits every method alike
+        for name, fn in methods.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    print(f'{path}: {n} frames, 1 decoder thread, median of {runs} runs')
+    for name, ts in times.items():
+        print(f'  {name:30s} {1000 * statistics.median(ts):8.1f} ms/clip {1 / statistics.median(ts):8.1f} clips/s')
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checking a dataset
+
+def check_file(path):
+    """None if every frame of `path` decodes, else the reason."""
+    try:
+        if path.lower().endswith(IMAGE_EXTS):
+            with Image.open(path) as im:
+                im.load()
+            return None
+        with av.open(path) as c:
+            s = _video_stream(c, 1)
+            n, expected = sum(1 for _ in c.decode(s)), s.frames  # s.frames: header count, 0 if unknown
+        return f'only {n} of {expected} frames decodable' if n == 0 or n < expected else None
+    except BAD_ERRORS as e:
+        return f'{type(e).__name__}: {e}'
+
+def check(file, root=None):
+    """Decode every entry of a list or annotation file; write FILE.clean (same format) and FILE.bad (reasons)."""
+    from tqdm import tqdm
+    is_json = open(file).read().lstrip()[:1] in ('[', '{')
+    if is_json:
+        records = _load_json(file)
+        paths = [_join(root, o['image'] if 'image' in o else o['video']) for o in records]
+    else:
+        records = [line for line in open(file) if line.strip() and not line.lstrip().startswith('#')]
+        paths = [p for p, _ in read_list(file, root)]
+    reasons = [check_file(p) for p in tqdm(paths, desc=f'checking {file}')]
+    good = [r for r, why in zip(records, reasons) if why is None]
+    with open(f'{file}.clean', 'w') as f:
+        json.dump(good, f, indent=1) if is_json else f.writelines(good)
+    with open(f'{file}.bad', 'w') as f:
+        f.writelines(f'{p}\t{why}\n' for p, why in zip(paths, reasons) if why is not None)
+    print(f'{len(good)} good, {len(paths) - len(good)} bad -> {file}.clean, {file}.bad')
+    return len(good), len(paths) - len(good)
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--make-demo', metavar='DIR', help='write the synthetic demo dataset')
+    ap.add_argument('--check', metavar='FILE', help='classification list or caption annotation to verify')
+    ap.add_argument('--root', default=None, help='folder that relative paths in FILE start from')
+    ap.add_argument('--make-bench-clips', metavar='DIR', help='write the two benchmark clips')
+    ap.add_argument('--bench', metavar='VIDEO', help='time sparse sampling on this video')
+    args = ap.parse_args()
+    if args.make_demo:
+        make_demo(args.make_demo)
+    if args.check:
+        check(args.check, args.root)
+    if args.make_bench_clips:
+        make_bench_clips(args.make_bench_clips)
+    if args.bench:
+        bench(args.bench)

@@ -1,0 +1,344 @@
+"""Guards data.py: frame-accurate sparse decoding across containers/codecs/pixel formats, the official sampling
+rules, one crop per clip in every augmentation, skip-and-replace of bad files with a loud threshold, the
+resumable sampler (rank slices, resume, worker-count independence), the demo set and the --check tool."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import warnings
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def moving_frames(n=40, h=48, w=64, seed=0):
+    """A bright square crossing a noisy background: real motion, so codecs use inter / delta frames."""
+    rng = np.random.default_rng(seed)
+    bg = rng.integers(60, 120, (h, w, 3))
+    out = np.empty((n, h, w, 3), np.uint8)
+    for t in range(n):
+        img = bg.copy()
+        x = int(t * (w - 12) / (n - 1))
+        img[10:22, x:x + 12] = (230, 50, 50)
+        out[t] = np.clip(img + rng.integers(-3, 4, img.shape), 0, 255)
+    return out
+
+
+def write_with_pts(path, frames, pts_ms, codec='libx264'):
+    """Encode with explicit timestamps in ms (variable frame rate / non-zero start time)."""
+    tb = Fraction(1, 1000)
+    with av.open(path, 'w') as c:
+        s = c.add_stream(codec, rate=25, height=frames.shape[1], width=frames.shape[2])
+        s.time_base = s.codec_context.time_base = tb
+        for a, t in zip(frames, pts_ms):
+            f = av.VideoFrame.from_ndarray(a, format='rgb24')
+            f.pts, f.time_base = t, tb
+            c.mux(s.encode(f))
+        c.mux(s.encode())
+
+
+def decode_all(path):
+    with av.open(path) as c:
+        return np.stack([f.to_ndarray(format='rgb24') for f in c.decode(video=0)])
+
+
+# (file name, codec, pixel format, encoder options): B-frames, several keyframes, and every listed container
+FORMATS = [
+    ('h264_bframes.mp4', 'libx264', 'yuv420p', {'g': '12', 'bf': '3'}),
+    ('vp9.webm', 'libvpx-vp9', 'yuv420p', {'g': '12', 'deadline': 'realtime', 'cpu-used': '8'}),
+    ('mpeg4_bframes.avi', 'mpeg4', 'yuv420p', {'g': '3', 'bf': '2'}),  # avi seeks by decode time
+    ('mjpeg.mov', 'mjpeg', 'yuvj420p', {}),
+    ('h264.mkv', 'libx264', 'yuv420p', {'g': '12', 'bf': '3'}),
+    ('anim.gif', 'gif', 'rgb8', {}),
+    ('gray.mkv', 'ffv1', 'gray', {'g': '8'}),
+    ('h264_10bit.mp4', 'libx264', 'yuv420p10le', {'g': '12'}),
+    ('h264_444.mp4', 'libx264', 'yuv444p', {'g': '12'}),
+]
+
+
+@pytest.mark.parametrize('name,codec,pix_fmt,options', FORMATS, ids=[f[0] for f in FORMATS])
+def test_read_frames_matches_sequential_decoding(tmp_path, name, codec, pix_fmt, options):
+    if codec not in av.codecs_available:
+        pytest.skip(f'encoder {codec} not in this PyAV build')
+    path = str(tmp_path / name)
+    data.write_video(path, moving_frames(), codec=codec, pix_fmt=pix_fmt, options=options)
+    _check_accuracy(path)
+
+
+def test_read_frames_vfr_and_start_time(tmp_path):
+    frames = moving_frames(24)
+    vfr = [0, 40, 50, 120, 130, 200, 400, 410, 420, 600] + [640 + 33 * k for k in range(14)]
+    write_with_pts(str(tmp_path / 'vfr.mkv'), frames, vfr)
+    write_with_pts(str(tmp_path / 'start.mp4'), frames, [5000 + 40 * k for k in range(24)])
+    with av.open(str(tmp_path / 'start.mp4')) as c:
+        assert c.streams.video[0].start_time > 0  # the case we want to cover
+    for name in ('vfr.mkv', 'start.mp4'):
+        _check_accuracy(str(tmp_path / name))
+
+
+def _check_accuracy(path):
+    ref = decode_all(path)
+    n = len(ref)
+    assert data.video_length(path) == n
+    rng = np.random.default_rng(0)
+    cases = [[0], [n - 1], list(range(n)), [n + 5, 3, 3, 0]]  # edges, everything, past-the-end + repeats
+    cases += [rng.integers(0, n, 8) for _ in range(6)]         # unsorted random sparse sets
+    for k, idx in enumerate(cases):
+        got = data.read_frames(path, idx, threads=1 + k % 2)
+        np.testing.assert_array_equal(got, ref[np.minimum(idx, n - 1)], err_msg=f'{path} {idx}')
+    got = data.read_frames(path, lambda m: data.sample_indices(m, 8, 'middle'))  # callable form
+    np.testing.assert_array_equal(got, ref[data.sample_indices(n, 8, 'middle')])
+
+
+def test_still_images_are_one_frame_videos(tmp_path):
+    img = moving_frames(2)[0]
+    for name in ('a.png', 'a.jpg'):
+        Image.fromarray(img).save(tmp_path / name)
+        out = data.read_frames(str(tmp_path / name), [0, 0, 0])
+        assert out.shape == (3, 48, 64, 3) and data.video_length(str(tmp_path / name)) == 1
+    np.testing.assert_array_equal(data.read_frames(str(tmp_path / 'a.png'), [0])[0], img)  # png is lossless
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sampling
+
+def test_sample_indices():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        idx = data.sample_indices(100, 8, 'train', rng)  # segments of 100 // 8 = 12 frames
+        assert all(12 * i <= x < 12 * (i + 1) for i, x in enumerate(idx))
+    short = data.sample_indices(5, 8, 'train', rng)  # shorter than num_frames: repeats, never fails
+    assert len(short) == 8 and short.max() < 5 and np.all(np.diff(short) >= 0)
+    assert data.sample_indices(100, 4, 'middle').tolist() == [12, 37, 62, 87]
+    assert data.sample_indices(2, 4, 'middle').tolist() == [0, 0, 0, 1]
+    # fine-tuning test rule: seg = (n-1)/T, frame i of clip c at round(seg*i) + int(seg/(C+1)*(c+1))
+    assert data.sample_indices(33, 4, 'test', clip=0, num_clips=1).tolist() == [4, 12, 20, 28]
+    assert data.sample_indices(33, 4, 'test', clip=1, num_clips=3).tolist() == [4, 12, 20, 28]
+    assert data.sample_indices(33, 4, 'test', clip=2, num_clips=3).tolist() == [6, 14, 22, 30]
+    assert data.sample_indices(3, 8, 'test').max() <= 2
+    with pytest.raises(ValueError):
+        data.sample_indices(10, 4, 'bogus')
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Augmentation
+
+KINDS = [('multiscale', 1), ('rrc', 1), ('center', 1), ('center', 3), ('squash', 1)]
+
+
+@pytest.mark.parametrize('kind,crops', KINDS)
+def test_augment_one_crop_for_all_frames(kind, crops):
+    frame = np.random.default_rng(1).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    clip = np.repeat(frame[None], 4, axis=0)  # identical frames in -> identical frames out
+    for seed in range(8):
+        views = data.augment(clip, 32, kind, np.random.default_rng(seed), flip=True, num_crops=crops)
+        assert len(views) == crops
+        for v in views:
+            assert v.shape == (3, 4, 32, 32) and v.dtype == torch.float32
+            assert torch.equal(v[:, :1].expand_as(v), v)
+        if crops == 3:  # three different positions along the long side
+            assert not torch.equal(views[0], views[1]) and not torch.equal(views[1], views[2])
+
+
+@pytest.mark.parametrize('kind', ['multiscale', 'rrc'])
+def test_flip_is_a_mirror_of_the_same_crop(kind):
+    clip = np.random.default_rng(2).integers(0, 256, (2, 64, 80, 3), dtype=np.uint8)
+    flipped = 0
+    for seed in range(12):
+        a = data.augment(clip, 32, kind, np.random.default_rng(seed), flip=False)[0]
+        b = data.augment(clip, 32, kind, np.random.default_rng(seed), flip=True)[0]
+        assert torch.equal(b, a) or torch.equal(b, a.flip(-1))
+        flipped += not torch.equal(b, a)
+    assert 0 < flipped < 12  # a fair coin, not always / never
+
+
+def test_normalization_and_boxes():
+    gray = np.full((1, 40, 60, 3), 128, np.uint8)
+    v = data.augment(gray, 16, 'center')[0]
+    expected = (torch.tensor(128 / 255) - data.MEAN) / data.STD
+    assert torch.allclose(v, expected.expand_as(v), atol=1e-5)
+    rng = np.random.default_rng(0)
+    allowed = {int(256 * s) for s in data.MS_SCALES} - {222} | {224}  # 222 is within 3 px of 224: snapped
+    for _ in range(200):
+        y, x, h, w = data.multiscale_box(256, 340, 224, rng)
+        assert {h, w} <= allowed and y % ((256 - h) // 4 or 1) == 0 and x + w <= 340 and y + h <= 256
+        order = sorted(allowed, reverse=True)
+        assert abs(order.index(h) - order.index(w)) <= data.MS_MAX_DISTORT
+        y, x, h, w = data.rrc_box(256, 340, rng)
+        assert 0.49 <= h * w / (256 * 340) <= 1.0 and 0.74 <= w / h <= 1.35 and x + w <= 340 and y + h <= 256
+    assert data.eval_boxes(50, 80, 3) == [(0, 0, 50, 50), (0, 15, 50, 50), (0, 30, 50, 50)]
+    assert data.eval_boxes(80, 50, 1) == [(15, 0, 50, 50)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad files
+
+@pytest.fixture
+def bad_folder(tmp_path):
+    """4 good videos and one file of each bad kind, listed in list.txt (space separated)."""
+    good = []
+    for k in range(4):
+        data.write_video(str(tmp_path / f'good{k}.mp4'), moving_frames(12, seed=k))
+        good.append(f'good{k}.mp4')
+    (tmp_path / 'empty.mp4').write_bytes(b'')
+    (tmp_path / 'truncated.mp4').write_bytes((tmp_path / 'good0.mp4').read_bytes()[:2000])
+    (tmp_path / 'random.mp4').write_bytes(np.random.default_rng(0).bytes(5000))
+    (tmp_path / 'text.mp4').write_text('this is not a video\n' * 20)
+    with av.open(str(tmp_path / 'audio.mp4'), 'w') as c:  # audio only
+        s = c.add_stream('aac', rate=16000)
+        for i in range(8):
+            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format='fltp', layout='mono')
+            f.sample_rate, f.pts = 16000, i * 1024
+            c.mux(s.encode(f))
+        c.mux(s.encode())
+    bad = ['missing.mp4', 'empty.mp4', 'truncated.mp4', 'random.mp4', 'text.mp4', 'audio.mp4']
+    names = good[:2] + bad + good[2:]
+    (tmp_path / 'list.txt').write_text(''.join(f'{n} {k % 3}\n' for k, n in enumerate(names)))
+    return tmp_path, good, bad, names
+
+
+def test_bad_files_are_replaced_and_counted(bad_folder):
+    folder, good, bad, names = bad_folder
+    ds = data.VideoClassification(str(folder / 'list.txt'), str(folder), num_frames=4, size=32,
+                                  max_bad_fraction=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        items = [ds[(i, 100 + i)] for i in range(len(ds))] + [ds[(i, 200 + i)] for i in range(len(ds))]
+    for it in items:
+        assert os.path.basename(ds.paths[it['index']]) in good and torch.isfinite(it['video']).all()
+        assert it['video'].shape == (3, 4, 32, 32)
+    assert sum(it['skipped'] for it in items) == ds.num_bad >= 2 * len(bad)  # every bad hit counted exactly
+    assert sorted(os.path.basename(p) for p in ds.bad_files) == sorted(bad)
+    assert len(caught) == len(bad)  # one warning per file, however often it is hit
+    for i, name in enumerate(names):  # good items come back unchanged, bad ones are replaced
+        assert (items[i]['skipped'] == 0) == (name in good)
+
+
+def test_bad_fraction_threshold_raises_with_examples(bad_folder):
+    folder, _, bad, _ = bad_folder
+    ds = data.VideoClassification(str(folder / 'list.txt'), str(folder), num_frames=4, size=32,
+                                  max_bad_fraction=0.05)
+    with pytest.raises(RuntimeError, match='max_bad_fraction') as err, warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for k in range(100):
+            ds[(k % len(ds), k)]
+    assert ds.attempts >= data.MIN_ATTEMPTS  # not judged on too few samples
+    assert sum(name in str(err.value) for name in bad) >= 1
+
+
+def test_check_separates_good_and_bad(bad_folder):
+    folder, good, bad, _ = bad_folder
+    lst = str(folder / 'list.txt')
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'data.py'), '--check', lst, '--root', str(folder)],
+                         capture_output=True, text=True, check=True)
+    assert '4 good, 6 bad' in out.stdout
+    assert [line.split()[0] for line in open(lst + '.clean')] == good
+    bad_lines = open(lst + '.bad').read().splitlines()
+    assert sorted(os.path.basename(line.split('\t')[0]) for line in bad_lines) == sorted(bad)
+    assert all(len(line.split('\t')[1]) > 0 for line in bad_lines)  # every bad entry has a reason
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sampler and determinism
+
+def test_resumable_sampler():
+    full = list(data.ResumableSampler(10, seed=3))
+    assert full == list(data.ResumableSampler(10, seed=3)) and sorted(i for i, _ in full) == list(range(10))
+    s = data.ResumableSampler(10, seed=3)
+    s.set_epoch(1)
+    assert [i for i, _ in s] != [i for i, _ in full]  # a new order every epoch
+    for world, drop_last in [(3, True), (3, False), (4, False)]:
+        ranks = [list(data.ResumableSampler(10, seed=3, rank=r, world_size=world, drop_last=drop_last))
+                 for r in range(world)]
+        assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == len(data.ResumableSampler(
+            10, rank=0, world_size=world, drop_last=drop_last))
+        flat = [ranks[p % world][p // world] for p in range(world * len(ranks[0]))]
+        if drop_last:  # disjoint slices of one global permutation, the same (index, seed) per position
+            assert flat == full[:9] and len({i for i, _ in flat}) == 9
+        else:          # padded with the first indices to a multiple of world_size
+            assert flat[:10] == full and {i for i, _ in flat} == set(range(10))
+    s = data.ResumableSampler(10, seed=3, rank=1, world_size=2)
+    whole = list(s)
+    s.set_start(3)
+    assert list(s) == whole[3:]  # skips exactly, without touching the skipped items
+    assert list(s) == whole      # one-shot: the next epoch starts from 0 again
+
+
+def test_items_reproducible_and_independent_of_workers(demo_dir):
+    ds = data.VideoClassification(os.path.join(demo_dir, 'train.csv'), demo_dir, num_frames=4, size=32)
+    assert ds.num_classes == 8 and len(ds) == 96
+    a, b = ds[(5, 123)], ds[(5, 123)]
+    assert torch.equal(a['video'], b['video']) and not torch.equal(a['video'], ds[(5, 124)]['video'])
+    assert torch.equal(ds[7]['video'], ds[7]['video'])  # int key: seed derived from the index
+    batches = {}
+    for workers in (0, 2):
+        loader, sampler = data.make_loader(ds, 4, True, 0, 0, 1, workers, start=8)
+        sampler.set_epoch(2)
+        batches[workers] = [batch for _, batch in zip(range(3), loader)]
+    for x, y in zip(batches[0], batches[2]):
+        assert torch.equal(x['video'], y['video']) and torch.equal(x['index'], y['index'])
+    loader, sampler = data.make_loader(ds, 4, True, 0, 0, 1, 0)
+    sampler.set_epoch(2)
+    first = [batch for _, batch in zip(range(3), loader)]
+    assert torch.equal(first[2]['video'], batches[0][0]['video'])  # start=8 resumes at batch 2 exactly
+
+
+def test_classification_eval_views(demo_dir):
+    val = os.path.join(demo_dir, 'val.csv')
+    item = data.VideoClassification(val, demo_dir, num_frames=4, size=32, mode='test', num_clips=2,
+                                    num_crops=3)[0]
+    assert item['video'].shape == (6, 3, 4, 32, 32) and item['label'] == 0
+    assert data.VideoClassification(val, demo_dir, num_frames=4, size=32, mode='val')[0]['video'].shape == \
+        (3, 4, 32, 32)
+
+
+def test_video_text(demo_dir, tmp_path):
+    ann = os.path.join(demo_dir, 'captions_train.json')
+    ds = data.VideoText(ann, demo_dir, num_frames=4, size=32)
+    item = ds[(3, 0)]
+    assert item['video'].shape == (3, 4, 32, 32) and item['caption'] in ds.items[3].captions
+    assert item['index'] == 3 and item['skipped'] == 0
+    images = data.VideoText(os.path.join(demo_dir, 'captions_images.json'), demo_dir, size=32, media='image')
+    assert len(images) == 4 and images[0]['video'].shape == (3, 1, 32, 32)
+    assert len(data.VideoText(ann, demo_dir, media='image')) == 0
+    # JSONL of the same objects, with a caption list: the same items; eval mode uses the first caption
+    objs = json.load(open(ann))
+    objs[0]['caption'] = [objs[0]['caption'], 'another caption']
+    (tmp_path / 'a.jsonl').write_text(''.join(json.dumps(o) + '\n' for o in objs))
+    ev = data.VideoText(str(tmp_path / 'a.jsonl'), demo_dir, num_frames=4, size=32, mode='eval')
+    assert len(ev) == len(ds) and ev.items[0].captions == [objs[0]['caption'][0], 'another caption']
+    assert ev[0]['caption'] == objs[0]['caption'][0] and torch.equal(ev[0]['video'], ev[(0, 9)]['video'])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Demo set and benchmark
+
+def test_make_demo_is_deterministic_and_shows_motion(demo_dir, tmp_path):
+    data.make_demo(str(tmp_path))
+    def digest(folder):
+        return {os.path.relpath(os.path.join(d, f), folder): hashlib.sha256(open(os.path.join(d, f), 'rb').read())
+                .hexdigest() for d, _, files in os.walk(folder) for f in files}
+    assert digest(demo_dir) == digest(str(tmp_path))  # byte for byte
+    lines = open(os.path.join(demo_dir, 'train.csv')).read().splitlines()
+    assert len(lines) == 96 and len(open(os.path.join(demo_dir, 'val.csv')).read().splitlines()) == 24
+    for name, direction in [('red_square_left_00', -1), ('blue_circle_right_04', 1)]:
+        frames = data.read_frames(os.path.join(demo_dir, 'videos', name + '.mp4'), [0, 15])
+        color = 0 if name.startswith('red') else 2
+        xs = [np.nonzero(f[..., color].astype(int) - f.mean(-1) > 60)[1].mean() for f in frames]
+        assert direction * (xs[1] - xs[0]) > 50  # the shape crosses most of the 128-px frame
+
+
+def test_bench_runs(tmp_path, capsys):
+    path = str(tmp_path / 'clip.mp4')
+    data.write_video(path, moving_frames(30), options={'g': '10'})
+    data.bench(path, runs=1)
+    assert 'sparse' in capsys.readouterr().out
