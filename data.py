@@ -1,9 +1,9 @@
 """Video data for UMT: frame-accurate sparse decoding with PyAV, the official sampling and augmentation rules,
 datasets that survive broken files, a resumable sampler, and a tiny synthetic demo set.
 
-Paper / official code: stage 1 uses 8 TSN-sparse frames, a multi-scale corner crop and a flip (REFERENCE 1.8);
-stage 2 uses 4 frames, RandomResizedCrop(scale 0.5-1, bicubic) and a flip (2.7); fine-tuning tests with
-C clips x 3 crops (3.2). All clips are ImageNet-normalized float tensors [3, T, S, S], as in the official code.
+As the official code: stage-1 pre-training uses 8 TSN-sparse frames, a multi-scale corner crop and a flip;
+stage 2 uses 4 frames, RandomResizedCrop(scale 0.5-1, bicubic) and a flip; action-recognition fine-tuning is
+tested with C clips x 3 crops. Every clip is an ImageNet-normalized float tensor [3, T, S, S] (T frames, S pixels).
 
     python data.py --make-demo demo                   # synthetic dataset (8 classes, captions, images), ~seconds
     python data.py --check train.csv --root videos    # decode every entry -> train.csv.clean / train.csv.bad
@@ -119,9 +119,10 @@ def video_length(path):
 
 def sample_indices(n, num_frames, mode, rng=None, clip=0, num_clips=1):
     """Frame indices [num_frames] for a video of n frames. Short videos repeat frames instead of failing.
-    train:  TSN sparse (1.8): num_frames equal segments of n // num_frames frames, one random frame in each.
-    middle: the middle frame of each of num_frames equal segments (stage-2 evaluation, 2.7).
-    test:   clip `clip` of `num_clips` (3.2): seg = (n-1)/T, frame i at round(seg*i) + int(seg/(C+1)*(clip+1))."""
+    train:  TSN sparse (stage 1): num_frames equal segments of n // num_frames frames, one random frame in each.
+    middle: the middle frame of each of num_frames equal segments (stage-2 evaluation).
+    test:   clip `clip` of C = `num_clips` (fine-tuning test): seg = (n-1)/T,
+            frame i at round(seg*i) + int(seg/(C+1)*(clip+1))."""
     i = np.arange(num_frames)
     if mode == 'train':
         avg = n // num_frames
@@ -140,7 +141,7 @@ def sample_indices(n, num_frames, mode, rng=None, clip=0, num_clips=1):
 # Augmentation: a crop box (top, left, height, width) in source pixels, the same for every frame of a clip
 
 def multiscale_box(h, w, size, rng):
-    """GroupMultiScaleCrop (1.8): side = short side x one of MS_SCALES per axis (scale indices differ <= 1),
+    """Official stage-1 GroupMultiScaleCrop: side = short side x one of MS_SCALES per axis (scale indices differ <= 1),
     sides within 3 px of `size` snap to it, offset = one of 13 fixed positions on a 5x5 grid."""
     sides = [int(min(h, w) * s) for s in MS_SCALES]
     sides = [size if abs(x - size) < 3 else x for x in sides]
@@ -153,7 +154,7 @@ def multiscale_box(h, w, size, rng):
     return gy * ((h - ch) // 4), gx * ((w - cw) // 4), ch, cw
 
 def rrc_box(h, w, rng):
-    """RandomResizedCrop box (2.7): area fraction in RRC_SCALE, log-uniform aspect in [3/4, 4/3], 10 tries."""
+    """Stage-2 RandomResizedCrop box: area fraction in RRC_SCALE, log-uniform aspect in [3/4, 4/3], 10 tries."""
     for _ in range(10):
         area = h * w * rng.uniform(*RRC_SCALE)
         ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
@@ -165,7 +166,7 @@ def rrc_box(h, w, rng):
 
 def eval_boxes(h, w, num_crops=1):
     """Resize short side to S then crop S x S == crop the short-side square: center (1) or start/center/end of
-    the long side (3), as the official multi-view test (3.2)."""
+    the long side (3), as the official multi-view test."""
     assert num_crops in (1, 3), 'num_crops must be 1 or 3'
     s, long_free = min(h, w), max(h, w) - min(h, w)
     offsets = [long_free // 2] if num_crops == 1 else [0, long_free // 2, long_free]
@@ -370,7 +371,7 @@ DEMO_VIDEOS, DEMO_VAL = 15, 3     # videos per class, of which the last DEMO_VAL
 DEMO_T, DEMO_H, DEMO_W = 16, 96, 128
 
 def write_video(path, frames, fps=25, codec='libx264', pix_fmt='yuv420p', options=None):
-    """Encode an iterable of uint8 [H,W,3] frames. Fixed options and one encoder thread -> reproducible bytes."""
+    """Encode an iterable of uint8 [H,W,3] frames. Fixed options with 'threads': '1' give reproducible bytes."""
     frames = iter(frames)
     first = next(frames)
     with av.open(path, 'w') as c:
