@@ -1,0 +1,151 @@
+"""Guards train_stage1.py end to end on CPU with the tiny demo models:
+- 2 processes (torchrun, gloo) end with the same weights as 1 process with the same global batch;
+- a run killed after a checkpoint and resumed (next to a half-written last.pt.tmp) repeats the
+  uninterrupted run exactly: same losses step for step, same final weights;
+- a NaN loss skips the update and is counted; 5 in a row stop the run and keep the last good checkpoint;
+- each invalid constant stops the script with its message before any data or model is built.
+"""
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / 'train_stage1.py')
+
+
+@pytest.fixture(scope='module')
+def small_list(demo_dir, tmp_path_factory):
+    """12 demo videos (every 8th line: all 8 classes) -> 3 steps per epoch at 4 clips per step."""
+    lines = open(os.path.join(demo_dir, 'train.csv')).readlines()[::8]
+    path = tmp_path_factory.mktemp('lists') / 'small.csv'
+    path.write_text(''.join(lines))
+    return str(path)
+
+
+def train(demo_dir, small_list, out_dir, nproc=1, check=True, **overrides):
+    """Run the script in a fresh process (or nproc via torchrun) on the small list; returns the process."""
+    settings = dict(preset='demo', data_list=small_list, data_root=demo_dir, out_dir=str(out_dir), device='cpu',
+                    total_batch=4, micro_batch=2, epochs=2, warmup_epochs=1, base_lr=0.01, num_workers=0,
+                    log_interval=1, ckpt_interval=100)
+    settings.update(overrides)
+    args = [f'--{k}={v}' for k, v in settings.items()]
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    env['OMP_NUM_THREADS'] = '1'  # same thread count in every run: identical float results
+    out = subprocess.run(launcher + [SCRIPT] + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def log(out_dir):
+    """{step: record} from log.jsonl; a step logged twice (before a kill and after the resume) keeps the last."""
+    records = [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
+    return {r['step']: r for r in records if 'step' in r}
+
+
+def weights(out_dir):
+    return common.load_checkpoint(os.path.join(out_dir, 'last.pt'))['model']
+
+
+def test_two_processes_equal_one(demo_dir, small_list, tmp_path):
+    # No stochastic depth: its draws are per rank by design. Masks and data depend on the global position
+    # of a sample only, so 1 process x 2 micro-steps and 2 processes x 1 micro-step compute the same thing.
+    one = train(demo_dir, small_list, tmp_path / 'one', drop_path=0.0)
+    two = train(demo_dir, small_list, tmp_path / 'two', nproc=2, drop_path=0.0)
+    assert '1 processes x 2 accumulation' in one.stdout and '2 processes x 1 accumulation' in two.stdout
+    log1, log2 = log(tmp_path / 'one'), log(tmp_path / 'two')
+    assert sorted(log1) == sorted(log2) == list(range(1, 7))
+    for s in log1:
+        assert log1[s]['loss'] == pytest.approx(log2[s]['loss'], abs=1e-6)
+    assert log1[6]['loss'] < log1[1]['loss']  # it trained
+    w1, w2 = weights(tmp_path / 'one'), weights(tmp_path / 'two')
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6, msg=k)  # measured: ~1e-8
+
+
+def test_resume_repeats_the_uninterrupted_run(demo_dir, small_list, tmp_path):
+    # Stochastic depth on, a data worker, 2 micro-steps, a checkpoint mid-epoch and a resume across the epoch end.
+    common_settings = dict(drop_path=0.2, num_workers=1, ckpt_interval=2)
+    train(demo_dir, small_list, tmp_path / 'full', **common_settings)
+    killed = tmp_path / 'killed'
+    train(demo_dir, small_list, killed, max_steps=3, **common_settings)          # checkpoint at 2, killed after 3
+    assert common.load_checkpoint(killed / 'last.pt')['step'] == 2
+    # A crash in the middle of the next checkpoint write would leave a half-written temporary file:
+    # the resume must ignore it and take the intact last.pt.
+    (killed / 'last.pt.tmp').write_bytes((killed / 'last.pt').read_bytes()[:1000])
+    resumed = train(demo_dir, small_list, killed, **common_settings)
+    assert f'resumed from {killed / "last.pt"} at step 2' in resumed.stdout
+    full, again = log(tmp_path / 'full'), log(killed)
+    assert sorted(full) == sorted(again) == list(range(1, 7))
+    for s in full:  # exact: same data, masks, drop-path draws and optimizer state
+        assert (again[s]['loss'], again[s]['loss_layers'], again[s]['grad_norm']) == \
+               (full[s]['loss'], full[s]['loss_layers'], full[s]['grad_norm']), f'step {s}'
+    w_full, w_again = weights(tmp_path / 'full'), weights(killed)
+    assert all(torch.equal(w_full[k], w_again[k]) for k in w_full)
+
+
+def test_nan_loss_is_skipped_then_stops(demo_dir, small_list, tmp_path):
+    # Step 2 is NaN (skipped, counted), step 3 is fine again, steps 4-8 are NaN: 5 in a row stop the run.
+    out = train(demo_dir, small_list, tmp_path, check=False, epochs=3, ckpt_interval=1, mask_type='tube',
+                nan_steps=(2, 4, 5, 6, 7, 8))
+    assert out.returncode != 0
+    assert '5 non-finite losses in a row (steps 4-8)' in out.stderr
+    assert 'last good checkpoint is' in out.stderr and '(step 3)' in out.stderr
+    records = log(tmp_path)
+    assert records[2]['loss'] is None and records[2]['skipped_steps'] == 1
+    assert math.isfinite(records[3]['loss']) and records[3]['skipped_steps'] == 1  # the skip kept the weights clean
+    assert records[8]['skipped_steps'] == 6 and 9 not in records
+    ckpt = common.load_checkpoint(tmp_path / 'last.pt')
+    assert ckpt['step'] == 3                                         # no checkpoint during the bad streak
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+@pytest.mark.parametrize('overrides, world_size, message', [
+    (['--preset=demo', '--total_batch=6', '--micro_batch=4'], 1, 'TOTAL_BATCH=6 is not divisible by MICRO_BATCH=4'),
+    (['--preset=demo', '--total_batch=8', '--micro_batch=8'], 2, 'MICRO_BATCH=8 x 2 processes'),
+    (['--preset=demo', '--mask_ratio=1.0'], 1, 'MASK_RATIO=1.0 must lie strictly between 0 and 1'),
+    (['--preset=demo', '--mask_ratio=0'], 1, 'MASK_RATIO=0.0 must lie strictly between 0 and 1'),
+    (['--preset=demo', '--mask_type=block'], 1, "MASK_TYPE='block'"),
+    (['--preset=demo', '--img_size=60'], 1, 'IMG_SIZE=60 must be a multiple of the patch size 8'),
+    (['--preset=demo', '--model=vit_s16'], 1, "unknown model preset 'vit_s16'"),
+    (['--data_list=missing.csv'], 1, "data list 'missing.csv' not found.*path,label.*--preset=demo"),
+    (['--teacher_pretrained=no/such/clip.bin', '--data_list=missing.csv'], 1, "teacher weights file .* not found"),
+])
+def test_invalid_settings_fail_fast(overrides, world_size, message, monkeypatch):
+    def too_late(*args, **kwargs):
+        raise AssertionError('the script got past its checks')
+    import data, teacher
+    monkeypatch.setattr(data, 'VideoClassification', too_late)   # nothing heavy may run before the checks
+    monkeypatch.setattr(teacher, 'build_teacher', too_late)
+    monkeypatch.setattr(sys, 'argv', [SCRIPT, '--out_dir=/nonexistent/out'] + overrides)
+    monkeypatch.setenv('WORLD_SIZE', str(world_size))            # read before init_process_group
+    monkeypatch.delenv('RANK', raising=False)
+    with pytest.raises(SystemExit, match=message):
+        runpy.run_path(SCRIPT, run_name='__main__')
+
+
+def test_checks_that_need_the_data_or_the_teacher(demo_dir, small_list, tmp_path, monkeypatch):
+    base = [SCRIPT, '--preset=demo', f'--data_list={small_list}', f'--data_root={demo_dir}', f'--out_dir={tmp_path}',
+            '--device=cpu']
+    monkeypatch.delenv('RANK', raising=False)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    monkeypatch.setattr(sys, 'argv', base)  # 12 videos, 16 clips per step
+    with pytest.raises(SystemExit, match='has 12 videos, fewer than one global batch of TOTAL_BATCH=16'):
+        runpy.run_path(SCRIPT, run_name='__main__')
+    # The tiny teacher at 72 px cuts frames into 9x9 patches, the student at 64 px into 8x8: UTA pairs tokens
+    # by position, so this must stop and name the size that fits.
+    monkeypatch.setattr(sys, 'argv', base + ['--total_batch=4', '--micro_batch=4', '--teacher_size=72'])
+    with pytest.raises(SystemExit, match='student cuts a clip into 8x8x8 tokens but the teacher into 8x9x9.*'
+                                         'TEACHER_SIZE = 64'):
+        runpy.run_path(SCRIPT, run_name='__main__')
