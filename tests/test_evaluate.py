@@ -183,8 +183,9 @@ def write_list(demo_dir, tmp_path, name, per_class):
 def test_classify_command(demo_dir, tmp_path):
     config = tiny_stage1(tmp_path / 'stage1.pt')
     train, val = write_list(demo_dir, tmp_path, 'train', 2), write_list(demo_dir, tmp_path, 'val', 1)
-    args = ['--root', demo_dir, '--val', val, '--clips', '2', '--crops', '3', '--workers', '0', '--device', 'cpu']
-    res = ev.main(['classify', '--ckpt', str(tmp_path / 'stage1.pt'), '--train', train, *args])
+    args = ['--root', demo_dir, '--val', val, '--workers', '0', '--device', 'cpu']
+    res = ev.main(['classify', '--ckpt', str(tmp_path / 'stage1.pt'), '--train', train, *args, '--clips', '2',
+                   '--crops', '3'])  # 6 views per test video
     assert set(res) == {'knn', 'linear', 'chance_top1'} and res['chance_top1'] == 100 / 8
     assert all(0 <= r[k] <= 100 for r in (res['knn'], res['linear']) for k in ('top1', 'top5'))
     # a fine-tuned classifier (our convention), and the same weights in the official layout, through their head
@@ -194,8 +195,9 @@ def test_classify_command(demo_dir, tmp_path):
                tmp_path / 'ft.pt')
     official = {k.removeprefix('backbone.'): v for k, v in clf.state_dict().items()}
     torch.save(official, tmp_path / 'official.pth')
-    ours = ev.main(['classify', '--ckpt', str(tmp_path / 'ft.pt'), *args])
-    theirs = ev.main(['classify', '--ckpt', str(tmp_path / 'official.pth'), '--size', '64', *args])
+    ours = ev.main(['classify', '--ckpt', str(tmp_path / 'ft.pt'), *args, '--clips', '1', '--crops', '1'])
+    theirs = ev.main(['classify', '--ckpt', str(tmp_path / 'official.pth'), '--size', '64', *args, '--clips', '1',
+                      '--crops', '3'])
     assert set(ours) == {'head'} and 0 <= ours['head']['top1'] <= 100
     assert set(theirs) == {'head'}
 
