@@ -97,7 +97,8 @@ def step():
 # Analytic FLOPs per clip (a multiply-add = 2 FLOPs; norms, activations and softmax are ignored)
 #   transformer layer on n tokens of width d, MLP ratio 4:  2*n*12*d^2 (qkv, out, fc1, fc2) + 4*n^2*d (QK^T, AV)
 #   teacher  = T frames x (patch embed 2*hw*3p^2*E + L_t layers on 1+hw tokens) + K proj 2*N_vis*E*C   (forward only)
-#   student  = 3 x (patch embed 2*N*3p^2*D + depth layers on N_vis tokens + K heads 2*N_vis*D*C)      (fwd + 2x bwd)
+#   student  = 3 x (patch embed 2*N_vis*3p^2*D + depth layers on N_vis tokens + K heads 2*N_vis*D*C)  (fwd + 2x bwd;
+#              only the kept tubelets are embedded)
 
 def layer_flops(n, d, mlp_ratio=4.0):
     return 2 * n * (4 + 2 * mlp_ratio) * d * d + 4 * n * n * d
@@ -111,7 +112,7 @@ N = t * h * w
 n_vis = t * (h * w - int(h * w * MASK_RATIO))
 teacher_flops = FRAMES * (2 * hw * 3 * teacher.patch ** 2 * E + Lt * layer_flops(1 + hw, E)) \
     + ALIGN_LAYERS * 2 * n_vis * E * C
-student_flops = 3 * (2 * N * 3 * cfg.tubelet_size * cfg.patch_size ** 2 * cfg.embed_dim
+student_flops = 3 * (2 * n_vis * 3 * cfg.tubelet_size * cfg.patch_size ** 2 * cfg.embed_dim
                      + cfg.depth * layer_flops(n_vis, cfg.embed_dim, cfg.mlp_ratio)
                      + ALIGN_LAYERS * 2 * n_vis * cfg.embed_dim * cfg.teacher_dim)
 flops_per_clip = teacher_flops + student_flops

@@ -96,7 +96,7 @@ def drop_path(x, p, training):
     if p == 0.0 or not training:
         return x
     keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= p      # [B, 1, 1], one draw per sample
-    return x * keep.to(x.dtype) / (1 - p)
+    return x * (keep.to(x.dtype) / (1 - p))                         # scale the tiny mask, not x: one pass over x
 
 
 class Block(nn.Module):
@@ -207,14 +207,19 @@ class VideoViT(nn.Module):
                                  or not 0 < keep.shape[1] <= N):
             raise ValueError(f'keep must be a LongTensor [B={B}, N_vis<={N}], got {keep.dtype} {tuple(keep.shape)}')
 
-        x = self.patch_embed.proj(video)                     # [B, D, t, h, w]
-        x = x.flatten(2).transpose(1, 2)                     # [B, N, D], tokens in (t, h, w) raster order
-        pos = self.pos_table(N).to(x.dtype)                  # [N, D]
-        x = x + pos
+        # Tubelet embedding. The official Conv3d (kernel = stride = tubelet x patch x patch) is a Linear
+        # on flattened patches; written that way we can drop the hidden patches *before* embedding them.
+        c, proj = self.config, self.patch_embed.proj
+        x = video.unflatten(2, (t, c.tubelet_size)).unflatten(4, (h, c.patch_size)).unflatten(6, (w, c.patch_size))
+        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4).flatten(1, 3)   # [B, N, 3*tubelet*patch^2], (t, h, w) order
+        pos = self.pos_table(N).expand(B, N, -1)             # [B, N, D]
         if keep is not None:
             # The student encodes only the visible tokens: no mask tokens, no decoder. This is where
             # the 80% saving of UMT comes from.
-            x = gather_tokens(x, keep)                       # [B, N_vis, D]
+            x, pos = gather_tokens(x, keep), gather_tokens(pos, keep)  # [B, N_vis, 3*tubelet*patch^2], [B, N_vis, D]
+        x = F.linear(x, proj.weight.flatten(1), proj.bias)   # [B, N_vis, D], = Conv3d on the kept tubelets
+        pos = pos.to(x.dtype)
+        x = x + pos
 
         hidden = []                                          # outputs of the last K blocks
         for i, blk in enumerate(self.blocks):
@@ -228,10 +233,10 @@ class VideoViT(nn.Module):
         if K == 0:
             return x, None
 
-        # Every returned layer goes through the same final norm (official quirk), then the position
-        # table is added once more, then layer k's own head maps it into the teacher's space.
-        pos_vis = pos.expand(B, N, -1) if keep is None else gather_tokens(pos.expand(B, N, -1), keep)  # [B, N_vis, D]
-        aligned = [head(self.norm(hk) + pos_vis) for head, hk in zip(self.clip_decoder, hidden)]
+        # Every returned layer goes through the same final norm (official quirk; the last one is x itself),
+        # then the position table is added once more, then layer k's own head maps it into the teacher's space.
+        normed = [self.norm(hk) for hk in hidden[:-1]] + [x]
+        aligned = [head(hk + pos) for head, hk in zip(self.clip_decoder, normed)]
         return x, torch.stack(aligned)                       # [K, B, N_vis, C], slot k <-> block depth-K+k
 
 

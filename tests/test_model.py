@@ -164,3 +164,16 @@ def test_bad_input_is_rejected():
         VideoViT(get_config('tiny', align_layers=5))
     with pytest.raises(ValueError, match='unknown model preset'):
         get_config('vit_h14')
+
+
+@pytest.mark.parametrize('tubelet', [1, 2])
+def test_patch_embedding_equals_the_official_conv3d(tubelet):
+    m = tiny(align_layers=0, tubelet_size=tubelet)
+    m.blocks, m.norm = torch.nn.ModuleList(), torch.nn.Identity()       # leave only embedding + position table
+    video = torch.randn(2, 3, 4, 64, 64)
+    ref = m.patch_embed.proj(video).flatten(2).transpose(1, 2)          # [B, N, D], the official Conv3d path
+    ref = ref + sincos_table(ref.shape[1], 96)
+    x, _ = m(video)
+    torch.testing.assert_close(x, ref, atol=1e-4, rtol=1e-4)
+    keep = torch.tensor([[0, 5, 17, 30], [1, 2, 3, 31]])
+    torch.testing.assert_close(m(video, keep)[0], ref.gather(1, keep[..., None].expand(-1, -1, 96)), atol=1e-4, rtol=1e-4)

@@ -21,7 +21,8 @@ def reference(teacher, x_clip, K):
     """open_clip's own forward on CLIP-normalized frames x_clip [B, 3, T, S, S] (S = native size):
     targets [K, B, N, C] and last-block CLS attention [B, T, h*w] via nn.MultiheadAttention."""
     B, _, T, S, _ = x_clip.shape
-    v = teacher.visual
+    v = tm.tiny_clip().visual  # a fresh, identical (seeded) CLIP: the teacher folded QuickGELU into SiLU in its own
+    assert isinstance(teacher.visual.transformer.resblocks[0].mlp.gelu, torch.nn.SiLU)
     frames = x_clip.transpose(1, 2).reshape(B * T, 3, S, S)
     out = v.forward_intermediates(frames, indices=K + 1, output_fmt='NLC', output_extra_tokens=True)
     inter, pre = out['image_intermediates'], out['image_intermediates_prefix']  # last K+1 blocks
