@@ -93,7 +93,7 @@ PRESETS = {
     'demo': {'DATA_LIST': 'demo_data/train.csv', 'DATA_ROOT': 'demo_data', 'MAKE_DEMO': True,
              'MODEL': 'tiny', 'TEACHER': 'tiny', 'TEACHER_PRETRAINED': None, 'IMG_SIZE': 64, 'ALIGN_LAYERS': 2,
              'TOTAL_BATCH': 16, 'MICRO_BATCH': 16, 'BASE_LR': 1e-2, 'MIN_LR': 1e-4, 'WARMUP_EPOCHS': 3,
-             'EPOCHS': 30, 'DROP_PATH': 0.0, 'COMPILE': False, 'NUM_WORKERS': 1, 'LOG_INTERVAL': 10,
+             'EPOCHS': 20, 'DROP_PATH': 0.0, 'COMPILE': False, 'NUM_WORKERS': 1, 'LOG_INTERVAL': 10,
              'CKPT_INTERVAL': 100, 'OUT_DIR': 'out/demo_stage1'},
 }
 
@@ -208,7 +208,7 @@ if resume:
     load_strict(raw_model, ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
-    common.set_rng_state(ckpt['rng'])
+    common.set_rng_state(ckpt['rng'])  # numpy and python; torch's generator is reseeded every step anyway
     step = ckpt['step']
     if master:
         diff = ', '.join(f'{k}: {ckpt["config"].get(k)!r} -> {v!r}' for k, v in config.items()
@@ -222,9 +222,8 @@ last_ckpt_step = step if resume else None
 # Compile and DDP
 
 model = torch.compile(raw_model) if COMPILE else raw_model  # shapes are static: every frame keeps n_keep tokens
-if world_size > 1:
-    # broadcast_buffers=False: the only buffer is the fixed sin-cos table, no need to send it every forward.
-    model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+if world_size > 1:  # DDP around the student only: the teacher has no gradients to average
+    model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
 
 if master:
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -301,11 +300,12 @@ while step < total_steps:
 
     # ---- the update, or a skip if the loss is not finite
     # The one host sync per step outside logging (not per micro-step): skipping must be decided on the
-    # host, and identically on every rank, so the flag is all-reduced first. It costs ~1 ms per step.
+    # host, and identically on every rank, so the flag is all-reduced first. The CPU waits for the
+    # step's backward here, then runs ahead again: the GPU idles only while the next launches start.
     bad = common.all_reduce_mean((~torch.isfinite(step_losses[0])).float())
     if bad.item() > 0:
         optimizer.zero_grad(set_to_none=True)  # drop the poisoned gradients; weights and Adam state untouched
-        skipped_steps, bad_in_a_row = skipped_steps + 1, bad_in_a_row + 1
+        skipped_steps, bad_in_a_row, grad_norm = skipped_steps + 1, bad_in_a_row + 1, None
         if master:
             tqdm.write(f'step {step + 1}: non-finite loss, update skipped ({skipped_steps} so far)')
     else:
@@ -361,4 +361,5 @@ pbar.close()
 if master and step == total_steps:
     print(f'done: {step} steps, {skipped_steps} skipped; weights in {ckpt_path}, log in {log_path}')
 if world_size > 1:
+    dist.barrier()  # rank 0 may still be writing the checkpoint: tear the group down together (gloo aborts otherwise)
     dist.destroy_process_group()
