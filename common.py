@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import types
 from contextlib import nullcontext
 
 import numpy as np
@@ -28,7 +29,8 @@ def configure(constants, presets, argv):
     with the list of valid ones. Returns the resolved {name: value} dict, which goes into the log
     and into every checkpoint.
     """
-    names = sorted(k for k, v in constants.items() if k.isupper() and not callable(v))
+    names = sorted(k for k, v in constants.items()
+                   if k.isupper() and not callable(v) and not isinstance(v, types.ModuleType))  # not `import x as F`
 
     def parse(arg):
         if not (arg.startswith('--') and '=' in arg):

@@ -366,7 +366,7 @@ def make_loader(dataset, batch_size, shuffle, seed, rank, world_size, num_worker
 
 DEMO_COLORS = {'red': (220, 40, 40), 'blue': (40, 90, 230)}
 DEMO_SHAPES = ('square', 'circle')
-DEMO_DIRECTIONS = ('left', 'right')
+DEMO_DIRECTIONS = ('up', 'down')  # vertical: the training flip (horizontal) keeps the label true
 DEMO_VIDEOS, DEMO_VAL = 15, 3     # videos per class, of which the last DEMO_VAL are held out for validation
 DEMO_T, DEMO_H, DEMO_W = 16, 96, 128
 
@@ -382,14 +382,14 @@ def write_video(path, frames, fps=25, codec='libx264', pix_fmt='yuv420p', option
         c.mux(s.encode())  # flush delayed (B-)frames
 
 def _demo_frames(color, shape, direction, rng, n=DEMO_T):
-    """A shape crossing most of the frame width over n frames, on a gray background with fixed noise."""
+    """A shape crossing most of the frame height over n frames, on a gray background with fixed noise."""
     yy, xx = np.mgrid[:DEMO_H, :DEMO_W]
     bg = np.clip(rng.integers(80, 160) + rng.normal(0, 10, (DEMO_H, DEMO_W, 1)), 0, 255).repeat(3, 2)
     r = int(rng.integers(12, 16))              # half size: still ~8 px after a 64-px resize
-    y = int(rng.integers(r, DEMO_H - r))
-    x0, x1 = (r + 2, DEMO_W - r - 3)[::1 if direction == 'right' else -1]
+    x = int(rng.integers(r, DEMO_W - r))
+    y0, y1 = (r + 2, DEMO_H - r - 3)[::1 if direction == 'down' else -1]
     for t in range(n):
-        x = x0 + (x1 - x0) * t / (n - 1)
+        y = y0 + (y1 - y0) * t / (n - 1)
         inside = (np.abs(yy - y) <= r) & (np.abs(xx - x) <= r) if shape == 'square' else \
             (yy - y) ** 2 + (xx - x) ** 2 <= r * r
         img = bg.copy()
@@ -411,14 +411,15 @@ def make_demo(out_dir, seed=0):
                         options={'preset': 'veryfast', 'crf': '20', 'threads': '1'})
             lines, caps = split['val' if k >= DEMO_VIDEOS - DEMO_VAL else 'train']
             lines.append(f'{name},{label}\n')
-            caps.append({'video': name, 'caption': f'a {color} {shape} moving {direction}'})
+            if k < DEMO_VIDEOS - DEMO_VAL or k == DEMO_VIDEOS - DEMO_VAL:  # retrieval: one val video per caption
+                caps.append({'video': name, 'caption': f'a {color} {shape} moving {direction}'})
     for part, (lines, caps) in split.items():
         open(f'{out_dir}/{part}.csv', 'w').writelines(lines)
         json.dump(caps, open(f'{out_dir}/captions_{part}.json', 'w'), indent=1)
     open(f'{out_dir}/classes.txt', 'w').writelines(f'{c} {s} moving {d}\n' for c, s, d in classes)
     images = [(color, shape) for color in DEMO_COLORS for shape in DEMO_SHAPES]
     for color, shape in images:  # stills: the first frame of a fresh clip
-        img = next(_demo_frames(color, shape, 'right', rng))
+        img = next(_demo_frames(color, shape, 'down', rng))
         Image.fromarray(img).save(f'{out_dir}/images/{color}_{shape}.jpg', quality=95)
     json.dump([{'image': f'images/{c}_{s}.jpg', 'caption': f'a {c} {s}'} for c, s in images],
               open(f'{out_dir}/captions_images.json', 'w'), indent=1)

@@ -218,7 +218,7 @@ def stage2_files(demo_dir, tmp_path_factory):
     """8 training videos (one per class), the 4 images, 8 validation videos, and a random tiny stage-1
     checkpoint in our format -> 4 video + 2 image steps per epoch at 2 pairs per step."""
     folder = tmp_path_factory.mktemp('stage2')
-    for name, step in (('captions_train.json', 12), ('captions_val.json', 3)):
+    for name, step in (('captions_train.json', 12), ('captions_val.json', 1)):
         items = json.load(open(os.path.join(demo_dir, name)))[::step]
         json.dump(items, open(folder / name, 'w'))
     torch.manual_seed(0)
