@@ -30,7 +30,7 @@ def configure(constants, presets, argv):
     and into every checkpoint.
     """
     names = sorted(k for k, v in constants.items()
-                   if k.isupper() and not callable(v) and not isinstance(v, types.ModuleType))  # not `import x as F`
+                   if k.isupper() and k != 'PRESETS' and not callable(v) and not isinstance(v, types.ModuleType))
 
     def parse(arg):
         if not (arg.startswith('--') and '=' in arg):

@@ -358,7 +358,7 @@ def make_loader(dataset, batch_size, shuffle, seed, rank, world_size, num_worker
     loader = torch.utils.data.DataLoader(
         dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_worker_init)
+        prefetch_factor=2 if num_workers > 0 else None, worker_init_fn=_worker_init)
     return loader, sampler
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ import common
 
 
 def test_configure_presets_and_overrides():
-    g = {'MASK_RATIO': 0.8, 'MASK_TYPE': 'semantic', 'EPOCHS': 201, 'PRETRAINED': None, 'lower': 1}
     presets = {'demo': {'EPOCHS': 3, 'MASK_TYPE': 'tube'}}
+    g = {'MASK_RATIO': 0.8, 'MASK_TYPE': 'semantic', 'EPOCHS': 201, 'PRETRAINED': None, 'lower': 1,
+         'PRESETS': presets, 'F': torch.nn.functional}   # neither the presets nor a module alias are settings
     cfg = common.configure(g, presets, ['--preset=demo', '--mask_type=random', '--MASK_RATIO=1', '--pretrained=x.pt'])
     assert cfg == {'EPOCHS': 3, 'MASK_RATIO': 1.0, 'MASK_TYPE': 'random', 'PRETRAINED': 'x.pt'}
     assert isinstance(g['MASK_RATIO'], float)
