@@ -555,6 +555,33 @@ class UMT(nn.Module):
         """[B, L, Dt] -> [B, L, vocab]; the decoder weight is the token embedding (tied, as BERT)."""
         return self.mlm_head(fused) @ self.text_encoder.token_embedding.weight.t() + self.mlm_bias
 
+    def forward(self, video, keep, targets, input_ids, attention_mask, ids, mlm_prob=0.5):
+        """All four stage-2 losses from one vision forward -> [4]: VTC, VTM, MLM, UTA (the script weighs them).
+
+        video [B, 3, T, H, W], keep [B, N_vis], targets [K, B, N_vis, C] (teacher), input_ids and
+        attention_mask [B, L], ids [B] sample ids (the same id = a positive pair)."""
+        x_vis, aligned, v = self.encode_video(video, keep)              # [B, N_vis, D], [K, B, N_vis, C], [B, E]
+        text_hidden, t = self.encode_text(input_ids, attention_mask)    # [B, L, Dt], [B, E]
+        # UTA: L_uta = mean over layers and visible tokens of 2 - 2 cos(student, teacher)
+        loss_uta = uta_loss(aligned, targets)
+        # VTC: this rank's pairs against the whole global batch
+        loss_vtc = vtc_loss(v, t, ids, self.temp)
+        # VTM: positives, then each text with a hard negative video, each video with a hard negative text
+        # (drawn from this rank's similarities), all through the fusion blocks; 2-way cross-entropy
+        sim = F.normalize(v.detach().float(), dim=-1) @ F.normalize(t.detach().float(), dim=-1).t()  # [B, B]
+        vi, ti, labels = vtm_pairs(sim, ids)                            # [3B] each
+        logits = self.itm_logits(text_hidden[ti], attention_mask[ti], x_vis[vi])  # [3B, 2]
+        loss_vtm = F.cross_entropy(logits.float(), labels)
+        # MLM: the corrupted caption through the text-only blocks, then the fusion blocks attending to the
+        # visible video tokens; cross-entropy on the masked positions only (scores for those rows only:
+        # [n_masked, 49408] instead of [B, L, 49408])
+        masked_ids, mlm_labels = mask_text(input_ids, attention_mask, mlm_prob)
+        fused = self.fuse(self.text_encoder.forward_text(masked_ids, attention_mask), attention_mask, x_vis)
+        pick = mlm_labels != -100                                       # [B, L]
+        loss_mlm = F.cross_entropy(self.mlm_logits(fused[pick]).float(), mlm_labels[pick], reduction='sum') \
+            / pick.sum().clamp(min=1)
+        return torch.stack([loss_vtc, loss_vtm, loss_mlm, loss_uta])
+
 
 def text_config(clip_model, embed_dim=None, fusion_layer=None):
     """Text-side config of an open_clip CLIP (teacher.build_clip). Defaults are the paper's: E = CLIP's

@@ -40,8 +40,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-from torch.nn.functional import cross_entropy, normalize  # (an alias F would be read as a constant)
+from torch.nn.functional import normalize
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -49,7 +48,7 @@ import common
 import data
 import masking
 from model import (UMT, VideoClassifier, VideoViT, VideoViTConfig, build_umt, clip_text_state_dict, load_official,
-                   load_strict, mask_text, tokenize, uta_loss, vtc_loss, vtm_pairs)
+                   load_strict, tokenize)
 from teacher import CLIPTeacher, build_clip
 
 # ----------------------------------------------------------------------------------------------
@@ -258,40 +257,6 @@ if IMG_SIZE // p != grid or vision_config.teacher_dim != teacher.visual.proj.sha
          ' or use the teacher of stage 1')
 
 
-class Objective(nn.Module):
-    """All four stage-2 losses from one vision forward. A module, so that DDP wraps one forward per step.
-    Returns [5]: the weighted total, then VTC, VTM, MLM, UTA."""
-
-    def __init__(self, umt):
-        super().__init__()
-        self.umt = umt
-
-    def forward(self, video, keep, targets, input_ids, attention_mask, ids):
-        umt = self.umt
-        x_vis, aligned, v = umt.encode_video(video, keep)               # [B, N_vis, D], [K, B, N_vis, C], [B, E]
-        text_hidden, t = umt.encode_text(input_ids, attention_mask)     # [B, L, Dt], [B, E]
-        # UTA: L_uta = mean over layers and visible tokens of 2 - 2 cos(student, teacher)
-        loss_uta = uta_loss(aligned, targets)
-        # VTC: this rank's pairs against the whole global batch
-        loss_vtc = vtc_loss(v, t, ids, umt.temp)
-        # VTM: positives, then each text with a hard negative video, each video with a hard negative text
-        # (drawn from this rank's similarities), all through the fusion blocks; 2-way cross-entropy
-        sim = normalize(v.detach().float(), dim=-1) @ normalize(t.detach().float(), dim=-1).t()  # [B, B]
-        vi, ti, labels = vtm_pairs(sim, ids)                            # [3B] each
-        logits = umt.itm_logits(text_hidden[ti], attention_mask[ti], x_vis[vi])  # [3B, 2]
-        loss_vtm = cross_entropy(logits.float(), labels)
-        # MLM: the corrupted caption through the text-only blocks, then the fusion blocks attending to the
-        # visible video tokens; cross-entropy on the masked positions only (scores for those rows only:
-        # [n_masked, 49408] instead of [B, L, 49408])
-        masked_ids, mlm_labels = mask_text(input_ids, attention_mask, MLM_PROB)
-        fused = umt.fuse(umt.text_encoder.forward_text(masked_ids, attention_mask), attention_mask, x_vis)
-        pick = mlm_labels != -100                                       # [B, L]
-        loss_mlm = cross_entropy(umt.mlm_logits(fused[pick]).float(), mlm_labels[pick], reduction='sum') \
-            / pick.sum().clamp(min=1)
-        total = VTC_WEIGHT * loss_vtc + VTM_WEIGHT * loss_vtm + MLM_WEIGHT * loss_mlm + UTA_WEIGHT * loss_uta
-        return torch.stack([total, loss_vtc, loss_vtm, loss_mlm, loss_uta])
-
-
 # ----------------------------------------------------------------------------------------------
 # Optimizer and schedule: AdamW, no decay on 1-D / 0-D parameters; lr = warmup, then cosine (common.lr_at)
 
@@ -313,7 +278,7 @@ last_ckpt_step = step if resume else None
 
 if COMPILE:  # in place: the state_dict keys stay the same. Videos and images give two static graphs.
     raw_model.vision_encoder.compile(dynamic=False)
-model = Objective(raw_model)
+model = raw_model  # UMT.forward computes the four losses: DDP wraps one forward per step
 if world_size > 1:
     model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
 
@@ -371,6 +336,7 @@ loaders = {m: data.make_loader(ds, global_batch[m] // world_size, shuffle=True, 
 for loader, sampler in loaders.values():
     sampler.set_epoch(epoch)
 batches = {m: iter(loader) for m, (loader, _) in loaders.items()}
+loss_weights = torch.tensor([VTC_WEIGHT, VTM_WEIGHT, MLM_WEIGHT, UTA_WEIGHT], device=device)
 sums = torch.zeros(5, device=device)  # losses summed over the good steps since the last log
 good_steps, skipped_steps, bad_in_a_row, skipped_samples, grad_norm = 0, 0, 0, 0, None
 t_log, step_log, pairs = time.time(), step, 0
@@ -406,8 +372,9 @@ while step < total_steps:
         keep = masking.make_mask(MASK_TYPE, attn, VIDEO_MASK_RATIO if video.shape[2] > 1 else IMAGE_MASK_RATIO)
         targets = teacher.targets(hidden, keep)                         # [K, B, N_vis, C] unit vectors
     with autocast:
-        losses = model(video, keep, targets, input_ids, attention_mask, ids)  # [5]: total, vtc, vtm, mlm, uta
-    loss = losses[0]
+        parts = model(video, keep, targets, input_ids, attention_mask, ids, MLM_PROB)  # [4]: vtc, vtm, mlm, uta
+    loss = (parts * loss_weights).sum()                                 # L = L_vtc + L_vtm + L_mlm + L_uta (paper)
+    losses = torch.cat([loss[None], parts])                             # [5] for the log: total first
     if step + 1 in NAN_STEPS:  # steps are numbered from 1, as in the log
         loss = loss * float('nan')
     scaler.scale(loss).backward()
