@@ -21,7 +21,7 @@ import torch
 import common
 import model as M
 from masking import make_mask
-from teacher import build_teacher
+from teacher import CLIPTeacher, build_clip
 
 # ----------------------------------------------------------------------------------------------
 STAGE = 1                     # 1: video-only alignment step, 2: video-text step
@@ -45,6 +45,7 @@ PRESETS = {
     'l16_gpu': {'MODEL': 'vit_l16', 'TEACHER': 'ViT-L-14-quickgelu', 'TEACHER_SIZE': 196, 'BATCH': 32,
                 'DTYPE': 'auto', 'COMPILE': True, 'STEPS': 10, 'WARMUP_STEPS': 3},
     'tiny': {'MODEL': 'tiny', 'TEACHER': 'tiny', 'IMG_SIZE': 64, 'ALIGN_LAYERS': 2, 'STEPS': 2, 'WARMUP_STEPS': 1},
+    'stage2': {'STAGE': 2, 'FRAMES': 4},  # the paper's stage-2 video step: 4 frames, plus text
 }
 config = common.configure(globals(), PRESETS, sys.argv[1:])
 
@@ -56,13 +57,18 @@ ctx, scaler, dtype = common.precision(device, DTYPE)
 torch.manual_seed(0)
 cfg = M.get_config(MODEL, num_frames=FRAMES, img_size=IMG_SIZE, align_layers=ALIGN_LAYERS,
                    checkpoint_blocks=CHECKPOINT_BLOCKS)
-student = M.VideoViT(cfg).to(device).train()
-teacher = build_teacher(TEACHER, None, ALIGN_LAYERS, TEACHER_SIZE or None).to(device)
-fwd = torch.compile(student) if COMPILE else student
+student = M.VideoViT(cfg)
+clip_model = build_clip(TEACHER, None)  # random weights: speed does not depend on them
+teacher = CLIPTeacher(clip_model, ALIGN_LAYERS, TEACHER_SIZE or None).to(device)
+model = (student if STAGE == 1 else M.build_umt(student, clip_model)).to(device).train()
+if COMPILE:  # in place, so the stage-2 model's vision encoder is compiled too
+    student.compile()
 encode = torch.compile(teacher.encode) if COMPILE else teacher.encode
-optimizer = torch.optim.AdamW(common.param_groups(student, 0.05), lr=1e-4, betas=(0.9, 0.95),
-                              fused=device.type == 'cuda')
+optimizer = torch.optim.AdamW(common.param_groups(model, 0.05), lr=1e-4, fused=device.type == 'cuda')
 video = torch.randn(BATCH, 3, FRAMES, IMG_SIZE, IMG_SIZE, device=device)
+captions = [f'a person is doing something unusual in clip number {i}' for i in range(BATCH)]
+input_ids, attention_mask = (x.to(device) for x in M.tokenize(captions))  # [B, 32] each, 12 real tokens
+ids = torch.arange(BATCH, device=device)                                    # sample ids for VTC / VTM
 gen = torch.Generator(device).manual_seed(0)
 
 
@@ -72,17 +78,19 @@ def sync():
 
 
 def step():
-    """One stage-1 step, cut into timed phases (the syncs cost a little; 'total' below is without them)."""
+    """One training step, cut into timed phases (the syncs cost a little; 'total' below is without them)."""
     times = {}
     t0 = time.perf_counter()
     with ctx:
-        hidden, attn = encode(video)                      # [K, B, N, E], [B, T, h*w]
+        hidden, attn = encode(video)                              # [K, B, N, E], [B, T, h*w]
         keep = make_mask('semantic', attn, MASK_RATIO, gen)       # [B, T*n_keep]
         targets = teacher.targets(hidden, keep)                   # [K, B, N_vis, C]
     sync(); times['teacher'] = time.perf_counter() - t0; t0 = time.perf_counter()
     with ctx:
-        _, aligned = fwd(video, keep)                             # [K, B, N_vis, C]
-        loss = M.uta_loss(aligned, targets)
+        if STAGE == 1:
+            loss = M.uta_loss(model(video, keep)[1], targets)     # L_uta
+        else:                                                     # L_vtc + L_vtm + L_mlm + L_uta
+            loss = model(video, keep, targets, input_ids, attention_mask, ids).sum()
     sync(); times['student_fwd'] = time.perf_counter() - t0; t0 = time.perf_counter()
     scaler.scale(loss).backward()
     sync(); times['backward'] = time.perf_counter() - t0; t0 = time.perf_counter()
@@ -99,6 +107,9 @@ def step():
 #   teacher  = T frames x (patch embed 2*hw*3p^2*E + L_t layers on 1+hw tokens) + K proj 2*N_vis*E*C   (forward only)
 #   student  = 3 x (patch embed 2*N_vis*3p^2*D + depth layers on N_vis tokens + K heads 2*N_vis*D*C)  (fwd + 2x bwd;
 #              only the kept tubelets are embedded)
+#   stage 2 adds 3 x text: 2 passes (caption, MLM-corrupted caption) through the text-only layers,
+#              4 passes (3 VTM pairs, MLM) through the fusion layers (+ cross-attention 4*L*Dt^2 + 4*N_vis*D*Dt
+#              + 4*L*N_vis*Dt), and the MLM decoder 2*Dt*49408 per masked token (half the real tokens)
 
 def layer_flops(n, d, mlp_ratio=4.0):
     return 2 * n * (4 + 2 * mlp_ratio) * d * d + 4 * n * n * d
@@ -115,7 +126,15 @@ teacher_flops = FRAMES * (2 * hw * 3 * teacher.patch ** 2 * E + Lt * layer_flops
 student_flops = 3 * (2 * n_vis * 3 * cfg.tubelet_size * cfg.patch_size ** 2 * cfg.embed_dim
                      + cfg.depth * layer_flops(n_vis, cfg.embed_dim, cfg.mlp_ratio)
                      + ALIGN_LAYERS * 2 * n_vis * cfg.embed_dim * cfg.teacher_dim)
-flops_per_clip = teacher_flops + student_flops
+text_flops = 0
+if STAGE == 2:
+    te = model.text_encoder
+    L, Dt, Lf, D = input_ids.shape[1], te.ln_final.normalized_shape[0], te.fusion_layer, cfg.embed_dim
+    cross = 4 * L * Dt * Dt + 4 * n_vis * D * Dt + 4 * L * n_vis * Dt
+    n_masked = 0.5 * (int(attention_mask[0].sum()) - 1)
+    text_flops = 3 * (2 * Lf * layer_flops(L, Dt) + 4 * (len(te.blocks) - Lf) * (layer_flops(L, Dt) + cross)
+                      + n_masked * 2 * Dt * (Dt + te.token_embedding.num_embeddings))
+flops_per_clip = teacher_flops + student_flops + text_flops
 
 
 def matmul_rate(n=2048, reps=10):
@@ -135,7 +154,7 @@ def matmul_rate(n=2048, reps=10):
 
 print(f'device {device} ({torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"}), '
       f'dtype {dtype}, compile {COMPILE}, batch {BATCH} x {FRAMES} x {IMG_SIZE}^2, mask {MASK_RATIO} '
-      f'({n_vis}/{N} tokens kept), student {MODEL}, teacher {TEACHER}')
+      f'({n_vis}/{N} tokens kept), stage {STAGE}, student {MODEL}, teacher {TEACHER}')
 for _ in range(WARMUP_STEPS):
     step()
 if device.type == 'cuda':
@@ -160,6 +179,6 @@ else:
     ceiling = f'{achieved / rate:.1%} of the dense fp32 matmul rate measured now ({rate / 1e9:.1f} GFLOP/s)'
 print(f'step {step_s * 1e3:.0f} ms (median of {STEPS}) | {BATCH / step_s:.2f} clips/s | peak memory {peak_mem:.2f} GiB')
 print('phases (ms, median): ' + ', '.join(f'{k} {median([p[k] for p in phases]) * 1e3:.0f}' for k in phases[0]))
-print(f'FLOPs per clip: teacher {teacher_flops / 1e9:.1f} G + student {student_flops / 1e9:.1f} G (fwd+bwd) = '
-      f'{flops_per_clip / 1e9:.1f} G')
+print(f'FLOPs per clip: teacher {teacher_flops / 1e9:.1f} G + student {student_flops / 1e9:.1f} G (fwd+bwd) '
+      + (f'+ text {text_flops / 1e9:.1f} G (fwd+bwd) ' if STAGE == 2 else '') + f'= {flops_per_clip / 1e9:.1f} G')
 print(f'achieved {achieved / 1e9:.1f} GFLOP/s = {ceiling}')

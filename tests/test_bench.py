@@ -17,3 +17,11 @@ def test_bench_tiny_stage1():
     assert clips > 0 and 0 < share < 200
     for phase in ('teacher', 'student_fwd', 'backward', 'optimizer'):
         assert phase in out.stdout
+
+
+def test_bench_tiny_stage2():
+    out = subprocess.run([sys.executable, 'bench.py', '--preset=tiny', '--stage=2', '--frames=4'], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert 'stage 2' in out.stdout and '+ text' in out.stdout
+    assert float(re.search(r'([\d.]+) clips/s', out.stdout).group(1)) > 0
