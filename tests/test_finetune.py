@@ -1,0 +1,268 @@
+"""Guards finetune.py: layer-wise lr decay, mixup / cutmix targets, multi-view averaging, starting from the
+official fine-tuned layout and from our own stage-1 / stage-2 checkpoints, and exact resume of a short run."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import finetune as ft
+from model import VideoClassifier, VideoViT, get_config, sincos_table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULTS = {k: v for k, v in vars(ft).items() if k.isupper()}  # main() changes these; the tests put them back
+
+
+def tiny_vit(**kw):
+    torch.manual_seed(0)
+    return VideoViT(get_config('tiny', **kw))
+
+
+def randomize(module):
+    """Give every parameter (norms and biases too) random values, so a weight loaded into the wrong slot shows."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.05).add_(1.0 if p.ndim == 1 and p.shape[0] > 1 else 0.0)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer-wise learning-rate decay
+
+
+def test_layer_decay_scales():
+    model = VideoClassifier(tiny_vit(align_layers=0), num_classes=5)  # depth 4
+    groups = common.param_groups(model, 0.05, ft.lr_scale_fn(4, 0.75))
+    scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
+    decay = {id(p): g['weight_decay'] for g in groups for p in g['params']}
+    assert len(scale) == sum(1 for _ in model.parameters())          # every parameter in exactly one group
+    for name, p in model.named_parameters():
+        if name.startswith('backbone.patch_embed.'):
+            want = 0.75 ** 5                                           # layer 0
+        elif name.startswith('backbone.blocks.'):
+            want = 0.75 ** (4 - int(name.split('.')[2]))               # block i = layer i + 1
+        else:
+            assert name.startswith(('fc_norm.', 'head.')), name
+            want = 1.0                                                 # layer depth + 1
+        assert scale[id(p)] == pytest.approx(want), name
+        assert decay[id(p)] == (0.0 if p.ndim == 1 else 0.05), name
+    # the paper's B/16: 12 blocks, patch embedding at 0.75^13, the last block at 0.75
+    assert ft.lr_scale_fn(12, 0.75)('backbone.patch_embed.proj.weight') == pytest.approx(0.75 ** 13)
+    assert ft.lr_scale_fn(12, 0.75)('backbone.blocks.11.mlp.fc2.bias') == pytest.approx(0.75)
+    assert ft.lr_scale_fn(12, 0.75)('backbone.blocks.1.attn.q_bias') == pytest.approx(0.75 ** 11)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixup / cutmix
+
+
+def test_mixup_cutmix_soft_targets():
+    B, C = 6, 10
+    torch.manual_seed(0)
+    video = torch.randn(B, 3, 4, 16, 16)
+    label = torch.tensor([0, 1, 2, 3, 4, 5])
+    hard = ft.smooth_one_hot(label, C, 0.0)
+    smooth = ft.smooth_one_hot(label, C, 0.1)
+    assert torch.allclose(smooth.sum(1), torch.ones(B)) and smooth[0, 0] == pytest.approx(0.91)
+    kinds = set()
+    for seed in range(20):
+        out, target = ft.mixup_cutmix(video, smooth, np.random.default_rng(seed), 0.8, 1.0, 0.5)
+        assert torch.allclose(target.sum(1), torch.ones(B), atol=1e-6) and target.min() >= 0
+        _, t = ft.mixup_cutmix(video, hard, np.random.default_rng(seed), 0.8, 1.0, 0.5)
+        lam = t[0, 0].item()                                           # label 0 pairs with label 5
+        assert torch.allclose(t[:, label], torch.eye(B) * lam + torch.eye(B).flip(0) * (1 - lam), atol=1e-6)
+        assert torch.allclose(t, lam * hard + (1 - lam) * hard.flip(0), atol=1e-6)
+        from_partner = (out == video.flip(0)) & (out != video)         # [B, 3, T, H, W]
+        if from_partner.any() and torch.equal(out[from_partner], video.flip(0)[from_partner]) and \
+                torch.all((out == video) | (out == video.flip(0))):
+            kinds.add('cutmix')                                        # every pixel is one sample's or the other's
+            box = from_partner[0, 0, 0]                                # [H, W]
+            assert torch.equal(from_partner, box.expand_as(from_partner))  # one box for all samples, channels, frames
+            assert box.float().mean().item() == pytest.approx(1 - lam)     # lam = the kept area exactly
+        else:
+            kinds.add('mixup')
+            assert torch.allclose(out, lam * video + (1 - lam) * video.flip(0), atol=1e-6)
+    assert kinds == {'mixup', 'cutmix'}                                # switch_prob 0.5 gives both
+    # switch_prob 0 / 1 and alphas of 0 pick one kind; both alphas 0 change nothing
+    out, _ = ft.mixup_cutmix(video, smooth, np.random.default_rng(0), 0.8, 1.0, 0.0)
+    assert not torch.all((out == video) | (out == video.flip(0)))      # mixup: blended values
+    out, _ = ft.mixup_cutmix(video, smooth, np.random.default_rng(0), 0.0, 1.0, 0.0)
+    assert torch.all((out == video) | (out == video.flip(0)))          # cutmix only
+    out, t = ft.mixup_cutmix(video, smooth, np.random.default_rng(0), 0.0, 0.0, 0.5)
+    assert out is video and t is smooth
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-view test
+
+
+def test_multiview_average_is_mean_of_softmax():
+    logits = torch.tensor([[[10.0, 0.0], [0.0, 3.0], [0.0, 3.0]]])   # [B=1, V=3, C=2]
+    probs = ft.multiview_average(logits)
+    assert torch.allclose(probs, logits.softmax(-1).mean(1)) and torch.allclose(probs.sum(-1), torch.ones(1))
+    # the order matters: averaging logits would pick class 0, averaging probabilities picks class 1
+    assert logits.mean(1).argmax().item() == 0 and probs.argmax().item() == 1
+    logits = torch.randn(4, 12, 7)
+    assert torch.allclose(ft.multiview_average(logits), torch.stack([l.softmax(-1).mean(0) for l in logits]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Starting points
+
+
+def official_finetuned_keys(depth):
+    """The key names of an official fine-tuned model (REFERENCE 5.2), written out independently of model.py."""
+    block = ['norm1.weight', 'norm1.bias', 'attn.q_bias', 'attn.v_bias', 'attn.qkv.weight', 'attn.proj.weight',
+             'attn.proj.bias', 'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight',
+             'mlp.fc2.bias']
+    return {'patch_embed.proj.weight', 'patch_embed.proj.bias', 'fc_norm.weight', 'fc_norm.bias', 'head.weight',
+            'head.bias'} | {f'blocks.{i}.{k}' for i in range(depth) for k in block}
+
+
+def test_from_official_finetuned_layout():
+    # heads = width / 64 is what load_official assumes for official models (B and L), so keep head_dim 64
+    ref = randomize(VideoClassifier(tiny_vit(embed_dim=128, num_heads=2, align_layers=0), num_classes=6)).eval()
+    sd = {k.removeprefix('backbone.'): v for k, v in ref.state_dict().items()}
+    assert set(sd) == official_finetuned_keys(4)
+    video = torch.randn(2, 3, 2, 32, 32)  # small inputs keep the test fast: the first rows of the same table
+
+    model, report = ft.load_pretrained({'module': sd}, 6, num_frames=8, img_size=64)
+    assert 'new: none' in report and 'unused: none' in report
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(video), ref(video), atol=1e-5)  # head reused: same class count
+
+    # fine-tuned at 4 frames: the official file then carries pos_embed [1, N, D]; it is replaced by the
+    # regenerated table (here the same values, so the outputs must still agree)
+    sd4 = {**sd, 'pos_embed': sincos_table(4 * 64, 128)[None]}
+    model, report = ft.load_pretrained(sd4, 6, num_frames=4, img_size=64)
+    assert 'unused: pos_embed' in report
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(video), ref(video), atol=1e-5)
+
+    # another class count: the backbone and fc_norm are kept, the head is new and small
+    model, report = ft.load_pretrained(sd, 3, num_frames=8, img_size=64)
+    assert 'new: head.* (2)' in report and 'unused: head.* (2)' in report
+    assert torch.equal(model.fc_norm.weight, ref.fc_norm.weight)
+    assert model.head.weight.abs().max() < 0.002 * 3 and torch.all(model.head.bias == 0)
+    with torch.no_grad():
+        assert torch.allclose(model.eval().backbone(video)[0], ref.backbone(video)[0], atol=1e-5)
+
+
+def test_from_our_stage1_and_stage2_checkpoints():
+    vit = randomize(tiny_vit())                                        # stage 1: align_layers 2, with heads
+    ckpt = {'model': vit.state_dict(), 'model_config': dataclasses.asdict(vit.config), 'step': 7}
+    model, report = ft.load_pretrained(ckpt, 5, num_frames=4, img_size=64, drop_path=0.1)
+    assert report[1:3] == ['new: fc_norm.* (2), head.* (2)', 'unused: norm.* (2), clip_decoder.* (8)']
+    assert 'position table regenerated: 8 frames x 64 px -> 4 x 64' in report
+    c = model.backbone.config
+    assert (c.align_layers, c.num_frames, c.drop_path) == (0, 4, 0.1) and len(model.backbone.clip_decoder) == 0
+    for k, v in vit.state_dict().items():
+        if not k.startswith(('norm.', 'clip_decoder.')):
+            assert torch.equal(model.backbone.state_dict()[k], v), k
+    # the classifier's features = the stage-1 blocks without the final norm, mean-pooled, through fc_norm
+    video = torch.randn(2, 3, 2, 32, 32)
+    vit.norm = torch.nn.Identity()
+    with torch.no_grad():
+        pooled = vit.eval()(video)[0].mean(1)
+        assert torch.allclose(model.eval().fc_norm(pooled), model.fc_norm(model.backbone(video)[0].mean(1)), atol=1e-6)
+
+    # stage 2: the video encoder sits under vision_encoder.*; the text side is reported unused
+    sd2 = {**{'vision_encoder.' + k: v for k, v in ckpt['model'].items()}, 'text_encoder.w': torch.zeros(3)}
+    model2, report = ft.load_pretrained({'model': sd2, 'model_config': ckpt['model_config']}, 5)
+    assert report[2] == 'unused: text_encoder.* (1), norm.* (2), clip_decoder.* (8)'
+    assert torch.equal(model2.backbone.blocks[3].mlp.fc2.weight, vit.blocks[3].mlp.fc2.weight)
+
+    # an incomplete backbone is an error that names what is missing
+    del ckpt['model']['blocks.2.attn.qkv.weight']
+    with pytest.raises(ValueError, match='blocks.2.attn.qkv.weight'):
+        ft.load_pretrained(ckpt, 5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The script: bad constants and exact resume
+
+
+@pytest.fixture(scope='module')
+def small_run(tmp_path_factory, demo_dir):
+    """A random tiny stage-1 checkpoint and 16 training / 8 validation videos of the demo set."""
+    tmp = tmp_path_factory.mktemp('finetune')
+    vit = tiny_vit()
+    torch.save({'model': vit.state_dict(), 'model_config': dataclasses.asdict(vit.config)}, tmp / 'stage1.pt')
+    train = open(os.path.join(demo_dir, 'train.csv')).read().splitlines()
+    val = open(os.path.join(demo_dir, 'val.csv')).read().splitlines()
+    (tmp / 'train.csv').write_text('\n'.join(train[::6]) + '\n')      # 16 videos, every class
+    (tmp / 'val.csv').write_text('\n'.join(val[::3]) + '\n')          # 8 videos
+    return tmp, ['--preset=demo', f'--init={tmp / "stage1.pt"}', f'--train_list={tmp / "train.csv"}',
+                 f'--val_list={tmp / "val.csv"}', f'--data_root={demo_dir}', '--num_frames=4', '--img_size=32',
+                 '--total_batch=8', '--micro_batch=4', '--epochs=2', '--log_interval=1', '--test_clips=2',
+                 '--num_workers=0', '--device=cpu', '--flip=True', '--mixup=0.8', '--cutmix=1.0',  # the full recipe
+                 '--rrc_scale=(0.08,1.0)', '--drop_path=0.1']
+
+
+def run(args):
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    env['OMP_NUM_THREADS'] = '1'  # the same thread count in every run: identical float results
+    return subprocess.run([sys.executable, 'finetune.py', *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def records(out_dir):
+    """log.jsonl without the start-up lines and the timings (which differ between runs)."""
+    lines = [json.loads(line) for line in open(out_dir / 'log.jsonl')]
+    return [{k: v for k, v in r.items() if k not in ('ms_per_step', 'clips_per_s')} for r in lines if 'config' not in r]
+
+
+def call_main(monkeypatch, args):
+    """finetune.main() in this process (no start-up cost), from the default constants every time."""
+    for name, value in DEFAULTS.items():
+        monkeypatch.setattr(ft, name, value)
+    monkeypatch.setattr(sys, 'argv', ['finetune.py', *map(str, args)])
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    ft.main()
+
+
+def test_bad_constants_fail_fast(small_run, monkeypatch):
+    tmp, args = small_run
+    with pytest.raises(SystemExit, match='TOTAL_BATCH=10 is not divisible by MICRO_BATCH=4'):
+        call_main(monkeypatch, args + ['--total_batch=10', f'--out_dir={tmp / "bad"}'])
+    with pytest.raises(SystemExit, match="INIT 'missing.pt' not found"):
+        call_main(monkeypatch, args + ['--init=missing.pt', f'--out_dir={tmp / "bad"}'])
+    with pytest.raises(SystemExit, match='TEST_CROPS=2 must be 1 or 3'):
+        call_main(monkeypatch, args + ['--test_crops=2', f'--out_dir={tmp / "bad"}'])
+    with pytest.raises(SystemExit, match='has label 7, but NUM_CLASSES=5'):
+        call_main(monkeypatch, args + ['--num_classes=5', f'--out_dir={tmp / "bad"}'])
+
+
+def test_nan_loss_skips_the_update(small_run, monkeypatch):
+    tmp, args = small_run
+    call_main(monkeypatch, args + [f'--out_dir={tmp / "nan"}', '--epochs=1', '--nan_steps=(2,)'])
+    log = {x['step']: x for x in records(tmp / 'nan') if 'loss' in x}
+    assert log[1]['loss'] is not None and log[2]['loss'] is None and log[2]['skipped_steps'] == 1
+    assert any('test_top1' in x for x in records(tmp / 'nan'))         # the run went on to the end
+    with pytest.raises(SystemExit, match=r'2 non-finite losses in a row \(steps 1-2\)'):
+        call_main(monkeypatch, args + [f'--out_dir={tmp / "nan2"}', '--nan_steps=(1,2)', '--max_bad_steps=2'])
+
+
+def test_resume_is_exact(small_run):
+    tmp, args = small_run
+    r = run(args + [f'--out_dir={tmp / "a"}'])                        # 2 epochs x 2 steps, uninterrupted
+    assert r.returncode == 0, r.stderr
+    r = run(args + [f'--out_dir={tmp / "b"}', '--max_steps=3', '--ckpt_interval=1'])  # killed after step 3 ...
+    assert r.returncode == 0, r.stderr
+    assert not any('test_top1' in line for line in open(tmp / 'b' / 'log.jsonl'))
+    r = run(args + [f'--out_dir={tmp / "b"}'])                        # ... and resumed from b/last.pt
+    assert r.returncode == 0, r.stderr
+    assert 'resumed from' in r.stdout
+    a, b = records(tmp / 'a'), records(tmp / 'b')
+    assert [x['step'] for x in a if 'loss' in x] == [1, 2, 3, 4]
+    assert a == b                                                      # losses, lr, grad norms, val and test: exact
+    wa, wb = common.load_checkpoint(tmp / 'a' / 'last.pt'), common.load_checkpoint(tmp / 'b' / 'last.pt')
+    assert wa['num_classes'] == 8 and wa['step'] == 4
+    assert all(torch.equal(wa['model'][k], wb['model'][k]) for k in wa['model'])
+
