@@ -190,14 +190,14 @@ def test_from_our_stage1_and_stage2_checkpoints():
 
 @pytest.fixture(scope='module')
 def small_run(tmp_path_factory, demo_dir):
-    """A random tiny stage-1 checkpoint and 16 training / 8 validation videos of the demo set."""
+    """A random tiny stage-1 checkpoint and 16 training / 7 validation videos of the demo set."""
     tmp = tmp_path_factory.mktemp('finetune')
     vit = tiny_vit()
     torch.save({'model': vit.state_dict(), 'model_config': dataclasses.asdict(vit.config)}, tmp / 'stage1.pt')
     train = open(os.path.join(demo_dir, 'train.csv')).read().splitlines()
     val = open(os.path.join(demo_dir, 'val.csv')).read().splitlines()
     (tmp / 'train.csv').write_text('\n'.join(train[::6]) + '\n')      # 16 videos, every class
-    (tmp / 'val.csv').write_text('\n'.join(val[::3]) + '\n')          # 8 videos
+    (tmp / 'val.csv').write_text('\n'.join(val[::3][:7]) + '\n')     # 7 videos: 2 ranks need a padding repeat
     return tmp, ['--preset=demo', f'--init={tmp / "stage1.pt"}', f'--train_list={tmp / "train.csv"}',
                  f'--val_list={tmp / "val.csv"}', f'--data_root={demo_dir}', '--num_frames=4', '--img_size=32',
                  '--total_batch=8', '--micro_batch=4', '--epochs=2', '--log_interval=1', '--test_clips=2',
@@ -205,10 +205,12 @@ def small_run(tmp_path_factory, demo_dir):
                  '--rrc_scale=(0.08,1.0)', '--drop_path=0.1']
 
 
-def run(args):
+def run(args, nproc=1):
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
     env['OMP_NUM_THREADS'] = '1'  # the same thread count in every run: identical float results
-    return subprocess.run([sys.executable, 'finetune.py', *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+    return subprocess.run(launcher + ['finetune.py', *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -266,3 +268,21 @@ def test_resume_is_exact(small_run):
     assert wa['num_classes'] == 8 and wa['step'] == 4
     assert all(torch.equal(wa['model'][k], wb['model'][k]) for k in wa['model'])
 
+
+
+def test_two_processes_match_one(small_run):
+    """2 gloo processes x 1 micro-step = 1 process x 2 micro-steps: the same clips (item seeds follow the global
+    position), the same mean gradient, the same weights; each validation video is counted once although the
+    sampler repeats one to give both ranks 4 of the 7."""
+    tmp, args = small_run
+    args = args + ['--mixup=0.0', '--cutmix=0.0', '--drop_path=0.0', '--epochs=1']  # their draws depend on the rank
+    r = run(args + [f'--out_dir={tmp / "one"}'])
+    assert r.returncode == 0, r.stderr
+    r = run(args + [f'--out_dir={tmp / "two"}'], nproc=2)
+    assert r.returncode == 0, r.stderr
+    w1, w2 = common.load_checkpoint(tmp / 'one' / 'last.pt')['model'], common.load_checkpoint(tmp / 'two' / 'last.pt')['model']
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    one, two = records(tmp / 'one'), records(tmp / 'two')
+    assert [x['loss'] for x in one if 'loss' in x] == pytest.approx([x['loss'] for x in two if 'loss' in x], abs=1e-5)
+    evals = lambda log: [{k: v for k, v in x.items() if k.startswith(('val', 'test'))} for x in log if 'loss' not in x]
+    assert evals(one) == evals(two) and len(evals(one)) == 2
