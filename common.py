@@ -6,6 +6,7 @@ the training logic itself stays in each script, where it can be read top to bott
 """
 
 import ast
+import hashlib
 import json
 import math
 import os
@@ -182,6 +183,13 @@ def set_rng_state(state):
     np.random.set_state(('MT19937', keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state['python']
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def seed_for(*keys):
+    """A 63-bit seed from a few values (e.g. SEED, step, rank): different keys give unrelated streams.
+    The scripts draw masks, stochastic depth and negatives from seeds that are functions of the step,
+    so a resumed run replays them exactly without saving any generator state."""
+    return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), 'little') >> 1
 
 
 def append_jsonl(path, record):

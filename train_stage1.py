@@ -21,7 +21,6 @@ Launch the same command again after a crash: the run resumes from OUT_DIR/last.p
 """
 
 import dataclasses
-import hashlib
 import math
 import os
 import sys
@@ -103,11 +102,6 @@ config = common.configure(globals(), PRESETS, sys.argv[1:])
 
 def fail(message):
     raise SystemExit(f'train_stage1.py: {message}')
-
-
-def seed_for(*keys):
-    """A 63-bit seed from a few values (e.g. SEED, step, rank): different keys give unrelated streams."""
-    return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), 'little') >> 1
 
 
 # Check the constants before anything heavy happens, so a typo costs seconds, not a queue slot.
@@ -262,7 +256,7 @@ while step < total_steps:
         batches = iter(loader)
     # Randomness is a function of the step number, so a resumed run replays it exactly: the masks from
     # (SEED, step), identical on every rank; stochastic depth from (SEED, step, rank), different per rank.
-    torch.manual_seed(seed_for(SEED, step, rank))
+    torch.manual_seed(common.seed_for(SEED, step, rank))
     lr = common.lr_at(step, total_steps, warmup_steps, peak_lr, min_lr)
     for g in optimizer.param_groups:
         g['lr'] = lr * g['lr_scale']
@@ -283,7 +277,7 @@ while step < total_steps:
             my_rows = rows + micro * MICRO_BATCH * world_size                   # [B]
             attn_all = torch.ones(TOTAL_BATCH, NUM_FRAMES, n, device=device)   # [TOTAL_BATCH, T, n]
             attn_all[my_rows] = attn
-            mask_gen.manual_seed(seed_for(SEED, step, 'mask'))
+            mask_gen.manual_seed(common.seed_for(SEED, step, 'mask'))
             keep = masking.make_mask(MASK_TYPE, attn_all, MASK_RATIO, mask_gen)[my_rows]  # [B, N_vis] kept indices
             targets = teacher.targets(hidden, keep)                             # [K, B, N_vis, C] unit vectors
         # Gradients of the micro-steps add up; DDP averages them over ranks only on the last one.

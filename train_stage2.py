@@ -30,7 +30,6 @@ Launch the same command again after a crash: the run resumes from OUT_DIR/last.p
 """
 
 import dataclasses
-import hashlib
 import math
 import os
 import re
@@ -131,11 +130,6 @@ config = common.configure(globals(), PRESETS, sys.argv[1:])
 
 def fail(message):
     raise SystemExit(f'train_stage2.py: {message}')
-
-
-def seed_for(*keys):
-    """A 63-bit seed from a few values (e.g. SEED, step, rank): different keys give unrelated streams."""
-    return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), 'little') >> 1
 
 
 # Check the constants before anything heavy happens, so a typo costs seconds, not a queue slot.
@@ -330,8 +324,8 @@ def retrieval_check(ann, root):
 epoch = step // steps_per_epoch
 order = schedule(epoch)
 done = {m: order[:step % steps_per_epoch].count(m) for m in sets}  # batches of each media already used this epoch
-loaders = {m: data.make_loader(ds, global_batch[m] // world_size, shuffle=True, seed=seed_for(SEED, m), rank=rank,
-                               world_size=world_size, num_workers=NUM_WORKERS,
+loaders = {m: data.make_loader(ds, global_batch[m] // world_size, shuffle=True, seed=common.seed_for(SEED, m),
+                               rank=rank, world_size=world_size, num_workers=NUM_WORKERS,
                                start=done[m] * global_batch[m] // world_size) for m, ds in sets.items()}
 for loader, sampler in loaders.values():
     sampler.set_epoch(epoch)
@@ -353,7 +347,7 @@ while step < total_steps:
     media = order[step % steps_per_epoch]
     # Randomness is a function of the step number, so a resumed run replays it exactly: masks, MLM
     # corruption, VTM negatives and stochastic depth all draw from this seed (different on every rank).
-    torch.manual_seed(seed_for(SEED, step, rank))
+    torch.manual_seed(common.seed_for(SEED, step, rank))
     lr = common.lr_at(step, total_steps, warmup_steps, LR, min_lr, start=min_lr)
     for g in optimizer.param_groups:
         g['lr'] = lr * g['lr_scale']
