@@ -42,7 +42,7 @@ from model import VideoClassifier, VideoViT, VideoViTConfig, load_official, load
 # Configuration: the paper's K710 fine-tuning of UMT-B/16 (REFERENCE 3.2); --preset=NAME, --name=value
 
 # starting point and data
-INIT = 'out/stage1/last.pt'        # ours (stage 1, stage 2, fine-tuned) or an official UMT .pth (any layout of 5.1-5.4)
+INIT = 'out/stage1/last.pt'        # ours (stage 1, stage 2, fine-tuned) or an official UMT .pth (any of those three)
 TRAIN_LIST = 'data/k710_train.csv'  # `path,label` per line (comma, space or tab), labels 0 .. NUM_CLASSES-1
 VAL_LIST = 'data/k710_val.csv'     # validated every epoch (1 clip x 1 crop) and tested at the end (multi-view)
 DATA_ROOT = ''                     # folder the lists' relative paths start from
@@ -108,13 +108,14 @@ PRESETS = {
     'ssv2_l16': {'INIT': 'out/stage1_l16/last.pt', 'TRAIN_LIST': 'data/ssv2_train.csv', 'VAL_LIST': 'data/ssv2_val.csv',
                  'NUM_CLASSES': 174, 'FLIP': False, 'BASE_LR': 4e-4, 'LAYER_DECAY': 0.85, 'DROP_PATH': 0.2,
                  'EPOCHS': 14, 'WARMUP_EPOCHS': 4, 'TEST_CLIPS': 2, 'OUT_DIR': 'out/ssv2_l16'},
-    # CPU demo: the tiny stage-1 demo model on the synthetic classes (color x shape x direction of motion). The
-    # direction is part of the label, so no flip (as SSv2); with 96 training videos, mixup / cutmix and small
-    # crops only slow learning down within the few hundred steps a demo can afford, so they are off.
+    # CPU demo: the tiny stage-1 demo model on the synthetic classes (color x shape x up / down motion; the
+    # horizontal flip keeps those labels true). With 96 training videos, mixup / cutmix and small crops only
+    # slow learning down within the few hundred steps a demo can afford, so they are off; a 4-block model has
+    # no deep stack of general features to protect, so no layer decay either.
     'demo': {'INIT': 'out/demo_stage1/last.pt', 'TRAIN_LIST': 'demo_data/train.csv', 'VAL_LIST': 'demo_data/val.csv',
              'DATA_ROOT': 'demo_data', 'MAKE_DEMO': True, 'NUM_CLASSES': 8, 'NUM_FRAMES': 4, 'IMG_SIZE': 64,
-             'FLIP': False, 'RRC_SCALE': (0.4, 1.0), 'MIXUP': 0.0, 'CUTMIX': 0.0, 'DROP_PATH': 0.0,
-             'TOTAL_BATCH': 16, 'MICRO_BATCH': 16, 'BASE_LR': 4e-3, 'EPOCHS': 60, 'WARMUP_EPOCHS': 5,
+             'RRC_SCALE': (0.4, 1.0), 'MIXUP': 0.0, 'CUTMIX': 0.0, 'DROP_PATH': 0.0, 'LAYER_DECAY': 1.0,
+             'TOTAL_BATCH': 16, 'MICRO_BATCH': 16, 'BASE_LR': 2.4e-3, 'EPOCHS': 60, 'WARMUP_EPOCHS': 5,
              'TEST_CLIPS': 2, 'COMPILE': False, 'NUM_WORKERS': 1, 'LOG_INTERVAL': 30, 'CKPT_INTERVAL': 100,
              'OUT_DIR': 'out/demo_finetune'},
 }
@@ -336,7 +337,8 @@ def main():
     if master:
         os.makedirs(OUT_DIR, exist_ok=True)
         changed = {k: v for k, v in config.items() if v != defaults[k]}
-        print('settings changed from the paper defaults: ' + (', '.join(f'{k}={v!r}' for k, v in changed.items()) or 'none'))
+        print('settings changed from the paper defaults: '
+              + (', '.join(f'{k}={v!r}' for k, v in changed.items()) or 'none'))
 
     # ------------------------------------------------------------------------------------------
     # Data: repeated augmentation for training; 1 clip x 1 crop to validate; clips x crops to test
@@ -474,7 +476,7 @@ def main():
         step_loss = common.all_reduce_mean(step_loss)
         if not torch.isfinite(step_loss):
             optimizer.zero_grad(set_to_none=True)  # drop the poisoned gradients; weights and Adam state untouched
-            skipped_steps, bad_in_a_row = skipped_steps + 1, bad_in_a_row + 1
+            skipped_steps, bad_in_a_row, grad_norm = skipped_steps + 1, bad_in_a_row + 1, None
             if master:
                 tqdm.write(f'step {step + 1}: non-finite loss, update skipped ({skipped_steps} so far)')
         else:

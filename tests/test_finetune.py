@@ -280,7 +280,7 @@ def test_two_processes_match_one(small_run):
     assert r.returncode == 0, r.stderr
     r = run(args + [f'--out_dir={tmp / "two"}'], nproc=2)
     assert r.returncode == 0, r.stderr
-    w1, w2 = common.load_checkpoint(tmp / 'one' / 'last.pt')['model'], common.load_checkpoint(tmp / 'two' / 'last.pt')['model']
+    w1, w2 = (common.load_checkpoint(tmp / name / 'last.pt')['model'] for name in ('one', 'two'))
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
     one, two = records(tmp / 'one'), records(tmp / 'two')
     assert [x['loss'] for x in one if 'loss' in x] == pytest.approx([x['loss'] for x in two if 'loss' in x], abs=1e-5)
