@@ -456,8 +456,8 @@ def main():
             skipped_samples += int(batch['skipped'].sum())
             # Randomness is a function of (SEED, step, micro-step, rank): mixup / cutmix here and stochastic
             # depth in the model, so a resumed run replays it exactly, with any number of processes.
-            rng = np.random.default_rng([SEED, step, micro, rank])
-            torch.manual_seed(int(rng.integers(2 ** 62)))
+            torch.manual_seed(common.seed_for(SEED, step, micro, rank))
+            rng = np.random.default_rng(common.seed_for(SEED, step, micro, rank, 'mix'))
             target = smooth_one_hot(label, NUM_CLASSES, LABEL_SMOOTHING)          # [b x NUM_SAMPLE, C], rows sum to 1
             video, target = mixup_cutmix(video, target, rng, MIXUP, CUTMIX, MIX_SWITCH_PROB)
             # Gradients of the micro-steps add up; DDP averages them over ranks only on the last one.
