@@ -362,10 +362,9 @@ def make_loader(dataset, batch_size, shuffle, seed, rank, world_size, num_worker
     return loader, sampler
 
 # ----------------------------------------------------------------------------------------------------------------
-# Synthetic data: a deterministic demo set (class = color x shape x direction) and benchmark clips
+# Synthetic data: a deterministic demo set (class = color x direction of a moving square) and benchmark clips
 
-DEMO_COLORS = {'red': (220, 40, 40), 'blue': (40, 90, 230)}
-DEMO_SHAPES = ('square', 'circle')
+DEMO_COLORS = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (40, 90, 230), 'yellow': (230, 200, 40)}
 DEMO_DIRECTIONS = ('up', 'down')  # vertical: the training flip (horizontal) keeps the label true
 DEMO_VIDEOS, DEMO_VAL = 15, 3     # videos per class, of which the last DEMO_VAL are held out for validation
 DEMO_T, DEMO_H, DEMO_W = 16, 96, 128
@@ -381,17 +380,17 @@ def write_video(path, frames, fps=25, codec='libx264', pix_fmt='yuv420p', option
             c.mux(s.encode(av.VideoFrame.from_ndarray(a, format='rgb24')))
         c.mux(s.encode())  # flush delayed (B-)frames
 
-def _demo_frames(color, shape, direction, rng, n=DEMO_T):
-    """A shape crossing most of the frame height over n frames, on a gray background with fixed noise."""
+def _demo_frames(color, direction, rng, n=DEMO_T):
+    """A square crossing about half the frame height over n frames, on a gray background with fixed noise.
+    One frame shows the color; only the order of the frames shows the direction."""
     yy, xx = np.mgrid[:DEMO_H, :DEMO_W]
     bg = np.clip(rng.integers(80, 160) + rng.normal(0, 10, (DEMO_H, DEMO_W, 1)), 0, 255).repeat(3, 2)
-    r = int(rng.integers(12, 16))              # half size: still ~8 px after a 64-px resize
+    r = int(rng.integers(18, 24))              # half size: 12-16 px after a 64-px resize (2-4 patches wide)
     x = int(rng.integers(r, DEMO_W - r))
     y0, y1 = (r + 2, DEMO_H - r - 3)[::1 if direction == 'down' else -1]
     for t in range(n):
         y = y0 + (y1 - y0) * t / (n - 1)
-        inside = (np.abs(yy - y) <= r) & (np.abs(xx - x) <= r) if shape == 'square' else \
-            (yy - y) ** 2 + (xx - x) ** 2 <= r * r
+        inside = (np.abs(yy - y) <= r) & (np.abs(xx - x) <= r)
         img = bg.copy()
         img[inside] = DEMO_COLORS[color]
         yield img.astype(np.uint8)
@@ -402,26 +401,24 @@ def make_demo(out_dir, seed=0):
     rng = np.random.default_rng(seed)
     os.makedirs(f'{out_dir}/videos', exist_ok=True)
     os.makedirs(f'{out_dir}/images', exist_ok=True)
-    classes = [(c, s, d) for c in DEMO_COLORS for s in DEMO_SHAPES for d in DEMO_DIRECTIONS]
+    classes = [(c, d) for c in DEMO_COLORS for d in DEMO_DIRECTIONS]
     split = {'train': ([], []), 'val': ([], [])}  # (list lines, caption objects)
-    for label, (color, shape, direction) in enumerate(classes):
+    for label, (color, direction) in enumerate(classes):
         for k in range(DEMO_VIDEOS):
-            name = f'videos/{color}_{shape}_{direction}_{k:02d}.mp4'
-            write_video(f'{out_dir}/{name}', _demo_frames(color, shape, direction, rng), fps=8,
+            name = f'videos/{color}_{direction}_{k:02d}.mp4'
+            write_video(f'{out_dir}/{name}', _demo_frames(color, direction, rng), fps=8,
                         options={'preset': 'veryfast', 'crf': '20', 'threads': '1'})
             lines, caps = split['val' if k >= DEMO_VIDEOS - DEMO_VAL else 'train']
             lines.append(f'{name},{label}\n')
             if k < DEMO_VIDEOS - DEMO_VAL or k == DEMO_VIDEOS - DEMO_VAL:  # retrieval: one val video per caption
-                caps.append({'video': name, 'caption': f'a {color} {shape} moving {direction}'})
+                caps.append({'video': name, 'caption': f'a {color} square moving {direction}'})
     for part, (lines, caps) in split.items():
         open(f'{out_dir}/{part}.csv', 'w').writelines(lines)
         json.dump(caps, open(f'{out_dir}/captions_{part}.json', 'w'), indent=1)
-    open(f'{out_dir}/classes.txt', 'w').writelines(f'{c} {s} moving {d}\n' for c, s, d in classes)
-    images = [(color, shape) for color in DEMO_COLORS for shape in DEMO_SHAPES]
-    for color, shape in images:  # stills: the first frame of a fresh clip
-        img = next(_demo_frames(color, shape, 'down', rng))
-        Image.fromarray(img).save(f'{out_dir}/images/{color}_{shape}.jpg', quality=95)
-    json.dump([{'image': f'images/{c}_{s}.jpg', 'caption': f'a {c} {s}'} for c, s in images],
+    open(f'{out_dir}/classes.txt', 'w').writelines(f'{c} square moving {d}\n' for c, d in classes)
+    for color in DEMO_COLORS:  # stills: the first frame of a fresh clip
+        Image.fromarray(next(_demo_frames(color, 'down', rng))).save(f'{out_dir}/images/{color}.jpg', quality=95)
+    json.dump([{'image': f'images/{c}.jpg', 'caption': f'a {c} square'} for c in DEMO_COLORS],
               open(f'{out_dir}/captions_images.json', 'w'), indent=1)
 
 def make_bench_clips(out_dir):

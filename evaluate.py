@@ -22,7 +22,7 @@ Tiny CPU demo (after `python data.py --make-demo demo_data` and the demo pre-tra
     python evaluate.py classify --ckpt out/demo_stage1/last.pt --train demo_data/train.csv --val demo_data/val.csv \
         --root demo_data --clips 1 --crops 1
     python evaluate.py retrieval --ckpt out/demo_stage2/last.pt --ann demo_data/captions_val.json --root demo_data
-    python evaluate.py show-mask demo_data/videos/red_circle_up_00.mp4 --teacher tiny --out mask.png
+    python evaluate.py show-mask demo_data/videos/red_up_00.mp4 --teacher tiny --pretrained demo_data/tiny_clip.pt --out mask.png
 """
 import argparse
 import json

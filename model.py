@@ -559,7 +559,7 @@ class UMT(nn.Module):
         """All four stage-2 losses from one vision forward -> [4]: VTC, VTM, MLM, UTA (the script weighs them).
 
         video [B, 3, T, H, W], keep [B, N_vis], targets [K, B, N_vis, C] (teacher), input_ids and
-        attention_mask [B, L], ids [B] sample ids (the same id = a positive pair)."""
+        attention_mask [B, L], ids [B] or [B, K] pair keys (pairs sharing a key are positives, see same_pair)."""
         x_vis, aligned, v = self.encode_video(video, keep)              # [B, N_vis, D], [K, B, N_vis, C], [B, E]
         text_hidden, t = self.encode_text(input_ids, attention_mask)    # [B, L, Dt], [B, E]
         # UTA: L_uta = mean over layers and visible tokens of 2 - 2 cos(student, teacher)
@@ -644,16 +644,24 @@ def gather_with_grad(x):
     return _GatherWithGrad.apply(x) if dist.is_available() and dist.is_initialized() else x
 
 
+def same_pair(a, b):
+    """Pair keys a [B, K], b [G, K] (or [B], [G]) -> [B, G] bool: True where two pairs share any key.
+    train_stage2 gives each pair two keys, its sample (video or image) and its caption text, so a
+    repeated video and a repeated caption both count as positives rather than as negatives."""
+    a, b = (a[:, None], b[:, None]) if a.dim() == 1 else (a, b)
+    return (a[:, None, :] == b[None, :, :]).any(dim=-1)
+
+
 def vtc_loss(v, t, ids, temp):
     """Video-text contrastive loss of this rank's rows against the global batch.
 
-    v, t [B, E] (unnormalized), ids [B] sample ids. sim = <v, t> / temp over unit vectors; targets are
-    the rows of the "same id" matrix, normalized (a repeated video is a positive). Each rank owns
+    v, t [B, E] (unnormalized), ids [B] or [B, K] pair keys. sim = <v, t> / temp over unit vectors; targets
+    are the rows of the same_pair matrix, normalized (a repeated video is a positive). Each rank owns
     its B rows of the [G, G] matrix (and of its transpose), so the mean over ranks is the global loss.
     L_vtc = 1/2 (CE(v -> all t) + CE(t -> all v))."""
     v, t = F.normalize(v.float(), dim=-1), F.normalize(t.float(), dim=-1)
-    v_all, t_all, ids_all = gather_with_grad(v), gather_with_grad(t), gather_with_grad(ids)  # [G, E], [G]
-    targets = (ids[:, None] == ids_all[None, :]).float()               # [B, G]
+    v_all, t_all, ids_all = gather_with_grad(v), gather_with_grad(t), gather_with_grad(ids)  # [G, E], [G, K]
+    targets = same_pair(ids, ids_all).float()                          # [B, G]
     targets = targets / targets.sum(dim=1, keepdim=True)
     loss_v2t = -(targets * (v @ t_all.t() / temp).log_softmax(dim=1)).sum(1).mean()
     loss_t2v = -(targets * (t @ v_all.t() / temp).log_softmax(dim=1)).sum(1).mean()
@@ -664,10 +672,10 @@ def vtc_loss(v, t, ids, temp):
 def vtm_pairs(sim, ids):
     """Hard negatives for video-text matching, within this rank's batch.
 
-    sim [B, B] video-to-text similarities, ids [B] -> (video_idx [3B], text_idx [3B], labels [3B]):
+    sim [B, B] video-to-text similarities, ids [B] or [B, K] pair keys -> (video_idx [3B], text_idx [3B], labels [3B]):
     the B positive pairs (label 1), each text with a drawn video, each video with a drawn text (label 0).
     Draws follow softmax(sim) over the non-positives only (positives get probability exactly 0)."""
-    B, pos = sim.shape[0], ids[:, None] == ids[None, :]                          # [B, B]
+    B, pos = sim.shape[0], same_pair(ids, ids)                                   # [B, B]
     neg_text = sim.float().masked_fill(pos, float('-inf')).softmax(1).multinomial(1)[:, 0]      # [B], per video
     neg_video = sim.float().t().masked_fill(pos, float('-inf')).softmax(1).multinomial(1)[:, 0]  # [B], per text
     ar = torch.arange(B, device=sim.device)

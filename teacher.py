@@ -26,6 +26,7 @@ N_vis kept tokens, K aligned layers, E teacher width (768 for B/16), C output wi
 """
 import os
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn as nn
@@ -69,9 +70,14 @@ def check_quickgelu(model):
 def build_clip(name='ViT-B-16-quickgelu', pretrained='openai'):
     """Frozen open_clip CLIP model (both towers; model.py builds the text side from the same model).
     `pretrained`: an open_clip tag, a local weights file, or None for random weights.
-    name='tiny' always gives tiny_clip() (random weights; `pretrained` is ignored)."""
+    name='tiny' gives tiny_clip(): random for None or 'openai', else the file train_demo_clip wrote."""
     if name == 'tiny':
         model = tiny_clip()
+        if pretrained not in (None, 'openai'):
+            if not os.path.isfile(pretrained):
+                raise FileNotFoundError(f'tiny CLIP weights {pretrained!r} not found: train_demo_clip writes them '
+                                        f'(the demo presets do this themselves)')
+            model.load_state_dict(torch.load(pretrained, map_location='cpu', weights_only=True))
     else:
         try:
             model = open_clip.create_model(name, pretrained=pretrained)
@@ -203,3 +209,44 @@ class CLIPTeacher(nn.Module):
 def build_teacher(name='ViT-B-16-quickgelu', pretrained='openai', align_layers=6, image_size=None):
     """UMT-B: the defaults. UMT-L: build_teacher('ViT-L-14-quickgelu', image_size=196). Demo: build_teacher('tiny')."""
     return CLIPTeacher(build_clip(name, pretrained), align_layers=align_layers, image_size=image_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU demo's stand-in for OpenAI CLIP
+
+def train_demo_clip(ann_file, root, out_path, steps=300, batch=64, lr=2e-3, seed=0):
+    """Trains tiny_clip() CLIP-style on single frames of the demo's training videos and their captions
+    (about 30 s on two CPU cores) and saves its weights to out_path.
+
+    A teacher with random weights has nothing to teach: its CLS attention is blind to the moving shape,
+    so semantic masking hides the shape most of the time and the targets carry no meaning. After this
+    training it looks at the shape and its features separate colour and shape; one frame cannot show
+    the direction of motion, which is left to the video student. Every image is scored against all
+    distinct captions (softmax over them), so two videos with the same caption are never negatives."""
+    import data  # frame decoding and augmentation; only the demo needs them here
+    items = data.read_annotations(ann_file, root, 'video')
+    clips = [data.read_frames(a.path, np.arange) for a in items]  # [T, H, W, 3] uint8 each, decoded once
+    names = sorted({a.captions[0] for a in items})
+    label = torch.tensor([names.index(a.captions[0]) for a in items])  # [V] the caption of each video
+    text = open_clip.tokenize(names, context_length=32)  # [C, 32]
+    model = tiny_clip().train()
+    size = model.visual.image_size[0]
+    scale, shift = (torch.tensor(c, dtype=torch.float32).view(3, 1, 1) for c in  # ImageNet -> CLIP, as encode
+                    (np.divide(IMAGENET_STD, CLIP_STD), np.subtract(IMAGENET_MEAN, CLIP_MEAN) / CLIP_STD))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    rng = np.random.default_rng(seed)
+    for step in range(steps):
+        idx = rng.integers(len(clips), size=batch)  # a random frame of a random video, RRC + flip
+        images = torch.stack([data.augment(clips[i][rng.integers(len(clips[i]))][None], size, 'rrc', rng,
+                                           flip=True)[0][:, 0] for i in idx])  # [B, 3, S, S]
+        img = F.normalize(model.encode_image(images * scale + shift), dim=-1)  # [B, E]
+        txt = F.normalize(model.encode_text(text), dim=-1)  # [C, E]
+        loss = F.cross_entropy(model.logit_scale.exp() * img @ txt.t(), label[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in opt.param_groups:  # cosine decay to 0
+            g['lr'] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
+        opt.step()
+    torch.save(model.state_dict(), out_path + '.tmp')
+    os.replace(out_path + '.tmp', out_path)  # atomic: a killed run never leaves half a file
+    return loss.item()

@@ -36,7 +36,7 @@ import common
 import data
 import masking
 from model import VideoViT, get_config, load_strict, uta_loss
-from teacher import build_teacher
+from teacher import build_teacher, train_demo_clip
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: the paper's values, changed by --preset=NAME and --name=value (common.configure)
@@ -56,8 +56,8 @@ DROP_PATH = 0.1                    # stochastic depth of the last block, linear 
 ALIGN_LAYERS = 6                   # K: the last K student blocks regress the last K teacher blocks (paper: 6)
 CHECKPOINT_BLOCKS = 0              # activation checkpointing of the first N blocks: less memory, ~1/3 more compute
 # teacher
-TEACHER = 'ViT-B-16-quickgelu'     # open_clip name (paper: CLIP ViT-B/16 for B, ViT-L/14 for L); 'tiny' = random
-TEACHER_PRETRAINED = 'openai'      # open_clip tag or a local weights file; None = random weights (smoke tests)
+TEACHER = 'ViT-B-16-quickgelu'     # open_clip name (paper: CLIP ViT-B/16 for B, ViT-L/14 for L); 'tiny': 64-px demo CLIP
+TEACHER_PRETRAINED = 'openai'      # open_clip tag or a local weights file; None = random; 'demo': see the demo preset
 TEACHER_SIZE = None                # teacher input px; None = CLIP's own; 196 for L/14 (14x14 patches like the student)
 # masking
 MASK_TYPE = 'semantic'             # 'semantic' (teacher attention, paper), 'tube' or 'random' (ablations)
@@ -90,7 +90,7 @@ PRESETS = {
     'paper_l16': {'MODEL': 'vit_l16', 'TEACHER': 'ViT-L-14-quickgelu', 'TEACHER_SIZE': 196, 'DROP_PATH': 0.2,
                   'OUT_DIR': 'out/stage1_l16'},  # lower MICRO_BATCH if it does not fit: accumulation keeps the recipe
     'demo': {'DATA_LIST': 'demo_data/train.csv', 'DATA_ROOT': 'demo_data', 'MAKE_DEMO': True,
-             'MODEL': 'tiny', 'TEACHER': 'tiny', 'TEACHER_PRETRAINED': None, 'IMG_SIZE': 64, 'ALIGN_LAYERS': 2,
+             'MODEL': 'tiny', 'TEACHER': 'tiny', 'TEACHER_PRETRAINED': 'demo', 'IMG_SIZE': 64, 'ALIGN_LAYERS': 2,
              'TOTAL_BATCH': 16, 'MICRO_BATCH': 16, 'BASE_LR': 1e-2, 'MIN_LR': 1e-4, 'WARMUP_EPOCHS': 3,
              'EPOCHS': 20, 'DROP_PATH': 0.0, 'COMPILE': False, 'NUM_WORKERS': 1, 'LOG_INTERVAL': 10,
              'CKPT_INTERVAL': 100, 'OUT_DIR': 'out/demo_stage1'},
@@ -165,6 +165,13 @@ total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_
 # ----------------------------------------------------------------------------------------------
 # Models: the frozen teacher and the student
 
+if TEACHER_PRETRAINED == 'demo':  # the demo's stand-in for OpenAI CLIP: tiny_clip() trained on the demo frames
+    TEACHER_PRETRAINED = f'{DATA_ROOT}/tiny_clip.pt'
+    if master and not os.path.exists(TEACHER_PRETRAINED):
+        print(f'training the demo teacher {TEACHER_PRETRAINED} on single frames and captions (about 30 s)')
+        train_demo_clip(f'{DATA_ROOT}/captions_train.json', DATA_ROOT, TEACHER_PRETRAINED)
+    if world_size > 1:
+        dist.barrier()
 torch.manual_seed(SEED)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
 try:
     teacher = build_teacher(TEACHER, TEACHER_PRETRAINED, ALIGN_LAYERS, TEACHER_SIZE).to(device)

@@ -35,6 +35,7 @@ import os
 import re
 import sys
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ import data
 import masking
 from model import (UMT, VideoClassifier, VideoViT, VideoViTConfig, build_umt, clip_text_state_dict, load_official,
                    load_strict, tokenize)
-from teacher import CLIPTeacher, build_clip
+from teacher import CLIPTeacher, build_clip, train_demo_clip
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: the paper's values (REFERENCE 2.1, 2.7), changed by --preset=NAME and --name=value
@@ -74,8 +75,8 @@ EMBED_DIM = None                   # E of the VTC space; None = CLIP's width: 51
 FUSION_LAYER = None                # first text block with cross-attention; None = 3/4 of the depth (9 of 12 = paper)
 CHECKPOINT_BLOCKS = 0              # activation checkpointing of the first N student blocks: less memory, more compute
 # teacher (its checkpoint's text tower also initializes the text encoder)
-TEACHER = 'ViT-B-16-quickgelu'     # open_clip name (paper: CLIP ViT-B/16 for B, ViT-L/14 for L); 'tiny' = random
-TEACHER_PRETRAINED = 'openai'      # open_clip tag or a local weights file; None = random weights (smoke tests)
+TEACHER = 'ViT-B-16-quickgelu'     # open_clip name (paper: CLIP ViT-B/16 for B, ViT-L/14 for L); 'tiny': 64-px demo CLIP
+TEACHER_PRETRAINED = 'openai'      # open_clip tag or a local weights file; None = random; 'demo': see the demo preset
 TEACHER_SIZE = None                # teacher input size; None = CLIP's own; 196 for L/14 (14x14 patches, like the student)
 # masking
 MASK_TYPE = 'semantic'             # 'semantic' (teacher attention, paper), 'tube' or 'random'
@@ -119,8 +120,8 @@ PRESETS = {
     'demo': {'VIDEO_ANN': 'demo_data/captions_train.json', 'VIDEO_ROOT': 'demo_data', 'MAKE_DEMO': True,
              'IMAGE_ANN': 'demo_data/captions_images.json', 'IMAGE_ROOT': 'demo_data',
              'VAL_ANN': 'demo_data/captions_val.json', 'VAL_ROOT': 'demo_data', 'INIT': 'out/demo_stage1/last.pt',
-             'TEACHER': 'tiny', 'TEACHER_PRETRAINED': None, 'IMG_SIZE': 64, 'DROP_PATH': 0.0, 'VIDEO_BATCH': 16,
-             'IMAGE_BATCH': 4, 'LR': 1e-3, 'EPOCHS': 30, 'COMPILE': False, 'NUM_WORKERS': 1, 'LOG_INTERVAL': 10,
+             'TEACHER': 'tiny', 'TEACHER_PRETRAINED': 'demo', 'IMG_SIZE': 64, 'DROP_PATH': 0.0, 'VIDEO_BATCH': 16,
+             'IMAGE_BATCH': 4, 'LR': 1e-3, 'EPOCHS': 80, 'COMPILE': False, 'NUM_WORKERS': 1, 'LOG_INTERVAL': 10,
              'CKPT_INTERVAL': 100, 'OUT_DIR': 'out/demo_stage2'},
 }
 
@@ -199,6 +200,13 @@ def schedule(epoch):
 # ----------------------------------------------------------------------------------------------
 # Models: the frozen teacher, and the video-language model (student + text side)
 
+if TEACHER_PRETRAINED == 'demo':  # the demo's stand-in for OpenAI CLIP: tiny_clip() trained on the demo frames
+    TEACHER_PRETRAINED = f'{VIDEO_ROOT}/tiny_clip.pt'
+    if master and not os.path.exists(TEACHER_PRETRAINED):
+        print(f'training the demo teacher {TEACHER_PRETRAINED} on single frames and captions (about 30 s)')
+        train_demo_clip(VIDEO_ANN, VIDEO_ROOT, TEACHER_PRETRAINED)
+    if world_size > 1:
+        dist.barrier()
 torch.manual_seed(SEED)  # the same new weights on every rank (DDP broadcasts rank 0's anyway)
 try:
     clip_model = build_clip(TEACHER, TEACHER_PRETRAINED)  # its visual tower teaches, its text tower initializes
@@ -356,7 +364,10 @@ while step < total_steps:
     # ---- forward and backward
     batch = next(batches[media])
     video = batch['video'].to(device, non_blocking=True)                # [B, 3, T, H, W]; T = 1 for images
-    ids = batch['index'].to(device)                                     # [B] sample ids: same id = positive in VTC
+    # Pair keys [B, 2]: the sample and the caption text (crc32 is the same on every rank); VTC and VTM treat
+    # pairs that share either as positives, so a caption repeated across videos is not a false negative.
+    ids = torch.tensor([[i, zlib.crc32(c.encode())] for i, c in zip(batch['index'].tolist(), batch['caption'])],
+                       device=device)
     input_ids, attention_mask = (x.to(device) for x in tokenize(batch['caption'], MAX_TEXT_LEN))  # [B, L] each
     skipped_samples += int(batch['skipped'].sum())
     pairs += video.shape[0] * world_size

@@ -34,7 +34,7 @@ def small_list(demo_dir, tmp_path_factory):
 def train(demo_dir, small_list, out_dir, nproc=1, check=True, **overrides):
     """Run the script in a fresh process (or nproc via torchrun) on the small list; returns the process."""
     settings = dict(preset='demo', data_list=small_list, data_root=demo_dir, out_dir=str(out_dir), device='cpu',
-                    total_batch=4, micro_batch=2, epochs=2, warmup_epochs=1, base_lr=0.01, num_workers=0,
+                    teacher_pretrained=None, total_batch=4, micro_batch=2, epochs=2, warmup_epochs=1, base_lr=0.01, num_workers=0,
                     log_interval=1, ckpt_interval=100)
     settings.update(overrides)
     args = [f'--{k}={v}' for k, v in settings.items()]
@@ -137,7 +137,7 @@ def test_invalid_settings_fail_fast(overrides, world_size, message, monkeypatch)
 
 def test_checks_that_need_the_data_or_the_teacher(demo_dir, small_list, tmp_path, monkeypatch):
     base = [SCRIPT, '--preset=demo', f'--data_list={small_list}', f'--data_root={demo_dir}', f'--out_dir={tmp_path}',
-            '--device=cpu']
+            '--device=cpu', '--teacher_pretrained=None']
     monkeypatch.delenv('RANK', raising=False)
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     monkeypatch.setattr(sys, 'argv', base)  # 12 videos, 16 clips per step
