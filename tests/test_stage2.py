@@ -136,6 +136,25 @@ def test_vtc_repeated_id_is_a_positive():
     assert grads[0] < 1e-5 and grads[1] > 1e-2, grads
 
 
+
+def test_pairs_sharing_a_caption_are_positives():
+    """Keys [B, 2] = (sample, caption): different clips with the same caption (rows 0 and 2) are positives in
+    VTC and never a VTM negative; the same problem with one key per pair treats them as negatives."""
+    keys = torch.tensor([[0, 7], [1, 8], [2, 7], [3, 9]])
+    assert M.same_pair(keys, keys).tolist() == [[True, False, True, False], [False, True, False, False],
+                                                [True, False, True, False], [False, False, False, True]]
+    grads = []
+    for ids in (keys, torch.tensor([0, 1, 0, 3]), keys[:, 0]):  # caption keys == merged ids != sample ids only
+        v = torch.tensor([[1.0, 0.1], [0, 1], [1, -0.1], [-1, 0]], requires_grad=True)
+        t = torch.tensor([[1.0, 0], [0, 1], [1, 0], [-1, 0]], requires_grad=True)
+        M.vtc_loss(v, t, ids, torch.tensor(0.05)).backward()
+        grads.append(torch.cat([v.grad, t.grad]))
+    assert torch.allclose(grads[0], grads[1]) and grads[0].abs().max() < 1e-5 < 1e-2 < grads[2].abs().max()
+    torch.manual_seed(0)
+    for _ in range(50):
+        vi, ti, labels = M.vtm_pairs(torch.zeros(4, 4), keys)
+        assert not M.same_pair(keys[vi[4:]], keys[ti[4:]]).diagonal().any()  # no drawn negative is a positive
+
 # ---------------------------------------------------------------------------------------------- VTM
 
 
