@@ -453,6 +453,7 @@ def main(argv=None):
         if args.out:
             json.dump(results, open(args.out, 'w'), indent=1)
     if dist.is_initialized():
+        dist.barrier()  # tear the group down together: a rank that leaves first makes gloo abort the others
         dist.destroy_process_group()
     return results
 

@@ -539,6 +539,7 @@ def main():
                   f'{len(test_set)} videos; chance {100 / NUM_CLASSES:.1f}) | weights in {ckpt_path}')
             common.append_jsonl(log_path, {'step': step, 'test_top1': top1, 'test_top5': top5, 'views': views})
     if world_size > 1:
+        dist.barrier()  # tear the group down together: a rank that leaves first makes gloo abort the others
         dist.destroy_process_group()
 
 

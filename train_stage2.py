@@ -451,4 +451,5 @@ pbar.close()
 if master and step == total_steps:
     print(f'done: {step} steps, {skipped_steps} skipped; weights in {ckpt_path}, log in {log_path}')
 if world_size > 1:
+    dist.barrier()  # tear the group down together: a rank that leaves first makes gloo abort the others
     dist.destroy_process_group()
