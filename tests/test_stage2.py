@@ -111,6 +111,7 @@ def _vtc_worker(rank, world, init_file, out):
         t /= world
     if rank == 0:
         torch.save(result, out)
+    dist.barrier()  # leave together: a rank that tears the group down first makes gloo abort the other
     dist.destroy_process_group()
 
 
