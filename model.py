@@ -672,8 +672,9 @@ def vtc_loss(v, t, ids, temp):
 def vtm_pairs(sim, ids):
     """Hard negatives for video-text matching, within this rank's batch.
 
-    sim [B, B] video-to-text similarities, ids [B] or [B, K] pair keys -> (video_idx [3B], text_idx [3B], labels [3B]):
-    the B positive pairs (label 1), each text with a drawn video, each video with a drawn text (label 0).
+    sim [B, B] video-to-text similarities, ids [B] or [B, K] pair keys -> (video_idx [3B], text_idx [3B],
+    labels [3B]): the B positive pairs (label 1), each text with a drawn video, each video with a drawn
+    text (label 0).
     Draws follow softmax(sim) over the non-positives only (positives get probability exactly 0)."""
     B, pos = sim.shape[0], same_pair(ids, ids)                                   # [B, B]
     neg_text = sim.float().masked_fill(pos, float('-inf')).softmax(1).multinomial(1)[:, 0]      # [B], per video

@@ -21,6 +21,8 @@ Usage:
     hidden, attn = teacher.encode(video)       # attn -> semantic mask -> keep
     targets = teacher.targets(hidden, keep)    # [K, B, N_vis, C], only for the tokens the student sees
 
+The CPU demo's teacher is tiny_clip() trained for half a minute on the demo's frames (train_demo_clip).
+
 Shapes: B batch, T frames, H,W pixels, S teacher resolution, h,w patch grid per frame, N = T*h*w,
 N_vis kept tokens, K aligned layers, E teacher width (768 for B/16), C output width (512 for B/16).
 """
@@ -47,8 +49,9 @@ WEIGHTS_HINT = (
 
 
 def tiny_clip(quick_gelu=True):
-    """A 64-px random-weight open_clip.CLIP for tests and the CPU demo. It is seeded: the teacher is
-    never saved, so a resumed demo run must rebuild exactly the same teacher."""
+    """A 64-px open_clip.CLIP for tests and the CPU demo. Its random weights are seeded: a teacher is never
+    saved in a checkpoint, so a resumed run must rebuild exactly the same one (the demo trains it once
+    with train_demo_clip and loads the file)."""
     vision = open_clip.model.CLIPVisionCfg(image_size=64, patch_size=8, width=64, layers=4, head_width=32)
     text = open_clip.model.CLIPTextCfg(context_length=32, vocab_size=49408, width=64, heads=2, layers=4)
     with torch.random.fork_rng(devices=[]):  # seed 0 without disturbing the caller's RNG stream
@@ -218,10 +221,10 @@ def train_demo_clip(ann_file, root, out_path, steps=300, batch=64, lr=2e-3, seed
     """Trains tiny_clip() CLIP-style on single frames of the demo's training videos and their captions
     (about 30 s on two CPU cores) and saves its weights to out_path.
 
-    A teacher with random weights has nothing to teach: its CLS attention is blind to the moving shape,
-    so semantic masking hides the shape most of the time and the targets carry no meaning. After this
-    training it looks at the shape and its features separate colour and shape; one frame cannot show
-    the direction of motion, which is left to the video student. Every image is scored against all
+    A teacher with random weights has nothing to teach: its CLS attention is blind to the moving square,
+    so semantic masking hides the square most of the time and the targets carry no meaning. After this
+    training it looks at the square and its features tell the colours apart; one frame cannot show the
+    direction of motion, which is left to the video student. Every image is scored against all
     distinct captions (softmax over them), so two videos with the same caption are never negatives."""
     import data  # frame decoding and augmentation; only the demo needs them here
     items = data.read_annotations(ann_file, root, 'video')
