@@ -108,7 +108,7 @@ PRESETS = {
     'ssv2_l16': {'INIT': 'out/stage1_l16/last.pt', 'TRAIN_LIST': 'data/ssv2_train.csv', 'VAL_LIST': 'data/ssv2_val.csv',
                  'NUM_CLASSES': 174, 'FLIP': False, 'BASE_LR': 4e-4, 'LAYER_DECAY': 0.85, 'DROP_PATH': 0.2,
                  'EPOCHS': 14, 'WARMUP_EPOCHS': 4, 'TEST_CLIPS': 2, 'OUT_DIR': 'out/ssv2_l16'},
-    # CPU demo: the tiny stage-1 demo model on the synthetic classes (color x shape x up / down motion; the
+    # CPU demo: the tiny stage-1 demo model on the synthetic classes (color x up / down motion; the
     # horizontal flip keeps those labels true). With 96 training videos, mixup / cutmix and small crops only
     # slow learning down within the few hundred steps a demo can afford, so they are off; a 4-block model has
     # no deep stack of general features to protect, so no layer decay either.
