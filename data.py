@@ -2,8 +2,8 @@
 datasets that survive broken files, a resumable sampler, and a tiny synthetic demo set.
 
 As the official code: stage-1 pre-training uses 8 TSN-sparse frames, a multi-scale corner crop and a flip;
-stage 2 uses 4 frames, RandomResizedCrop(scale 0.5-1, bicubic) and a flip; action-recognition fine-tuning is
-tested with C clips x 3 crops. Every clip is an ImageNet-normalized float tensor [3, T, S, S] (T frames, S pixels).
+stage 2 uses 4 frames, RandomResizedCrop(scale 0.5-1, bicubic) and a flip; action-recognition fine-tuning adds
+RandAugment and random erasing and is tested with C clips x 3 crops. Every clip is an ImageNet-normalized float tensor [3, T, S, S] (T frames, S pixels).
 
     python data.py --make-demo demo                   # synthetic dataset (8 classes, captions, images), ~seconds
     python data.py --check train.csv --root videos    # decode every entry -> train.csv.clean / train.csv.bad
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms.v2 import InterpolationMode, functional as TF  # torchvision comes with open_clip
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)  # ImageNet statistics, as the official code (not CLIP's)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
@@ -199,6 +200,72 @@ def augment(frames, size, kind, rng=None, flip=False, num_crops=1):
         clip = clip.permute(1, 0, 2, 3)  # [T,3,S,S] -> [3,T,S,S]
         views.append(((clip / 255 - MEAN) / STD).contiguous())
     return views
+
+# Fine-tuning only: RandAugment 'rand-m7-n4-mstd0.5-inc1' and random erasing (pixel mode, 1 box), with timm's
+# semantics written out over torchvision's functional ops. RandAugment draws its ops once per clip, so every frame
+# gets the same ones and motion stays intact; erasing treats each frame as its own image (timm on [T, C, H, W]).
+
+RA_FILL = [124, 116, 104]  # timm's fill for pixels that rotate / shear / translate brings in: the ImageNet mean
+RA_RESAMPLE = InterpolationMode.BILINEAR  # rotate / shear (timm on PIL images: the training interpolation)
+
+def _ra_sign(rng, v):
+    return v if rng.random() < 0.5 else -v
+
+def _ra_factor(rng, m):  # enhancement factor of Color / Contrast / Brightness / Sharpness
+    return max(0.1, 1 + _ra_sign(rng, m / 10 * 0.9))
+
+def _ra_shear(x, m, rng, axis):  # x' = x + f y (or y' = y + f x) about the top-left corner, |f| = m / 10 * 0.3
+    deg = math.degrees(math.atan(_ra_sign(rng, m / 10 * 0.3)))
+    return TF.affine(x, 0.0, [0, 0], 1.0, [deg, 0.0] if axis == 'x' else [0.0, deg], RA_RESAMPLE, RA_FILL,
+                     center=[0, 0])
+
+def _ra_translate(x, m, rng, axis):  # by m / 10 * 45% of the width (or height)
+    shift = round(_ra_sign(rng, m / 10 * 0.45) * x.shape[-1 if axis == 'x' else -2])
+    return TF.affine(x, 0.0, [shift, 0] if axis == 'x' else [0, shift], 1.0, [0.0, 0.0], fill=RA_FILL)
+
+RA_OPS = {  # name -> f(clip uint8 [T,3,H,W], m in [0, 10], rng); the '-Increasing' variants (inc1): stronger with m
+    'AutoContrast': lambda x, m, rng: TF.autocontrast(x),
+    'Equalize': lambda x, m, rng: TF.equalize(x),
+    'Invert': lambda x, m, rng: TF.invert(x),
+    'Rotate': lambda x, m, rng: TF.rotate(x, _ra_sign(rng, m / 10 * 30), RA_RESAMPLE, fill=RA_FILL),
+    'Posterize': lambda x, m, rng: TF.posterize(x, 4 - int(m / 10 * 4)),
+    'Solarize': lambda x, m, rng: torch.where(x.int() >= 256 - int(m / 10 * 256), 255 - x, x),  # invert >= thresh
+    'SolarizeAdd': lambda x, m, rng: torch.where(x < 128, (x.int() + int(m / 10 * 110)).clamp(max=255).byte(), x),
+    'Color': lambda x, m, rng: TF.adjust_saturation(x, _ra_factor(rng, m)),
+    'Contrast': lambda x, m, rng: TF.adjust_contrast(x, _ra_factor(rng, m)),
+    'Brightness': lambda x, m, rng: TF.adjust_brightness(x, _ra_factor(rng, m)),
+    'Sharpness': lambda x, m, rng: TF.adjust_sharpness(x, _ra_factor(rng, m)),
+    'ShearX': lambda x, m, rng: _ra_shear(x, m, rng, 'x'),
+    'ShearY': lambda x, m, rng: _ra_shear(x, m, rng, 'y'),
+    'TranslateX': lambda x, m, rng: _ra_translate(x, m, rng, 'x'),
+    'TranslateY': lambda x, m, rng: _ra_translate(x, m, rng, 'y'),
+}
+
+def rand_augment(frames, rng, num_ops=4, magnitude=7, magnitude_std=0.5, prob=0.5):
+    """uint8 [T,H,W,3] -> uint8 [T,H,W,3]: num_ops ops drawn with replacement, each applied with probability prob at
+    a magnitude drawn from N(magnitude, magnitude_std) clipped to [0, 10]; the same draws for every frame."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # [T,3,H,W]
+    for name in rng.choice(list(RA_OPS), num_ops, replace=True):
+        if rng.random() < prob:
+            x = RA_OPS[name](x, float(np.clip(rng.normal(magnitude, magnitude_std), 0, 10)), rng)
+    return x.permute(0, 2, 3, 1).numpy()
+
+def random_erase(clip, rng, prob=0.25, area=(0.02, 1 / 3), aspect=0.3):
+    """Normalized float [3,T,S,S], in place: each frame, with probability prob, gets one box (area fraction in
+    `area`, log-uniform aspect in [aspect, 1/aspect], 10 tries) filled with N(0, 1) noise per pixel ('pixel' mode)."""
+    _, T, H, W = clip.shape
+    for t in range(T):
+        if rng.random() >= prob:
+            continue
+        for _ in range(10):
+            a = H * W * rng.uniform(*area)
+            r = math.exp(rng.uniform(math.log(aspect), -math.log(aspect)))
+            h, w = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
+            if h < H and w < W:
+                y, x = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+                clip[:, t, y:y + h, x:x + w] = torch.from_numpy(rng.standard_normal((3, h, w), dtype=np.float32))
+                break
+    return clip
 
 # ----------------------------------------------------------------------------------------------------------------
 # Datasets. A key is an index or (index, seed); every random choice of an item comes from default_rng(seed), so

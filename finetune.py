@@ -4,9 +4,9 @@ Action-recognition fine-tuning of the UMT student, with the paper's protocol (pa
 The stage-1 model (or a stage-2 one, or an official UMT checkpoint) gets a classifier over all its
 tokens (mean pool -> fc_norm -> dropout -> head, REFERENCE 3.2) and is trained end to end with the
 official recipe: AdamW with layer-wise learning-rate decay, warmup + cosine per iteration, stochastic
-depth, label smoothing, mixup / cutmix, repeated augmentation, random-resized crops and flips. Every
-epoch is validated on 1 clip x 1 crop; the final test averages the softmax over clips x crops (4 x 3
-on Kinetics, 2 x 3 on Something-Something v2). Not here: RandAugment and random erasing (see README).
+depth, label smoothing, mixup / cutmix, repeated augmentation, RandAugment, random-resized crops, flips
+and random erasing. Every epoch is validated on 1 clip x 1 crop; the final test averages the softmax over
+clips x crops (4 x 3 on Kinetics, 2 x 3 on Something-Something v2).
 
     # 1. K710 fine-tuning of the stage-1 model (UMT-B/16) on 8 GPUs: 16 videos x 8 GPUs x 2 accumulation
     #    steps = the paper's 256 videos per step on 16 GPUs
@@ -57,6 +57,8 @@ MAX_BAD_FRACTION = 0.05            # stop when more than this fraction of the vi
 NUM_SAMPLE = 2                     # repeated augmentation: clips cut from each decoded video (paper: 2)
 RRC_SCALE = (0.08, 1.0)            # random-resized-crop area fraction, aspect 3/4 - 4/3 (paper: 0.08 - 1)
 FLIP = True                        # random horizontal flip (paper: yes; no for SSv2, where left/right is the label)
+RAND_AUGMENT = (4, 7, 0.5)         # RandAugment (ops, magnitude, magnitude std), the 'inc1' ops; None = off (paper)
+RANDOM_ERASE = 0.25                # chance that a frame gets one box of noise, 0 = off (paper: 0.25, pixel mode)
 LABEL_SMOOTHING = 0.1              # paper: 0.1
 MIXUP = 0.8                        # mixup Beta(alpha, alpha), 0 = off (paper: 0.8)
 CUTMIX = 1.0                       # cutmix Beta(alpha, alpha), 0 = off (paper: 1.0)
@@ -109,12 +111,13 @@ PRESETS = {
                  'NUM_CLASSES': 174, 'FLIP': False, 'BASE_LR': 4e-4, 'LAYER_DECAY': 0.85, 'DROP_PATH': 0.2,
                  'EPOCHS': 14, 'WARMUP_EPOCHS': 4, 'TEST_CLIPS': 2, 'OUT_DIR': 'out/ssv2_l16'},
     # CPU demo: the tiny stage-1 demo model on the synthetic classes (color x up / down motion; the
-    # horizontal flip keeps those labels true). With 96 training videos, mixup / cutmix and small crops only
-    # slow learning down within the few hundred steps a demo can afford, so they are off; a 4-block model has
-    # no deep stack of general features to protect, so no layer decay either.
+    # horizontal flip keeps those labels true). With 96 training videos, mixup / cutmix, RandAugment, erasing and
+    # small crops only slow learning down within the few hundred steps a demo can afford, so they are off; a 4-block
+    # model has no deep stack of general features to protect, so no layer decay either.
     'demo': {'INIT': 'out/demo_stage1/last.pt', 'TRAIN_LIST': 'demo_data/train.csv', 'VAL_LIST': 'demo_data/val.csv',
              'DATA_ROOT': 'demo_data', 'MAKE_DEMO': True, 'NUM_CLASSES': 8, 'NUM_FRAMES': 4, 'IMG_SIZE': 64,
-             'RRC_SCALE': (0.4, 1.0), 'MIXUP': 0.0, 'CUTMIX': 0.0, 'DROP_PATH': 0.0, 'LAYER_DECAY': 1.0,
+             'RRC_SCALE': (0.4, 1.0), 'MIXUP': 0.0, 'CUTMIX': 0.0, 'RAND_AUGMENT': None, 'RANDOM_ERASE': 0.0,
+             'DROP_PATH': 0.0, 'LAYER_DECAY': 1.0,
              'TOTAL_BATCH': 16, 'MICRO_BATCH': 16, 'BASE_LR': 2.4e-3, 'EPOCHS': 60, 'WARMUP_EPOCHS': 5,
              'TEST_CLIPS': 2, 'COMPILE': False, 'NUM_WORKERS': 1, 'LOG_INTERVAL': 30, 'CKPT_INTERVAL': 100,
              'OUT_DIR': 'out/demo_finetune'},
@@ -171,13 +174,15 @@ def smooth_one_hot(label, num_classes, smoothing):
 
 
 class RepeatedAugClassification(data.VideoClassification):
-    """Training set with repeated augmentation: each video is decoded once (one set of TSN frames)
-    and gives num_sample clips, each with its own random-resized crop and flip -> video [num_sample, 3, T, S, S].
-    Decoding is the expensive part, so this doubles the clips per second of I/O (the official num_sample)."""
+    """Training set with repeated augmentation: each video is decoded once (one set of TSN frames) and gives
+    num_sample clips, each with its own RandAugment, random-resized crop, flip and random erasing (in this order,
+    as the official pipeline) -> video [num_sample, 3, T, S, S]. Decoding is the expensive part, so this doubles
+    the clips per second of I/O (the official num_sample)."""
 
-    def __init__(self, *args, num_sample=2, rrc_scale=(0.08, 1.0), **kw):
+    def __init__(self, *args, num_sample=2, rrc_scale=(0.08, 1.0), rand_augment=None, erase_prob=0.0, **kw):
         super().__init__(*args, mode='train', **kw)
         self.num_sample, self.rrc_scale = num_sample, rrc_scale
+        self.rand_augment, self.erase_prob = rand_augment, erase_prob  # (ops, magnitude, std) or None; float
 
     def crop_box(self, h, w, rng):
         """RandomResizedCrop box (top, left, height, width): area fraction in rrc_scale, log-uniform aspect in
@@ -196,9 +201,11 @@ class RepeatedAugClassification(data.VideoClassification):
         frames = data.read_frames(path, lambda n: data.sample_indices(n, self.num_frames, 'train', rng), self.threads)
         clips = []
         for _ in range(self.num_sample):
+            clip = data.rand_augment(frames, rng, *self.rand_augment) if self.rand_augment else frames
             y, x, h, w = self.crop_box(*frames.shape[1:3], rng)
             # 'squash' resizes the whole (already cropped) frames to S x S; the flip is decided per clip
-            clips += data.augment(frames[:, y:y + h, x:x + w], self.size, 'squash', rng, self.flip)
+            clip = data.augment(clip[:, y:y + h, x:x + w], self.size, 'squash', rng, self.flip)[0]
+            clips.append(data.random_erase(clip, rng, self.erase_prob) if self.erase_prob else clip)
         return {'video': torch.stack(clips), 'label': label}              # [num_sample, 3, T, S, S]
 
 
@@ -313,6 +320,10 @@ def main():
         fail('LABEL_SMOOTHING must lie in [0, 1), MIXUP and CUTMIX >= 0 (0 = off), MIX_SWITCH_PROB in [0, 1]')
     if not (0 < LAYER_DECAY <= 1 and 0 < RRC_SCALE[0] <= RRC_SCALE[1] <= 1):
         fail(f'LAYER_DECAY={LAYER_DECAY} must lie in (0, 1] (1 = no decay) and RRC_SCALE={RRC_SCALE} in (0, 1]')
+    if not (0 <= RANDOM_ERASE <= 1 and (RAND_AUGMENT is None or (len(RAND_AUGMENT) == 3 and RAND_AUGMENT[0] >= 1
+                                                                 and 0 <= RAND_AUGMENT[1] <= 10))):
+        fail(f'RANDOM_ERASE={RANDOM_ERASE} must lie in [0, 1] and RAND_AUGMENT={RAND_AUGMENT} be None or '
+             f'(ops >= 1, magnitude in [0, 10], magnitude std), e.g. (4, 7, 0.5) for rand-m7-n4-mstd0.5')
     ckpt_path, log_path = os.path.join(OUT_DIR, 'last.pt'), os.path.join(OUT_DIR, 'log.jsonl')
     resume = os.path.exists(ckpt_path)
     if not resume and not os.path.isfile(INIT):
@@ -351,7 +362,8 @@ def main():
             dist.barrier()
     kw = dict(max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS)
     train_set = RepeatedAugClassification(TRAIN_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, flip=FLIP,
-                                          num_sample=NUM_SAMPLE, rrc_scale=RRC_SCALE, **kw)
+                                          num_sample=NUM_SAMPLE, rrc_scale=RRC_SCALE, rand_augment=RAND_AUGMENT,
+                                          erase_prob=RANDOM_ERASE, **kw)
     val_set = data.VideoClassification(VAL_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='val', **kw)
     test_set = data.VideoClassification(VAL_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='test',
                                         num_clips=TEST_CLIPS, num_crops=TEST_CROPS, **kw)

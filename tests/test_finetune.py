@@ -1,5 +1,6 @@
-"""Guards finetune.py: layer-wise lr decay, mixup / cutmix targets, multi-view averaging, starting from the
-official fine-tuned layout and from our own stage-1 / stage-2 checkpoints, and exact resume of a short run."""
+"""Guards finetune.py: layer-wise lr decay, mixup / cutmix targets, RandAugment and random erasing, multi-view
+averaging, starting from the official fine-tuned layout and from our own stage-1 / stage-2 checkpoints, and exact
+resume of a short run (with the whole augmentation recipe on)."""
 import dataclasses
 import json
 import os
@@ -102,6 +103,38 @@ def test_mixup_cutmix_soft_targets():
 # Multi-view test
 
 
+def test_rand_augment_same_ops_for_every_frame_and_magnitudes():
+    import data
+    frames = np.random.default_rng(0).integers(0, 256, (1, 24, 40, 3), dtype=np.uint8).repeat(4, axis=0)  # 4 equal
+    changed = 0
+    for seed in range(20):
+        out = data.rand_augment(frames, np.random.default_rng(seed))
+        assert out.shape == frames.shape and out.dtype == np.uint8
+        assert all((out[t] == out[0]).all() for t in range(4))                 # one draw per clip, not per frame
+        changed += not (out == frames).all()
+    assert changed >= 15                                                       # 4 ops at p 0.5: 1/16 do nothing
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)                           # [T, 3, H, W]
+    for name in ('Rotate', 'Solarize', 'SolarizeAdd', 'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX',
+                 'ShearY', 'TranslateX', 'TranslateY'):
+        assert torch.equal(data.RA_OPS[name](x, 0.0, np.random.default_rng(0)), x), name  # magnitude 0: identity
+    shifted = data.RA_OPS['TranslateX'](x, 10.0, np.random.default_rng(0))   # by 45% of the width = 18 columns
+    filled = (shifted == torch.tensor(data.RA_FILL).view(1, 3, 1, 1)).all(1).all(1).all(0)  # [W] columns of fill
+    assert filled.sum() == 18 and (filled[:18].all() or filled[-18:].all())
+
+
+def test_random_erase_one_box_per_frame():
+    import data
+    clip = torch.zeros(3, 6, 32, 32)
+    data.random_erase(clip, np.random.default_rng(0), prob=1.0)
+    for t in range(6):
+        ys, xs = (clip[:, t] != 0).any(0).nonzero(as_tuple=True)
+        area = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        assert 0.02 * 1024 * 0.8 <= area <= 1024 / 3 * 1.2                     # one box of 2-33% of the frame
+        assert (clip[:, t] != 0).sum() == 3 * area                             # every pixel of it is noise
+    assert torch.equal(data.random_erase(torch.zeros(3, 6, 32, 32), np.random.default_rng(0), prob=0.0),
+                       torch.zeros(3, 6, 32, 32))
+
+
 def test_multiview_average_is_mean_of_softmax():
     logits = torch.tensor([[[10.0, 0.0], [0.0, 3.0], [0.0, 3.0]]])   # [B=1, V=3, C=2]
     probs = ft.multiview_average(logits)
@@ -202,7 +235,7 @@ def small_run(tmp_path_factory, demo_dir):
                  f'--val_list={tmp / "val.csv"}', f'--data_root={demo_dir}', '--num_frames=4', '--img_size=32',
                  '--total_batch=8', '--micro_batch=4', '--epochs=2', '--log_interval=1', '--test_clips=2',
                  '--num_workers=0', '--device=cpu', '--flip=True', '--mixup=0.8', '--cutmix=1.0',  # the full recipe
-                 '--rrc_scale=(0.08,1.0)', '--drop_path=0.1']
+                 '--rrc_scale=(0.08,1.0)', '--drop_path=0.1', '--rand_augment=(4,7,0.5)', '--random_erase=0.25']
 
 
 def run(args, nproc=1):
@@ -237,6 +270,10 @@ def test_bad_constants_fail_fast(small_run, monkeypatch):
         call_main(monkeypatch, args + ['--init=missing.pt', f'--out_dir={tmp / "bad"}'])
     with pytest.raises(SystemExit, match='TEST_CROPS=2 must be 1 or 3'):
         call_main(monkeypatch, args + ['--test_crops=2', f'--out_dir={tmp / "bad"}'])
+    with pytest.raises(SystemExit, match='RANDOM_ERASE=1.5 must lie in'):
+        call_main(monkeypatch, args + ['--random_erase=1.5', f'--out_dir={tmp / "bad"}'])
+    with pytest.raises(SystemExit, match='RAND_AUGMENT=.* be None or'):
+        call_main(monkeypatch, args + ['--rand_augment=(4,12,0.5)', f'--out_dir={tmp / "bad"}'])
     with pytest.raises(SystemExit, match='has label 7, but NUM_CLASSES=5'):
         call_main(monkeypatch, args + ['--num_classes=5', f'--out_dir={tmp / "bad"}'])
 
