@@ -57,7 +57,7 @@ MAX_BAD_FRACTION = 0.05            # stop when more than this fraction of the vi
 NUM_SAMPLE = 2                     # repeated augmentation: clips cut from each decoded video (paper: 2)
 RRC_SCALE = (0.08, 1.0)            # random-resized-crop area fraction, aspect 3/4 - 4/3 (paper: 0.08 - 1)
 FLIP = True                        # random horizontal flip (paper: yes; no for SSv2, where left/right is the label)
-RAND_AUGMENT = (4, 7, 0.5)         # RandAugment (ops, magnitude, magnitude std), the 'inc1' ops; None = off (paper)
+RAND_AUGMENT = (4, 7, 0.5)         # RandAugment (ops, magnitude, std), 'inc1' ops; None = off (paper: m7-n4-mstd0.5)
 RANDOM_ERASE = 0.25                # chance that a frame gets one box of noise, 0 = off (paper: 0.25, pixel mode)
 LABEL_SMOOTHING = 0.1              # paper: 0.1
 MIXUP = 0.8                        # mixup Beta(alpha, alpha), 0 = off (paper: 0.8)

@@ -264,18 +264,14 @@ def call_main(monkeypatch, args):
 
 def test_bad_constants_fail_fast(small_run, monkeypatch):
     tmp, args = small_run
-    with pytest.raises(SystemExit, match='TOTAL_BATCH=10 is not divisible by MICRO_BATCH=4'):
-        call_main(monkeypatch, args + ['--total_batch=10', f'--out_dir={tmp / "bad"}'])
-    with pytest.raises(SystemExit, match="INIT 'missing.pt' not found"):
-        call_main(monkeypatch, args + ['--init=missing.pt', f'--out_dir={tmp / "bad"}'])
-    with pytest.raises(SystemExit, match='TEST_CROPS=2 must be 1 or 3'):
-        call_main(monkeypatch, args + ['--test_crops=2', f'--out_dir={tmp / "bad"}'])
-    with pytest.raises(SystemExit, match='RANDOM_ERASE=1.5 must lie in'):
-        call_main(monkeypatch, args + ['--random_erase=1.5', f'--out_dir={tmp / "bad"}'])
-    with pytest.raises(SystemExit, match='RAND_AUGMENT=.* be None or'):
-        call_main(monkeypatch, args + ['--rand_augment=(4,12,0.5)', f'--out_dir={tmp / "bad"}'])
-    with pytest.raises(SystemExit, match='has label 7, but NUM_CLASSES=5'):
-        call_main(monkeypatch, args + ['--num_classes=5', f'--out_dir={tmp / "bad"}'])
+    for bad, message in (('--total_batch=10', 'TOTAL_BATCH=10 is not divisible by MICRO_BATCH=4'),
+                         ('--init=missing.pt', "INIT 'missing.pt' not found"),
+                         ('--test_crops=2', 'TEST_CROPS=2 must be 1 or 3'),
+                         ('--random_erase=1.5', 'RANDOM_ERASE=1.5 must lie in'),
+                         ('--rand_augment=(4,12,0.5)', 'RAND_AUGMENT=.* be None or'),
+                         ('--num_classes=5', 'has label 7, but NUM_CLASSES=5')):
+        with pytest.raises(SystemExit, match=message):
+            call_main(monkeypatch, args + [bad, f'--out_dir={tmp / "bad"}'])
 
 
 def test_nan_loss_skips_the_update(small_run, monkeypatch):
