@@ -18,10 +18,11 @@ import time
 
 import torch
 
-import common
 import model as M
+import training
 from masking import make_mask
 from teacher import CLIPTeacher, build_clip
+from video_language import build_umt, tokenize
 
 # ----------------------------------------------------------------------------------------------
 STAGE = 1                     # 1: video-only alignment step, 2: video-text step
@@ -47,27 +48,27 @@ PRESETS = {
     'tiny': {'MODEL': 'tiny', 'TEACHER': 'tiny', 'IMG_SIZE': 64, 'ALIGN_LAYERS': 2, 'STEPS': 2, 'WARMUP_STEPS': 1},
     'stage2': {'STAGE': 2, 'FRAMES': 4},  # the paper's stage-2 video step: 4 frames, plus text
 }
-config = common.configure(globals(), PRESETS, sys.argv[1:])
+config = training.configure(globals(), PRESETS, sys.argv[1:])
 
 # ----------------------------------------------------------------------------------------------
 # Models and a random batch
 
-_, _, device = common.setup_distributed(DEVICE)
-ctx, scaler, dtype = common.precision(device, DTYPE)
+_, _, device = training.setup_distributed(DEVICE)
+ctx, scaler, dtype = training.precision(device, DTYPE)
 torch.manual_seed(0)
 cfg = M.get_config(MODEL, num_frames=FRAMES, img_size=IMG_SIZE, align_layers=ALIGN_LAYERS,
                    checkpoint_blocks=CHECKPOINT_BLOCKS)
 student = M.VideoViT(cfg)
 clip_model = build_clip(TEACHER, None)  # random weights: speed does not depend on them
 teacher = CLIPTeacher(clip_model, ALIGN_LAYERS, TEACHER_SIZE or None).to(device)
-model = (student if STAGE == 1 else M.build_umt(student, clip_model)).to(device).train()
+model = (student if STAGE == 1 else build_umt(student, clip_model)).to(device).train()
 if COMPILE:  # in place, so the stage-2 model's vision encoder is compiled too
     student.compile()
 encode = torch.compile(teacher.encode) if COMPILE else teacher.encode
-optimizer = torch.optim.AdamW(common.param_groups(model, 0.05), lr=1e-4, fused=device.type == 'cuda')
+optimizer = torch.optim.AdamW(training.param_groups(model, 0.05), lr=1e-4, fused=device.type == 'cuda')
 video = torch.randn(BATCH, 3, FRAMES, IMG_SIZE, IMG_SIZE, device=device)
 captions = [f'a person is doing something unusual in clip number {i}' for i in range(BATCH)]
-input_ids, attention_mask = (x.to(device) for x in M.tokenize(captions))  # [B, 32] each, 12 real tokens
+input_ids, attention_mask = (x.to(device) for x in tokenize(captions))  # [B, 32] each, 12 real tokens
 ids = torch.arange(BATCH, device=device)                                    # sample ids for VTC / VTM
 gen = torch.Generator(device).manual_seed(0)
 

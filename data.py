@@ -1,17 +1,29 @@
-"""Video data for UMT: frame-accurate sparse decoding with PyAV, the official sampling and augmentation rules,
-datasets that survive broken files, a resumable sampler, and a tiny synthetic demo set.
+"""
+Video data for UMT: frame-accurate sparse decoding with PyAV, the official sampling and augmentation rules,
+datasets that survive broken files, and a sampler whose order a resumed run replays exactly.
 
-As the official code: stage-1 pre-training uses 8 TSN-sparse frames, a multi-scale corner crop and a flip;
-stage 2 uses 4 frames, RandomResizedCrop(scale 0.5-1, bicubic) and a flip; action-recognition fine-tuning adds
-RandAugment and random erasing and is tested with C clips x 3 crops. Every clip is an ImageNet-normalized float tensor [3, T, S, S] (T frames, S pixels).
+As the official code (single_modality/datasets/, multi_modality/dataset/): stage-1 pre-training takes 8
+TSN-sparse frames, a multi-scale corner crop and a flip; stage 2 takes 4 frames, RandomResizedCrop(scale
+0.5-1, bicubic) and a flip; action-recognition fine-tuning adds RandAugment, random erasing, mixup / cutmix
+and repeated augmentation, and is tested on C clips x 3 crops. A clip is an ImageNet-normalized float tensor
+[3, T, S, S] (T frames, S pixels). The synthetic demo set is in demo.py.
 
-    python data.py --make-demo demo                   # synthetic dataset (8 classes, captions, images), ~seconds
     python data.py --check train.csv --root videos    # decode every entry -> train.csv.clean / train.csv.bad
     python data.py --make-bench-clips bench           # two H.264 clips: 10 s, and 60 s with a keyframe every 2 s
     python data.py --bench bench/long60s.mp4          # sparse sampling vs full decode vs naive seeking
 """
-import argparse, bisect, itertools, json, math, os, statistics, time, warnings
+
+import argparse
+import bisect
+import itertools
+import json
+import math
+import os
+import statistics
+import time
+import warnings
 from collections import namedtuple
+
 import av
 import numpy as np
 import torch
@@ -28,8 +40,9 @@ IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')  # still images are 1-fr
 MIN_ATTEMPTS = 20                # judge the bad-file fraction only after this many loads in a process
 BAD_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError, IndexError, Image.DecompressionBombError)
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Decoding
+
 
 def _video_stream(c, threads):
     if not c.streams.video:
@@ -38,6 +51,7 @@ def _video_stream(c, threads):
     s.thread_type = 'AUTO' if threads > 1 else 'SLICE'  # must be set before the first decode
     s.codec_context.thread_count = threads              # keep small in DataLoader workers (workers x threads)
     return s
+
 
 def _scan(c, s):
     """One demux-only pass (no decoding): sorted pts of every frame (the i-th smallest pts is frame i, so indices
@@ -54,6 +68,7 @@ def _scan(c, s):
     if not pts:
         raise ValueError('no video packets')
     return sorted(pts), sorted(keys) or [(min(pts), min(pts))]
+
 
 def read_frames(path, indices, threads=1):
     """Frames `indices` of a video as uint8 [len(indices), H, W, 3], pixel-identical to sequential decoding.
@@ -107,6 +122,7 @@ def read_frames(path, indices, threads=1):
             out[i] = frame.to_ndarray(format='rgb24')  # convert only the frames we keep
         return np.stack([out[i] for i in idx])         # index back: order and repeats as asked
 
+
 def video_length(path):
     """Number of frames. Metadata can be 0/None (webm, mkv), so fall back to counting packets (demux only)."""
     if path.lower().endswith(IMAGE_EXTS):
@@ -115,8 +131,21 @@ def video_length(path):
         s = _video_stream(c, 1)
         return s.frames if s.frames > 0 else len(_scan(c, s)[0])
 
-# ----------------------------------------------------------------------------------------------------------------
-# Frame sampling (official rules)
+
+def write_video(path, frames, fps=25, codec='libx264', pix_fmt='yuv420p', options=None):
+    """Encode an iterable of uint8 [H,W,3] frames. Fixed options with 'threads': '1' give reproducible bytes."""
+    frames = iter(frames)
+    first = next(frames)
+    with av.open(path, 'w') as c:
+        s = c.add_stream(codec, rate=fps, options=options or {}, height=first.shape[0], width=first.shape[1],
+                         pix_fmt=pix_fmt)
+        for a in itertools.chain([first], frames):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(a, format='rgb24')))
+        c.mux(s.encode())  # flush delayed (B-)frames
+
+# ----------------------------------------------------------------------------------------------
+# Frame sampling (the official rules)
+
 
 def sample_indices(n, num_frames, mode, rng=None, clip=0, num_clips=1):
     """Frame indices [num_frames] for a video of n frames. Short videos repeat frames instead of failing.
@@ -138,8 +167,9 @@ def sample_indices(n, num_frames, mode, rng=None, clip=0, num_clips=1):
         return np.clip(np.round(seg * i).astype(int) + int(seg / (num_clips + 1) * (clip + 1)), 0, n - 1)
     raise ValueError(f'unknown sampling mode {mode!r}')
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Augmentation: a crop box (top, left, height, width) in source pixels, the same for every frame of a clip
+
 
 def multiscale_box(h, w, size, rng):
     """Official stage-1 GroupMultiScaleCrop: side = short side x one of MS_SCALES per axis (scale indices differ <= 1),
@@ -154,16 +184,19 @@ def multiscale_box(h, w, size, rng):
     gy, gx = grid[rng.integers(len(grid))]
     return gy * ((h - ch) // 4), gx * ((w - cw) // 4), ch, cw
 
-def rrc_box(h, w, rng):
-    """Stage-2 RandomResizedCrop box: area fraction in RRC_SCALE, log-uniform aspect in [3/4, 4/3], 10 tries."""
+
+def rrc_box(h, w, rng, scale=RRC_SCALE):
+    """RandomResizedCrop box: area fraction in `scale`, log-uniform aspect in [3/4, 4/3], 10 tries, else the
+    central square."""
     for _ in range(10):
-        area = h * w * rng.uniform(*RRC_SCALE)
+        area = h * w * rng.uniform(*scale)
         ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
         if 0 < cw <= w and 0 < ch <= h:
             return int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1)), ch, cw
     s = min(h, w)  # fallback: the central square
     return (h - s) // 2, (w - s) // 2, s, s
+
 
 def eval_boxes(h, w, num_crops=1):
     """Resize short side to S then crop S x S == crop the short-side square: center (1) or start/center/end of
@@ -173,15 +206,17 @@ def eval_boxes(h, w, num_crops=1):
     offsets = [long_free // 2] if num_crops == 1 else [0, long_free // 2, long_free]
     return [(o, 0, s, s) if h > w else (0, o, s, s) for o in offsets]
 
-def augment(frames, size, kind, rng=None, flip=False, num_crops=1):
+
+def augment(frames, size, kind, rng=None, flip=False, num_crops=1, scale=RRC_SCALE):
     """uint8 [T,H,W,3] -> list of normalized float32 [3,T,S,S], one per crop. kind: 'multiscale' (stage 1),
-    'rrc' (stage 2), 'center' (eval: short side -> S, 1 or 3 crops), 'squash' (stage-2 eval: whole frame -> SxS).
-    One box and one flip decision per clip, so motion stays consistent across frames."""
+    'rrc' (stage 2; `scale` = its area fraction, also for fine-tuning), 'center' (eval: short side -> S, 1 or 3
+    crops), 'squash' (stage-2 eval: whole frame -> SxS). One box and one flip decision per clip, so motion stays
+    consistent across frames."""
     T, H, W, _ = frames.shape
     if kind == 'multiscale':
         boxes, mode = [multiscale_box(H, W, size, rng)], 'bilinear'
     elif kind == 'rrc':
-        boxes, mode = [rrc_box(H, W, rng)], 'bicubic'
+        boxes, mode = [rrc_box(H, W, rng, scale)], 'bicubic'
     elif kind == 'center':
         boxes, mode = eval_boxes(H, W, num_crops), 'bilinear'
     elif kind == 'squash':
@@ -208,16 +243,20 @@ def augment(frames, size, kind, rng=None, flip=False, num_crops=1):
 RA_FILL = [124, 116, 104]  # timm's fill for pixels that rotate / shear / translate brings in: the ImageNet mean
 RA_RESAMPLE = InterpolationMode.BILINEAR  # rotate / shear (timm on PIL images: the training interpolation)
 
+
 def _ra_sign(rng, v):
     return v if rng.random() < 0.5 else -v
 
+
 def _ra_factor(rng, m):  # enhancement factor of Color / Contrast / Brightness / Sharpness
     return max(0.1, 1 + _ra_sign(rng, m / 10 * 0.9))
+
 
 def _ra_shear(x, m, rng, axis):  # x' = x + f y (or y' = y + f x) about the top-left corner, |f| = m / 10 * 0.3
     deg = math.degrees(math.atan(_ra_sign(rng, m / 10 * 0.3)))
     return TF.affine(x, 0.0, [0, 0], 1.0, [deg, 0.0] if axis == 'x' else [0.0, deg], RA_RESAMPLE, RA_FILL,
                      center=[0, 0])
+
 
 def _ra_translate(x, m, rng, axis):  # by m / 10 * 45% of the width (or height)
     shift = round(_ra_sign(rng, m / 10 * 0.45) * x.shape[-1 if axis == 'x' else -2])
@@ -241,6 +280,7 @@ RA_OPS = {  # name -> f(clip uint8 [T,3,H,W], m in [0, 10], rng); the '-Increasi
     'TranslateY': lambda x, m, rng: _ra_translate(x, m, rng, 'y'),
 }
 
+
 def rand_augment(frames, rng, num_ops=4, magnitude=7, magnitude_std=0.5, prob=0.5):
     """uint8 [T,H,W,3] -> uint8 [T,H,W,3]: num_ops ops drawn with replacement, each applied with probability prob at
     a magnitude drawn from N(magnitude, magnitude_std) clipped to [0, 10]; the same draws for every frame."""
@@ -249,6 +289,7 @@ def rand_augment(frames, rng, num_ops=4, magnitude=7, magnitude_std=0.5, prob=0.
         if rng.random() < prob:
             x = RA_OPS[name](x, float(np.clip(rng.normal(magnitude, magnitude_std), 0, 10)), rng)
     return x.permute(0, 2, 3, 1).numpy()
+
 
 def random_erase(clip, rng, prob=0.25, area=(0.02, 1 / 3), aspect=0.3):
     """Normalized float [3,T,S,S], in place: each frame, with probability prob, gets one box (area fraction in
@@ -267,9 +308,44 @@ def random_erase(clip, rng, prob=0.25, area=(0.02, 1 / 3), aspect=0.3):
                 break
     return clip
 
-# ----------------------------------------------------------------------------------------------------------------
+
+def smooth_one_hot(label, num_classes, smoothing):
+    """[B] class ids -> [B, C] targets: 1 - smoothing + smoothing / C on the label, smoothing / C elsewhere."""
+    off = smoothing / num_classes
+    target = torch.full((len(label), num_classes), off, device=label.device)
+    return target.scatter_(1, label[:, None], 1 - smoothing + off)
+
+
+def mixup_cutmix(video, target, rng, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5):
+    """Batch-mode mixup / cutmix (timm's Mixup): video [B, 3, T, H, W], soft target [B, C] -> both mixed.
+
+    One coin flip picks cutmix (probability switch_prob) or mixup for the whole batch, one
+    lam ~ Beta(alpha, alpha) for the whole batch, and sample b is mixed with sample B-1-b (the batch
+    reversed, as timm). Cutmix pastes one box, the same on every frame, and lam becomes the exact
+    kept area. Targets mix with the same lam, so rows still sum to 1. rng: np.random.Generator.
+    """
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return video, target
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
+    lam = float(rng.beta(cutmix_alpha, cutmix_alpha) if use_cutmix else rng.beta(mixup_alpha, mixup_alpha))
+    partner = video.flip(0)                                        # [B, 3, T, H, W], sample B-1-b
+    if use_cutmix:
+        H, W = video.shape[-2:]
+        cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))  # box of area (1 - lam) H W
+        cy, cx = rng.integers(H), rng.integers(W)                  # box center, anywhere; the box is clipped
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
+        video = video.clone()
+        video[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)                  # the real share left after clipping
+    else:
+        video = video * lam + partner * (1 - lam)
+    return video, target * lam + target.flip(0) * (1 - lam)
+
+# ----------------------------------------------------------------------------------------------
 # Datasets. A key is an index or (index, seed); every random choice of an item comes from default_rng(seed), so
 # the data is the same whatever the number of workers, and a resumed run sees exactly what it would have seen.
+
 
 class _RobustDataset(torch.utils.data.Dataset):
     """Shared machinery: per-item RNG and skip-and-replace of bad files with a loud failure threshold.
@@ -304,8 +380,10 @@ class _RobustDataset(torch.utils.data.Dataset):
                                f'{self.max_bad_fraction}); the dataset looks broken. Examples:\n{examples}\n'
                                'Run `python data.py --check FILE` to list every bad entry.')
 
+
 def _join(root, p):
     return os.path.join(root, p) if root and not os.path.isabs(p) else p
+
 
 def read_list(list_file, root=None):
     """Classification list: `path label` per line, separated by a comma, spaces or a tab -> [(path, label)]."""
@@ -319,6 +397,7 @@ def read_list(list_file, root=None):
 
 Annotation = namedtuple('Annotation', 'path captions is_image')
 
+
 def _load_json(path):
     text = open(path).read()
     try:
@@ -326,6 +405,7 @@ def _load_json(path):
     except json.JSONDecodeError:  # JSONL: one object per line
         objs = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [objs] if isinstance(objs, dict) else objs
+
 
 def read_annotations(ann_file, root=None, media=None):
     """Official JSON list (or JSONL) of {"video" or "image": path, "caption": str or [str]} -> [Annotation]."""
@@ -336,6 +416,7 @@ def read_annotations(ann_file, root=None, media=None):
         if media is None or media == ('image' if is_image else 'video'):
             out.append(Annotation(_join(root, o['image' if is_image else 'video']), caps, is_image))
     return out
+
 
 class VideoClassification(_RobustDataset):
     """Kinetics-style classification. train: TSN frames + aug ('multiscale' stage 1, 'rrc') + flip;
@@ -363,6 +444,28 @@ class VideoClassification(_RobustDataset):
                                                       num_crops=self.num_crops)]
         return {'video': torch.stack(views) if len(views) > 1 else views[0], 'label': label}
 
+
+class RepeatedAugClassification(VideoClassification):
+    """The fine-tuning training set with repeated augmentation (the official num_sample): each video is decoded
+    once (one set of TSN frames) and gives num_sample clips, each with its own RandAugment, random-resized crop,
+    flip and random erasing, in this order as the official pipeline -> video [num_sample, 3, T, S, S]. Decoding
+    is the expensive part, so this multiplies the clips per second of I/O."""
+    def __init__(self, *args, num_sample=2, rrc_scale=(0.08, 1.0), rand_augment=None, erase_prob=0.0, **kw):
+        super().__init__(*args, mode='train', **kw)
+        self.num_sample, self.rrc_scale = num_sample, rrc_scale
+        self.rand_augment, self.erase_prob = rand_augment, erase_prob  # (ops, magnitude, std) or None; float
+
+    def load(self, i, rng):
+        path, label = self.samples[i]
+        frames = read_frames(path, lambda n: sample_indices(n, self.num_frames, 'train', rng), self.threads)
+        clips = []
+        for _ in range(self.num_sample):
+            clip = rand_augment(frames, rng, *self.rand_augment) if self.rand_augment else frames
+            clip = augment(clip, self.size, 'rrc', rng, self.flip, scale=self.rrc_scale)[0]
+            clips.append(random_erase(clip, rng, self.erase_prob) if self.erase_prob else clip)
+        return {'video': torch.stack(clips), 'label': label}              # [num_sample, 3, T, S, S]
+
+
 class VideoText(_RobustDataset):
     """Video/image-caption pairs (stage 2). train: TSN frames, RRC + flip, one random caption; eval: middle
     frames, squash resize, first caption. `.items` keeps every caption for retrieval evaluation.
@@ -384,8 +487,9 @@ class VideoText(_RobustDataset):
         frames = read_frames(item.path, lambda n: sample_indices(n, T, 'middle'), self.threads)
         return {'video': augment(frames, self.size, 'squash')[0], 'caption': item.captions[0]}
 
-# ----------------------------------------------------------------------------------------------------------------
-# Sampler and loader
+# ----------------------------------------------------------------------------------------------
+# Sampler and loaders
+
 
 class ResumableSampler(torch.utils.data.Sampler):
     """DistributedSampler semantics (one global permutation per (seed, epoch), padded or cut to a multiple of
@@ -415,8 +519,10 @@ class ResumableSampler(torch.utils.data.Sampler):
         for p in range(self.rank + start * self.world, self.total, self.world):
             yield int(order[p]), int(seeds[p])
 
+
 def _worker_init(_):
     torch.set_num_threads(1)  # parallelism comes from the workers; more threads only oversubscribe the cores
+
 
 def make_loader(dataset, batch_size, shuffle, seed, rank, world_size, num_workers, drop_last=True, start=0):
     """DataLoader over a ResumableSampler; `start` = samples of this rank's epoch already consumed (resume)."""
@@ -425,113 +531,27 @@ def make_loader(dataset, batch_size, shuffle, seed, rank, world_size, num_worker
     loader = torch.utils.data.DataLoader(
         dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-        prefetch_factor=2 if num_workers > 0 else None, worker_init_fn=_worker_init)
+        prefetch_factor=2 if num_workers > 0 else None, worker_init_fn=_worker_init,
+        generator=torch.Generator())  # its own: creating an iterator must not draw from torch's global RNG
     return loader, sampler
 
-# ----------------------------------------------------------------------------------------------------------------
-# Synthetic data: a deterministic demo set (class = color x direction of a moving square) and benchmark clips
 
-DEMO_COLORS = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (40, 90, 230), 'yellow': (230, 200, 40)}
-DEMO_DIRECTIONS = ('up', 'down')  # vertical: the training flip (horizontal) keeps the label true
-DEMO_VIDEOS, DEMO_VAL = 15, 3     # videos per class, of which the last DEMO_VAL are held out for validation
-DEMO_T, DEMO_H, DEMO_W = 16, 96, 128
+def train_batches(dataset, batch_size, seed, rank, world_size, num_workers, epoch, start, per_epoch):
+    """This rank's training batches without end: epoch after epoch, a new permutation each, exactly per_epoch
+    batches per epoch (the incomplete rest is dropped), starting at batch `start` of `epoch` (resume)."""
+    loader, sampler = make_loader(dataset, batch_size, True, seed, rank, world_size, num_workers)
+    while True:
+        sampler.set_epoch(epoch)
+        sampler.set_start(start * batch_size)
+        if start < per_epoch:
+            batches = iter(loader)
+            for _ in range(per_epoch - start):
+                yield next(batches)
+        epoch, start = epoch + 1, 0
 
-def write_video(path, frames, fps=25, codec='libx264', pix_fmt='yuv420p', options=None):
-    """Encode an iterable of uint8 [H,W,3] frames. Fixed options with 'threads': '1' give reproducible bytes."""
-    frames = iter(frames)
-    first = next(frames)
-    with av.open(path, 'w') as c:
-        s = c.add_stream(codec, rate=fps, options=options or {}, height=first.shape[0], width=first.shape[1],
-                         pix_fmt=pix_fmt)
-        for a in itertools.chain([first], frames):
-            c.mux(s.encode(av.VideoFrame.from_ndarray(a, format='rgb24')))
-        c.mux(s.encode())  # flush delayed (B-)frames
+# ----------------------------------------------------------------------------------------------
+# Checking a dataset, and a decoding benchmark
 
-def _demo_frames(color, direction, rng, n=DEMO_T):
-    """A square crossing about half the frame height over n frames, on a gray background with fixed noise.
-    One frame shows the color; only the order of the frames shows the direction."""
-    yy, xx = np.mgrid[:DEMO_H, :DEMO_W]
-    bg = np.clip(rng.integers(80, 160) + rng.normal(0, 10, (DEMO_H, DEMO_W, 1)), 0, 255).repeat(3, 2)
-    r = int(rng.integers(18, 24))              # half size: 12-16 px after a 64-px resize (2-4 patches wide)
-    x = int(rng.integers(r, DEMO_W - r))
-    y0, y1 = (r + 2, DEMO_H - r - 3)[::1 if direction == 'down' else -1]
-    for t in range(n):
-        y = y0 + (y1 - y0) * t / (n - 1)
-        inside = (np.abs(yy - y) <= r) & (np.abs(xx - x) <= r)
-        img = bg.copy()
-        img[inside] = DEMO_COLORS[color]
-        yield img.astype(np.uint8)
-
-def make_demo(out_dir, seed=0):
-    """DIR/videos/*.mp4, train.csv, val.csv, classes.txt, captions_{train,val}.json, images/*.jpg and
-    captions_images.json. The same seed gives byte-identical files."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(f'{out_dir}/videos', exist_ok=True)
-    os.makedirs(f'{out_dir}/images', exist_ok=True)
-    classes = [(c, d) for c in DEMO_COLORS for d in DEMO_DIRECTIONS]
-    split = {'train': ([], []), 'val': ([], [])}  # (list lines, caption objects)
-    for label, (color, direction) in enumerate(classes):
-        for k in range(DEMO_VIDEOS):
-            name = f'videos/{color}_{direction}_{k:02d}.mp4'
-            write_video(f'{out_dir}/{name}', _demo_frames(color, direction, rng), fps=8,
-                        options={'preset': 'veryfast', 'crf': '20', 'threads': '1'})
-            lines, caps = split['val' if k >= DEMO_VIDEOS - DEMO_VAL else 'train']
-            lines.append(f'{name},{label}\n')
-            if k < DEMO_VIDEOS - DEMO_VAL or k == DEMO_VIDEOS - DEMO_VAL:  # retrieval: one val video per caption
-                caps.append({'video': name, 'caption': f'a {color} square moving {direction}'})
-    for part, (lines, caps) in split.items():
-        open(f'{out_dir}/{part}.csv', 'w').writelines(lines)
-        json.dump(caps, open(f'{out_dir}/captions_{part}.json', 'w'), indent=1)
-    open(f'{out_dir}/classes.txt', 'w').writelines(f'{c} square moving {d}\n' for c, d in classes)
-    for color in DEMO_COLORS:  # stills: the first frame of a fresh clip
-        Image.fromarray(next(_demo_frames(color, 'down', rng))).save(f'{out_dir}/images/{color}.jpg', quality=95)
-    json.dump([{'image': f'images/{c}.jpg', 'caption': f'a {c} square'} for c in DEMO_COLORS],
-              open(f'{out_dir}/captions_images.json', 'w'), indent=1)
-
-def make_bench_clips(out_dir):
-    """340x256 25 fps H.264 with a panning textured background and per-frame noise (so it is not trivially
-    compressible): short10s.mp4 (x264 default GOP) and long60s.mp4 (a keyframe every 2 s)."""
-    os.makedirs(out_dir, exist_ok=True)
-    rng = np.random.default_rng(0)
-    blobs = np.kron(rng.integers(0, 255, (32, 56, 3)), np.ones((8, 8, 1)))  # 256 x 448 texture
-    texture = np.clip(blobs + rng.normal(0, 20, blobs.shape), 0, 255).astype(np.int16)
-    def frames(n):
-        for t in range(n):
-            img = np.roll(texture, 2 * t, axis=1)[:, :340] + rng.integers(-16, 17, (256, 340, 3), dtype=np.int16)
-            yield np.clip(img, 0, 255).astype(np.uint8)
-    write_video(f'{out_dir}/short10s.mp4', frames(250), options={'preset': 'veryfast'})
-    write_video(f'{out_dir}/long60s.mp4', frames(1500), options={'preset': 'veryfast',
-                                                                 'x264-params': 'keyint=50:min-keyint=50:scenecut=0'})
-
-def bench(path, runs=15, num_frames=8):
-    """Median time per clip: keyframe-aware sparse sampling vs decoding the whole file vs one seek per frame."""
-    n, rng = video_length(path), np.random.default_rng(0)
-    def full():  # the bound for any sequential reader: decode every frame, convert none
-        with av.open(path) as c:
-            for _ in c.decode(_video_stream(c, 1)):
-                pass
-    def naive():  # seek to every target by time and decode forward
-        with av.open(path) as c:
-            s = _video_stream(c, 1)
-            for i in sample_indices(n, num_frames, 'train', rng):
-                tgt = (s.start_time or 0) + round(i / s.average_rate / s.time_base)
-                c.seek(tgt, stream=s)
-                next(f for f in c.decode(s) if f.pts >= tgt).to_ndarray(format='rgb24')
-    def sparse():
-        read_frames(path, lambda n: sample_indices(n, num_frames, 'train', rng))
-    methods = {'decode whole file': full, f'{num_frames}-frame sparse (read_frames)': sparse, 'naive seek': naive}
-    times = {name: [] for name in methods}
-    for _ in range(runs):  # interleaved, so load from other processes hits every method alike
-        for name, fn in methods.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    print(f'{path}: {n} frames, 1 decoder thread, median of {runs} runs')
-    for name, ts in times.items():
-        print(f'  {name:30s} {1000 * statistics.median(ts):8.1f} ms/clip {1 / statistics.median(ts):8.1f} clips/s')
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checking a dataset
 
 def check_file(path):
     """None if every frame of `path` decodes, else the reason."""
@@ -546,6 +566,7 @@ def check_file(path):
         return f'only {n} of {expected} frames decodable' if n == 0 or n < expected else None
     except BAD_ERRORS as e:
         return f'{type(e).__name__}: {e}'
+
 
 def check(file, root=None):
     """Decode every entry of a list or annotation file; write FILE.clean (same format) and FILE.bad (reasons)."""
@@ -566,16 +587,61 @@ def check(file, root=None):
     print(f'{len(good)} good, {len(paths) - len(good)} bad -> {file}.clean, {file}.bad')
     return len(good), len(paths) - len(good)
 
+def make_bench_clips(out_dir):
+    """340x256 25 fps H.264 with a panning textured background and per-frame noise (so it is not trivially
+    compressible): short10s.mp4 (x264 default GOP) and long60s.mp4 (a keyframe every 2 s)."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(0)
+    blobs = np.kron(rng.integers(0, 255, (32, 56, 3)), np.ones((8, 8, 1)))  # 256 x 448 texture
+    texture = np.clip(blobs + rng.normal(0, 20, blobs.shape), 0, 255).astype(np.int16)
+
+    def frames(n):
+        for t in range(n):
+            img = np.roll(texture, 2 * t, axis=1)[:, :340] + rng.integers(-16, 17, (256, 340, 3), dtype=np.int16)
+            yield np.clip(img, 0, 255).astype(np.uint8)
+    write_video(f'{out_dir}/short10s.mp4', frames(250), options={'preset': 'veryfast'})
+    write_video(f'{out_dir}/long60s.mp4', frames(1500), options={'preset': 'veryfast',
+                                                                 'x264-params': 'keyint=50:min-keyint=50:scenecut=0'})
+
+
+def bench(path, runs=15, num_frames=8):
+    """Median time per clip: keyframe-aware sparse sampling vs decoding the whole file vs one seek per frame."""
+    n, rng = video_length(path), np.random.default_rng(0)
+
+    def full():  # the bound for any sequential reader: decode every frame, convert none
+        with av.open(path) as c:
+            for _ in c.decode(_video_stream(c, 1)):
+                pass
+
+    def naive():  # seek to every target by time and decode forward
+        with av.open(path) as c:
+            s = _video_stream(c, 1)
+            for i in sample_indices(n, num_frames, 'train', rng):
+                tgt = (s.start_time or 0) + round(i / s.average_rate / s.time_base)
+                c.seek(tgt, stream=s)
+                next(f for f in c.decode(s) if f.pts >= tgt).to_ndarray(format='rgb24')
+
+    def sparse():
+        read_frames(path, lambda n: sample_indices(n, num_frames, 'train', rng))
+    methods = {'decode whole file': full, f'{num_frames}-frame sparse (read_frames)': sparse, 'naive seek': naive}
+    times = {name: [] for name in methods}
+    for _ in range(runs):  # interleaved, so load from other processes hits every method alike
+        for name, fn in methods.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    print(f'{path}: {n} frames, 1 decoder thread, median of {runs} runs')
+    for name, ts in times.items():
+        print(f'  {name:30s} {1000 * statistics.median(ts):8.1f} ms/clip {1 / statistics.median(ts):8.1f} clips/s')
+
+
 if __name__ == '__main__':
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--make-demo', metavar='DIR', help='write the synthetic demo dataset')
     ap.add_argument('--check', metavar='FILE', help='classification list or caption annotation to verify')
     ap.add_argument('--root', default=None, help='folder that relative paths in FILE start from')
     ap.add_argument('--make-bench-clips', metavar='DIR', help='write the two benchmark clips')
     ap.add_argument('--bench', metavar='VIDEO', help='time sparse sampling on this video')
     args = ap.parse_args()
-    if args.make_demo:
-        make_demo(args.make_demo)
     if args.check:
         check(args.check, args.root)
     if args.make_bench_clips:

@@ -1,8 +1,8 @@
 """
 Evaluation: the paper's downstream protocols, features for your own videos, and a picture of the semantic mask.
 
-    retrieval   zero-shot video-text retrieval with the official protocol (REFERENCE 3.1), stage-2 checkpoints:
-                4 middle frames, no mask, VTC scores (mean over frames of the per-frame cosine), then VTM
+    retrieval   zero-shot video-text retrieval with the official protocol (multi_modality/tasks/retrieval_utils.py):
+                stage-2 checkpoints, 4 middle frames, no mask, VTC scores (mean over frames of the per-frame cosine), then VTM
                 re-ranking of the top K_TEST in both directions. Both are reported, as t2v (text -> video) and
                 v2t (video -> text). The official logs call these img_r* (t2v) and txt_r* (v2t).
     classify    action recognition on frozen features (k-NN and a linear probe) for stage-1 / stage-2
@@ -26,7 +26,6 @@ Tiny CPU demo (after `python data.py --make-demo demo_data` and the demo pre-tra
 """
 import argparse
 import json
-import pickle
 
 import torch
 import torch.distributed as dist
@@ -34,10 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import common
-import model as modeling
-from data import MEAN, STD, VideoClassification, VideoText, augment, read_frames, sample_indices
-from model import VideoClassifier, VideoViT, VideoViTConfig, load_official, load_strict
+import checkpoints
+import training
+from data import BAD_ERRORS, MEAN, STD, VideoClassification, VideoText, augment, read_frames, sample_indices
+from video_language import tokenize
 
 K_TEST = 128          # candidates re-ranked by VTM per query, in each direction (official k_test)
 RET_FRAMES = 4        # frames per video for retrieval, middle of 4 equal segments (official zero-shot configs)
@@ -72,7 +71,7 @@ def retrieval_metrics(sim, txt2vid, sim_v2t=None):
     """sim [num_texts, num_videos] scores, txt2vid LongTensor [num_texts] (each caption's video) -> recalls in %.
 
     t2v: a text is correct when its video is retrieved. v2t: a video may have several captions, and the
-    best-ranked one counts (REFERENCE 3.1.5); videos without a caption are left out of v2t. sim_v2t: scores for
+    best-ranked one counts (as the official code); videos without a caption are left out of v2t. sim_v2t: scores for
     the v2t direction when they differ from sim (after re-ranking each direction has its own top-k).
     Keys: t2v_R@1/5/10, t2v_mean, v2t_R@1/5/10, v2t_mean, mean (of the two means, the official r_mean).
     """
@@ -95,7 +94,7 @@ def retrieval_metrics(sim, txt2vid, sim_v2t=None):
 
 def multiview_average(logits):
     """logits [B, V, C] of V views (clips x crops) -> probabilities [B, C]: softmax per view, then the mean
-    (the official multi-view test, REFERENCE 3.2)."""
+    (the official multi-view test, single_modality/engines/engine_for_finetuning.py)."""
     return logits.float().softmax(dim=-1).mean(dim=1)
 
 
@@ -136,7 +135,7 @@ def train_linear_probe(feats, labels, num_classes, epochs=PROBE_EPOCHS, lr=PROBE
     steps_per_epoch = -(-len(x) // batch)
     for epoch in range(epochs):
         for i, idx in enumerate(torch.randperm(len(x), generator=g).split(batch)):
-            opt.param_groups[0]['lr'] = common.lr_at(epoch * steps_per_epoch + i, epochs * steps_per_epoch, 0, lr, 0.0)
+            opt.param_groups[0]['lr'] = training.lr_at(epoch * steps_per_epoch + i, epochs * steps_per_epoch, 0, lr, 0.0)
             loss = F.cross_entropy(probe(x[idx]), labels[idx])
             opt.zero_grad()
             loss.backward()
@@ -148,7 +147,7 @@ def train_linear_probe(feats, labels, num_classes, epochs=PROBE_EPOCHS, lr=PROBE
 
 
 def rerank(sim, k, pair_scores, videos=None, batch=ITM_BATCH):
-    """VTM re-ranking (REFERENCE 3.1.4): sim [Nt, Nv] VTC scores -> (t2v [Nt, Nv], v2t [Nt, Nv]) scores.
+    """VTM re-ranking (the official k_test protocol): sim [Nt, Nv] VTC scores -> (t2v [Nt, Nv], v2t [Nt, Nv]) scores.
 
     Each text's top-k videos and each video's top-k texts (k capped at the count) are scored again by
     pair_scores(text_idx [P], video_idx [P]) -> ITM positive logits [P]; everything else gets NO_MATCH, as the
@@ -177,43 +176,26 @@ def rerank(sim, k, pair_scores, videos=None, batch=ITM_BATCH):
 
 
 def load_model(path, num_frames=None, img_size=None):
-    """Any checkpoint -> (model in eval mode, kind, VideoViTConfig of the vision encoder).
-
-    kind: 'stage1' (VideoViT: our stage 1, or an official stage-1 / stage-2 file, vision only), 'stage2' (our UMT,
-    with its text side) or 'classifier' (VideoClassifier: our fine-tuning, or an official fine-tuned file).
-    Ours carry 'model' + 'model_config' (+ 'text_config' for stage 2, 'num_classes' for fine-tuning); anything
-    else goes through model.load_official, which infers the config (num_frames / img_size: only for those).
-    """
+    """Any checkpoint -> (model in eval mode, kind, VideoViTConfig of the vision encoder), through checkpoints.load:
+    kind 'vit' (a stage-1 student: ours, or the vision encoder of an official stage-1 / stage-2 file), 'umt' (our
+    stage-2 model, with its text side) or 'classifier' (ours or an official fine-tuned file, with its own head and,
+    for an official one, its own stored position table)."""
+    overrides = {k: v for k, v in (('num_frames', num_frames), ('img_size', img_size)) if v is not None}
     try:
-        ckpt = common.load_checkpoint(path)  # weights_only=True: tensors and plain data, never code
-    except pickle.UnpicklingError as e:     # official training checkpoints also pickle their argparse / config objects
-        raise SystemExit(f"{path}: {e}\nIf you trust the file, keep only its weights: torch.save(torch.load(path, "
-                         "weights_only=False)['model'], 'weights.pth')") from e
-    if 'model_config' in ckpt:
-        config = VideoViTConfig(**ckpt['model_config'])
-        if 'text_config' in ckpt:
-            net, kind = modeling.UMT.from_configs(ckpt['model_config'], ckpt['text_config']), 'stage2'
-        elif 'num_classes' in ckpt:
-            net, kind = VideoClassifier(VideoViT(config), ckpt['num_classes']), 'classifier'
-        else:
-            net, kind = VideoViT(config), 'stage1'
-        load_strict(net, ckpt['model'])
-    else:
-        net, unused = load_official(ckpt, num_frames, img_size)
-        if unused:
-            print(f'official checkpoint: {len(unused)} keys not used (text side, teacher, ...), e.g. {unused[:3]}')
-        kind = 'classifier' if isinstance(net, VideoClassifier) else 'stage1'
-        config = (net.backbone if kind == 'classifier' else net).config
-    print(f'loaded {path}: {kind}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters')
-    return net.eval(), kind, config
+        net, report = checkpoints.load(path, 'auto', stored_table=True, **overrides)
+    except ValueError as e:
+        raise SystemExit(f'evaluate.py: {e}') from e
+    kind = 'umt' if hasattr(net, 'text_encoder') else 'classifier' if hasattr(net, 'head') else 'vit'
+    print('\n'.join(report))
+    return net.eval(), kind, (net.vision_encoder if kind == 'umt' else net.backbone if kind == 'classifier' else net).config
 
 
 def pooled_features(net, kind, config, video):
     """video [B, 3, T, H, W] -> (pooled [B, D], per_frame [B, t, D]): means of the encoder's output tokens over
     the whole clip and over each time step (t = T / tubelet). The student has no CLS token, so pooling is a mean
-    (REFERENCE 0). A fine-tuned classifier applies its fc_norm, i.e. these are the inputs of its head."""
-    if kind == 'stage2':
-        x = net.encode_video(video)[0]                                       # [B, N, D], final-normed, no mask
+    (the official models pool by a mean too). A fine-tuned classifier applies its fc_norm, i.e. these are the inputs of its head."""
+    if kind == 'umt':
+        x = net.encode_video(video)[0]                                          # [B, N, D], final-normed, no mask
     elif kind == 'classifier':
         x = net.backbone(video)[0]                                           # [B, N, D], its norm is Identity
     else:
@@ -268,8 +250,10 @@ def run_videos(dataset, fn, device, batch, workers, desc):
 
 
 def evaluate_retrieval(net, dataset, device, k_test=K_TEST, batch=BATCH, workers=WORKERS, max_len=MAX_TEXT_LEN):
-    """Zero-shot retrieval on a data.VideoText(mode='eval') set -> {'vtc': metrics, 'reranked': metrics, ...}."""
-    ctx = common.precision(device)[0]
+    """Zero-shot retrieval on a data.VideoText(mode='eval') set -> {'vtc': metrics, 'reranked': metrics, ...};
+    k_test=0: the VTC scores only (train_stage2.py's check after every epoch). Every rank must call it."""
+    ctx = training.precision(device)[0]
+    net.eval()
     captions = [c for item in dataset.items for c in item.captions]          # every caption of every video
     txt2vid = torch.tensor([i for i, item in enumerate(dataset.items) for _ in item.captions])
     nt, nv = len(captions), len(dataset)
@@ -284,7 +268,7 @@ def evaluate_retrieval(net, dataset, device, k_test=K_TEST, batch=BATCH, workers
     video_feat = gather_rows(video_feat, video_index.to(device), nv)         # [Nv, T, E]; tokens stay on this rank
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     text_index = torch.arange(rank, nt, world)
-    ids, mask = modeling.tokenize([captions[j] for j in text_index.tolist()], context_length=max_len)  # [n, L] each
+    ids, mask = tokenize([captions[j] for j in text_index.tolist()], context_length=max_len)  # [n, L] each
     hidden, text_feat = [], []
     for s in tqdm(range(0, len(ids), batch), desc='texts', disable=not is_master()):
         with torch.no_grad(), ctx:
@@ -296,7 +280,7 @@ def evaluate_retrieval(net, dataset, device, k_test=K_TEST, batch=BATCH, workers
     text_feat = gather_rows(torch.cat(text_feat), text_index, nt)             # [Nt, E]
     mask = gather_rows(mask.long().to(device), text_index, nt).to(mask.dtype)  # [Nt, L] (gloo sums no bools)
 
-    # VTC with temperature 1: s(text, video) = mean over frames f of cos(text, video_f) (REFERENCE 3.1.3)
+    # VTC with temperature 1: s(text, video) = mean over frames f of cos(text, video_f), as the official get_sim
     sim = torch.einsum('te,vfe->tvf', text_feat, video_feat).mean(-1)       # [Nt, Nv]
     local = torch.full((nv,), -1, dtype=torch.long, device=device)
     local[video_index.to(device)] = torch.arange(len(video_index), device=device)      # global video -> row of x_vis
@@ -305,34 +289,46 @@ def evaluate_retrieval(net, dataset, device, k_test=K_TEST, batch=BATCH, workers
         with torch.no_grad(), ctx:
             return net.itm_logits(hidden[t], mask[t], x_vis[local[v]])[:, 1]
 
-    t2v, v2t = rerank(sim, k_test, itm, videos=video_index.to(device))
-    return {'vtc': retrieval_metrics(sim, txt2vid), 'reranked': retrieval_metrics(t2v, txt2vid, v2t),
-            'num_videos': nv, 'num_texts': nt, 'chance_R@1': 100.0 / nv}  # random scores, both directions (~)
+    out = {'vtc': retrieval_metrics(sim, txt2vid), 'num_videos': nv, 'num_texts': nt, 'chance_R@1': 100.0 / nv}
+    if k_test > 0:
+        t2v, v2t = rerank(sim, k_test, itm, videos=video_index.to(device))
+        out['reranked'] = retrieval_metrics(t2v, txt2vid, v2t)
+    return out
+
+
+def per_view(dataset, fn, device, batch=BATCH, workers=WORKERS, desc='views', ctx=None):
+    """fn on every view (clips x crops) of every video -> ([N, V, ...], labels [N]) on every rank."""
+    ctx = ctx or training.precision(device)[0]
+
+    def views(video, b):  # video [b, V, 3, T, S, S], or [b, 3, T, S, S] when V = 1
+        video = video if video.ndim == 6 else video[:, None]
+        with ctx:
+            out = fn(video.flatten(0, 1))                                # [b*V, ...]
+        return out.float().unflatten(0, video.shape[:2]), b['label'].to(device)
+    (out, labels), index = run_videos(dataset, views, device, batch, workers, desc)
+    return gather_rows(out, index, len(dataset)), gather_rows(labels, index, len(dataset))
+
+
+def head_accuracy(classifier, dataset, device, batch=BATCH, workers=WORKERS, ctx=None):
+    """A classifier's top-1 / top-5 (%) on a dataset, softmax averaged over each video's views; each video is
+    counted once, on any number of processes (finetune.py's validation and test)."""
+    was_training = classifier.training
+    logits, labels = per_view(dataset, classifier.eval(), device, batch, workers, 'views', ctx)  # [N, V, C], [N]
+    classifier.train(was_training)
+    return topk_accuracy(multiview_average(logits), labels)
 
 
 def evaluate_classification(net, kind, config, args, device):
     """k-NN + linear probe on frozen pooled features, or a classifier's own head, on the multi-view test set."""
-    ctx = common.precision(device)[0]
     T, S = args.frames or config.num_frames, args.size or config.img_size
     test = VideoClassification(args.val, args.root, T, S, mode='test', num_clips=args.clips, num_crops=args.crops)
-
-    def collect(dataset, fn, desc):  # fn on every view -> ([N, V, ...], labels [N]) on every rank
-        def per_view(video, b):      # video [b, V, 3, T, S, S], or [b, 3, T, S, S] when V = 1
-            video = video if video.ndim == 6 else video[:, None]
-            with ctx:
-                out = fn(video.flatten(0, 1))                                # [b*V, ...]
-            return out.float().unflatten(0, video.shape[:2]), b['label'].to(device)
-        (out, labels), index = run_videos(dataset, per_view, device, args.batch, args.workers, desc)
-        return gather_rows(out, index, len(dataset)), gather_rows(labels, index, len(dataset))
-
     if kind == 'classifier':  # fine-tuned: its own head, softmax averaged over the views
-        logits, labels = collect(test, net, 'test views')                    # [N, V, C], [N]
-        return {'head': topk_accuracy(multiview_average(logits), labels)}
+        return {'head': head_accuracy(net, test, device, args.batch, args.workers)}
     train = VideoClassification(args.train, args.root, T, S, mode='val')     # 1 clip, center crop, no augmentation
     num_classes = max(train.num_classes, test.num_classes)
     feats = lambda video: pooled_features(net, kind, config, video)[0]
-    train_x, train_y = collect(train, feats, 'train features')              # [Ntrain, 1, D], [Ntrain]
-    test_x, test_y = collect(test, feats, 'test features')                  # [N, V, D], [N]
+    train_x, train_y = per_view(train, feats, device, args.batch, args.workers, 'train features')              # [Ntrain, 1, D], [Ntrain]
+    test_x, test_y = per_view(test, feats, device, args.batch, args.workers, 'test features')                  # [N, V, D], [N]
     votes = knn_predict(train_x[:, 0], train_y, test_x.flatten(0, 1), num_classes)  # [N*V, C]
     probe = train_linear_probe(train_x[:, 0], train_y, num_classes)
     return {'knn': topk_accuracy(votes.unflatten(0, test_x.shape[:2]).mean(1), test_y),  # vote shares averaged
@@ -341,19 +337,29 @@ def evaluate_classification(net, kind, config, args, device):
 
 def extract_features(net, kind, config, paths, device, frames=None, size=None):
     """Your own videos -> {'paths', 'pooled' [N, D], 'per_frame' [N, t, D]} (+ 'embed' [N, t, E] for stage 2:
-    per-frame unit vectors in the VTC space, comparable with encode_text's features). Stage 2 reads its frames as
-    its retrieval eval (middle frames, whole frame resized); the others as the classification test (center)."""
+    per-frame unit vectors in the VTC space, comparable with encode_text's features) and 'skipped' {path: reason}.
+    'paths' lists the videos the rows belong to: an unreadable one is skipped, not fatal. Stage 2 reads its frames
+    as its retrieval eval (middle frames, whole frame resized); the others as the classification test (center)."""
     T, S = frames or config.num_frames, size or config.img_size
-    out = {'pooled': [], 'per_frame': [], 'embed': []}
+    out, kept, skipped = {'pooled': [], 'per_frame': [], 'embed': []}, [], {}
     for path in tqdm(paths, desc='features'):
-        clip = read_frames(path, lambda n: sample_indices(n, T, 'middle'))  # uint8 [T, H, W, 3]
-        video = augment(clip, S, 'squash' if kind == 'stage2' else 'center')[0][None].to(device)  # [1, 3, T, S, S]
+        try:
+            clip = read_frames(path, lambda n: sample_indices(n, T, 'middle'))  # uint8 [T, H, W, 3]
+        except BAD_ERRORS as e:  # missing, empty, truncated, not a video
+            skipped[path] = f'{type(e).__name__}: {e}'
+            continue
+        video = augment(clip, S, 'squash' if kind == 'umt' else 'center')[0][None].to(device)  # [1, 3, T, S, S]
         with torch.no_grad():
             for key, value in zip(out, pooled_features(net, kind, config, video)):
                 out[key].append(value.cpu())
-            if kind == 'stage2':
+            if kind == 'umt':
                 out['embed'].append(F.normalize(net.encode_video(video, per_frame=True)[2].float(), dim=-1).cpu())
-    return {'paths': list(paths), **{k: torch.cat(v) for k, v in out.items() if v}}
+        kept.append(path)
+    for path, reason in skipped.items():
+        print(f'skipped {path}: {reason}')
+    if not kept:
+        raise SystemExit(f'evaluate.py: none of the {len(paths)} videos could be read')
+    return {'paths': kept, 'skipped': skipped, **{k: torch.cat(v) for k, v in out.items() if v}}
 
 
 def mask_picture(video, attn, keep):
@@ -429,18 +435,18 @@ def main(argv=None):
     args = parse_args(argv)
     if args.command == 'show-mask':
         return show_mask(args.video, args.out, args.teacher, args.pretrained, args.frames, args.mask_ratio, args.seed)
-    _, _, device = common.setup_distributed(args.device)
+    _, _, device = training.setup_distributed(args.device)
     net, kind, config = load_model(args.ckpt, args.frames, args.size)
     net.to(device)
     if args.command == 'features':  # one process: a few videos of your own
         feats = extract_features(net, kind, config, args.videos, device, args.frames, args.size)
         torch.save(feats, args.out or 'features.pt')
-        print(f'wrote {args.out or "features.pt"}: ' + ', '.join(f'{k} {tuple(v.shape)}' for k, v in feats.items()
-                                                                 if k != 'paths'))
+        print(f'wrote {args.out or "features.pt"}: {len(feats["paths"])} videos ({len(feats["skipped"])} skipped), '
+              + ', '.join(f'{k} {tuple(v.shape)}' for k, v in feats.items() if torch.is_tensor(v)))
         return feats
     if args.command == 'retrieval':
-        if kind != 'stage2':
-            raise SystemExit(f'retrieval needs a stage-2 checkpoint of this repo (with a text side), got {kind}')
+        if kind != 'umt':
+            raise SystemExit(f'retrieval needs a stage-2 checkpoint of this repo (with a text side), got a {kind}')
         data = VideoText(args.ann, args.root, num_frames=args.frames or RET_FRAMES, size=args.size or config.img_size,
                          mode='eval')
         results = evaluate_retrieval(net, data, device, args.k_test, args.batch, args.workers, args.max_len)

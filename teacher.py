@@ -21,7 +21,7 @@ Usage:
     hidden, attn = teacher.encode(video)       # attn -> semantic mask -> keep
     targets = teacher.targets(hidden, keep)    # [K, B, N_vis, C], only for the tokens the student sees
 
-The CPU demo's teacher is tiny_clip() trained for half a minute on the demo's frames (train_demo_clip).
+The CPU demo's teacher is tiny_clip() trained for half a minute on the demo's frames (demo.py).
 
 Shapes: B batch, T frames, H,W pixels, S teacher resolution, h,w patch grid per frame, N = T*h*w,
 N_vis kept tokens, K aligned layers, E teacher width (768 for B/16), C output width (512 for B/16).
@@ -35,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 
-import data  # the demo teacher's frames (train_demo_clip)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the data pipeline normalizes clips with these (as the official code)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -214,44 +213,3 @@ class CLIPTeacher(nn.Module):
 def build_teacher(name='ViT-B-16-quickgelu', pretrained='openai', align_layers=6, image_size=None):
     """UMT-B: the defaults. UMT-L: build_teacher('ViT-L-14-quickgelu', image_size=196). Demo: build_teacher('tiny')."""
     return CLIPTeacher(build_clip(name, pretrained), align_layers=align_layers, image_size=image_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# The CPU demo's stand-in for OpenAI CLIP
-
-def train_demo_clip(ann_file, root, out_path, steps=300, batch=64, lr=2e-3, seed=0):
-    """Trains tiny_clip() CLIP-style on single frames of the demo's training videos and their captions
-    (about 30 s on two CPU cores) and saves its weights to out_path.
-
-    A teacher with random weights has nothing to teach: its CLS attention is blind to the moving square,
-    so semantic masking hides the square most of the time and the targets carry no meaning. After this
-    training it looks at the square and its features tell the colours apart; one frame cannot show the
-    direction of motion, which is left to the video student. Every image is scored against all
-    distinct captions (softmax over them), so two videos with the same caption are never negatives."""
-    items = data.read_annotations(ann_file, root, 'video')
-    clips = [data.read_frames(a.path, np.arange) for a in items]  # [T, H, W, 3] uint8 each, decoded once
-    names = sorted({a.captions[0] for a in items})
-    label = torch.tensor([names.index(a.captions[0]) for a in items])  # [V] the caption of each video
-    text = open_clip.tokenize(names, context_length=32)  # [C, 32]
-    model = tiny_clip().train()
-    size = model.visual.image_size[0]
-    # ImageNet -> CLIP normalization as in CLIPTeacher.__init__, computed in float64 here; the demo's numbers were
-    # measured with exactly these values (the demo is small enough for a last-bit change to move them)
-    scale, shift = (torch.tensor(c, dtype=torch.float32).view(3, 1, 1) for c in
-                    (np.divide(IMAGENET_STD, CLIP_STD), np.subtract(IMAGENET_MEAN, CLIP_MEAN) / CLIP_STD))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    rng = np.random.default_rng(seed)
-    for step in range(steps):
-        idx = rng.integers(len(clips), size=batch)  # a random frame of a random video, RRC + flip
-        images = torch.stack([data.augment(clips[i][rng.integers(len(clips[i]))][None], size, 'rrc', rng,
-                                           flip=True)[0][:, 0] for i in idx])  # [B, 3, S, S]
-        img = F.normalize(model.encode_image(images * scale + shift), dim=-1)  # [B, E]
-        txt = F.normalize(model.encode_text(text), dim=-1)  # [C, E]
-        loss = F.cross_entropy(model.logit_scale.exp() * img @ txt.t(), label[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for g in opt.param_groups:  # cosine decay to 0
-            g['lr'] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
-        opt.step()
-    torch.save(model.state_dict(), out_path + '.tmp')
-    os.replace(out_path + '.tmp', out_path)  # atomic: a killed run never leaves half a file

@@ -7,7 +7,8 @@ Paper section 3.1 (Li et al., ICCV 2023). Every optimizer step:
   2. semantic masking keeps, per frame, 20% of the tokens, drawn with the teacher's attention as weights;
   3. the student encodes only those visible tokens, and K heads map its last K blocks into CLIP's space;
   4. L_uta = mean over the K layers and the visible tokens of 2 - 2 cos(student, teacher).
-The defaults are the paper's ViT-B/16 recipe on Kinetics-710 (REFERENCE 1.7-1.8).
+The defaults are the paper's ViT-B/16 recipe on Kinetics-710 (the official
+single_modality/exp/pretraining/b16_ptk710_f8_res224.sh).
 
     torchrun --standalone --nproc_per_node=8 train_stage1.py       # one node of 8 GPUs
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_id=umt --rdzv_backend=c10d \
@@ -21,25 +22,20 @@ Launch the same command again after a crash: the run resumes from OUT_DIR/last.p
 """
 
 import dataclasses
-import math
 import os
 import sys
-import time
-from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
-import common
 import data
+import demo
 import masking
+import training
 from model import VideoViT, get_config, load_strict, uta_loss
-from teacher import build_teacher, train_demo_clip
+from teacher import build_teacher
 
 # ----------------------------------------------------------------------------------------------
-# Configuration: the paper's values, changed by --preset=NAME and --name=value (common.configure)
+# Configuration: the paper's values, changed by --preset=NAME and --name=value (training.configure)
 
 # data
 DATA_LIST = 'data/k710_train.csv'  # one video per line, `path,label` (comma, space or tab); labels unused here
@@ -81,9 +77,6 @@ SEED = 0                           # initial weights, data order, masks, stochas
 LOG_INTERVAL = 20                  # steps between log lines (each costs a host sync)
 CKPT_INTERVAL = 500                # steps between checkpoints (OUT_DIR/last.pt, also written at the end)
 OUT_DIR = 'out/stage1'             # checkpoints and log.jsonl; multi-node: storage every node can read
-# test knobs
-MAX_STEPS = None                   # stop after this step without a final checkpoint, as if killed (resume test)
-NAN_STEPS = ()                     # steps whose loss is made NaN (the skip test)
 
 PRESETS = {
     'paper_b16': {},
@@ -96,13 +89,8 @@ PRESETS = {
              'CKPT_INTERVAL': 100, 'OUT_DIR': 'out/demo_stage1'},
 }
 
-defaults = {k: v for k, v in globals().items() if k.isupper()}
-config = common.configure(globals(), PRESETS, sys.argv[1:])
-
-
-def fail(message):
-    raise SystemExit(f'train_stage1.py: {message}')
-
+config = training.configure(globals(), PRESETS, sys.argv[1:])
+fail = training.fail
 
 # Check the constants before anything heavy happens, so a typo costs seconds, not a queue slot.
 world_size = int(os.environ.get('WORLD_SIZE', 1))  # torchrun sets it; init_process_group comes later
@@ -127,34 +115,24 @@ if TEACHER_PRETRAINED and TEACHER_PRETRAINED.endswith(('.bin', '.pt', '.pth', '.
 if not os.path.exists(DATA_LIST) and not MAKE_DEMO:
     fail(f'data list {DATA_LIST!r} not found. It lists one training video per line as `path,label` (or '
          f'`path label`), paths relative to DATA_ROOT, e.g. `abseiling/xyz.mp4,0`; labels are not used in '
-         f'stage 1. To try the script first: `python train_stage1.py --preset=demo` (it makes a synthetic set), '
-         f'or `python data.py --make-demo demo_data` and pass --data_list=demo_data/train.csv --data_root=demo_data.')
+         f'stage 1. To try the script first: `python train_stage1.py --preset=demo` (it makes a synthetic set).')
 
 # ----------------------------------------------------------------------------------------------
-# Distributed set-up: torchrun's environment -> one process per GPU (or one CPU process per rank)
+# Processes (torchrun's environment: one per GPU, or gloo processes on CPU), precision, OUT_DIR
 
-rank, world_size, device = common.setup_distributed(DEVICE)  # NCCL on GPUs, gloo on CPUs; TF32 on
-master = rank == 0
+run = training.Run(config, OUT_DIR, DEVICE, DTYPE, GRAD_CLIP, MAX_BAD_STEPS, LOG_INTERVAL, CKPT_INTERVAL)
+rank, device, autocast = run.rank, run.device, run.autocast
 grad_accum = TOTAL_BATCH // (MICRO_BATCH * world_size)       # micro-steps per optimizer step
 assert grad_accum * MICRO_BATCH * world_size == TOTAL_BATCH
 peak_lr = BASE_LR * TOTAL_BATCH / 256                         # linear scaling rule, as the official scripts
 min_lr = MIN_LR * TOTAL_BATCH / 256
-autocast, scaler, dtype_name = common.precision(device, DTYPE)
-ckpt_path, log_path = os.path.join(OUT_DIR, 'last.pt'), os.path.join(OUT_DIR, 'log.jsonl')
-if master:
-    os.makedirs(OUT_DIR, exist_ok=True)
-    changed = {k: v for k, v in config.items() if v != defaults[k]}
-    print('changed from the paper defaults: ' + (', '.join(f'{k}={v!r}' for k, v in changed.items()) or 'nothing'))
 
 # ----------------------------------------------------------------------------------------------
-# Data: TSN-sparse frames, multi-scale crop and flip, ImageNet normalization (REFERENCE 1.8)
+# Data: TSN-sparse frames, multi-scale crop and flip, ImageNet normalization (paper section 4.1)
 
-if not os.path.exists(DATA_LIST):  # MAKE_DEMO is on (checked above): one process writes the demo set
-    if master:
-        print(f'writing the synthetic demo set to {DATA_ROOT}/ (a few seconds)')
-        data.make_demo(DATA_ROOT, seed=0)
-    if world_size > 1:
-        dist.barrier()
+if MAKE_DEMO or TEACHER_PRETRAINED == 'demo':  # the demo set and its stand-in for OpenAI CLIP, made once
+    demo_teacher = demo.setup(DATA_ROOT, DATA_LIST, MAKE_DEMO, TEACHER_PRETRAINED == 'demo', run.master, run.barrier)
+    TEACHER_PRETRAINED = demo_teacher if TEACHER_PRETRAINED == 'demo' else TEACHER_PRETRAINED
 dataset = data.VideoClassification(DATA_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='train', aug='multiscale',
                                    flip=True, max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS)
 steps_per_epoch = len(dataset) // TOTAL_BATCH  # the incomplete last global batch of an epoch is dropped
@@ -165,13 +143,6 @@ total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_
 # ----------------------------------------------------------------------------------------------
 # Models: the frozen teacher and the student
 
-if TEACHER_PRETRAINED == 'demo':  # the demo's stand-in for OpenAI CLIP: tiny_clip() trained on the demo frames
-    TEACHER_PRETRAINED = f'{DATA_ROOT}/tiny_clip.pt'
-    if master and not os.path.exists(TEACHER_PRETRAINED):
-        print(f'training the demo teacher {TEACHER_PRETRAINED} on single frames and captions (about 30 s)')
-        train_demo_clip(f'{DATA_ROOT}/captions_train.json', DATA_ROOT, TEACHER_PRETRAINED)
-    if world_size > 1:
-        dist.barrier()
 torch.manual_seed(SEED)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
 try:
     teacher = build_teacher(TEACHER, TEACHER_PRETRAINED, ALIGN_LAYERS, TEACHER_SIZE).to(device)
@@ -182,7 +153,11 @@ teacher.eval().requires_grad_(False)
 student_config = get_config(MODEL, img_size=IMG_SIZE, num_frames=NUM_FRAMES, drop_path=DROP_PATH,
                             align_layers=ALIGN_LAYERS, checkpoint_blocks=CHECKPOINT_BLOCKS,
                             teacher_dim=teacher.visual.proj.shape[1])  # C: the heads regress CLIP's output width
-raw_model = VideoViT(student_config).to(device)  # unwrapped and uncompiled: what is saved
+raw_model = VideoViT(student_config)  # unwrapped and uncompiled: what is saved
+ckpt = run.resume()  # OUT_DIR/last.pt, or None
+if ckpt is not None:
+    load_strict(raw_model, ckpt['model'])
+raw_model.to(device)
 # The UTA loss pairs student token i with teacher token i, so both must cut a clip into the same grid.
 t = NUM_FRAMES // student_config.tubelet_size
 h = w = IMG_SIZE // student_config.patch_size
@@ -193,49 +168,22 @@ if (t, h, w) != (NUM_FRAMES, grid, grid):
 n_keep = masking.num_keep(h * w, MASK_RATIO)  # visible tokens per frame (40 of 196 for ViT-B/16)
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer and schedule: AdamW, no decay on 1-D parameters; lr = warmup from 0, then cosine (common.lr_at)
+# Optimizer (AdamW, no decay on 1-D parameters), compile, DDP
 
-optimizer = torch.optim.AdamW(common.param_groups(raw_model, WEIGHT_DECAY), lr=peak_lr, betas=BETAS, eps=1e-8,
+optimizer = torch.optim.AdamW(training.param_groups(raw_model, WEIGHT_DECAY), lr=peak_lr, betas=BETAS, eps=1e-8,
                               fused=device.type == 'cuda')
-step = 0  # optimizer steps done; the data position and the lr follow from it
-resume = os.path.exists(ckpt_path)  # a stray last.pt.tmp (a crash mid-write) is ignored: last.pt is intact
-if world_size > 1:  # every rank must take the same decision: multi-node needs OUT_DIR on shared storage
-    seen = torch.tensor([float(resume)], device=device)
-    dist.all_reduce(seen)
-    if 0 < seen.item() < world_size:
-        fail(f'{ckpt_path} is visible on {int(seen.item())} of {world_size} ranks: put OUT_DIR on shared storage')
-if resume:
-    ckpt = common.load_checkpoint(ckpt_path)  # weights_only=True: tensors and plain data, never code
-    load_strict(raw_model, ckpt['model'])
-    optimizer.load_state_dict(ckpt['optimizer'])
-    scaler.load_state_dict(ckpt['scaler'])
-    common.set_rng_state(ckpt['rng'])  # numpy and python; torch's generator is reseeded every step anyway
-    step = ckpt['step']
-    if master:
-        diff = ', '.join(f'{k}: {ckpt["config"].get(k)!r} -> {v!r}' for k, v in config.items()
-                         if ckpt['config'].get(k) != v)
-        print(f'resumed from {ckpt_path} at step {step} (epoch {ckpt["epoch"]}, clip {ckpt["position"]} of it)'
-              + (f'; settings changed since: {diff}' if diff else ''))
-    del ckpt
-last_ckpt_step = step if resume else None
-
-# ----------------------------------------------------------------------------------------------
-# Compile and DDP
-
+run.start(optimizer, ckpt, total_steps, steps_per_epoch, desc='stage 1')
+del ckpt
 model = torch.compile(raw_model) if COMPILE else raw_model  # shapes are static: every frame keeps n_keep tokens
-if world_size > 1:  # DDP around the student only: the teacher has no gradients to average
-    model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
-
-if master:
-    n_params = sum(p.numel() for p in raw_model.parameters())
+model = training.wrap_ddp(model, device, world_size)  # DDP around the student only: the teacher has no gradients
+if run.master:
     print(f'world size {world_size} | {MICRO_BATCH} clips x {world_size} processes x {grad_accum} accumulation '
-          f'steps = {TOTAL_BATCH} clips per step | {dtype_name}, compile {COMPILE}, {device}\n'
+          f'steps = {TOTAL_BATCH} clips per step | {run.dtype}, compile {COMPILE}, {device}\n'
           f'peak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH}/256), floor {min_lr:.3g}, warmup '
           f'{warmup_steps} of {total_steps} steps ({steps_per_epoch} steps per epoch of {len(dataset)} videos)\n'
-          f'student {MODEL}: {n_params / 1e6:.1f}M parameters, sees {t * n_keep} of {t * h * w} tokens per clip '
-          f'({MASK_TYPE} mask, ratio {MASK_RATIO}), aligns its last {ALIGN_LAYERS} blocks\n'
-          f'teacher {TEACHER} ({TEACHER_PRETRAINED}) at {teacher.image_size} px, frozen')
-    common.append_jsonl(log_path, {'config': config, 'world_size': world_size, 'start_step': step})
+          f'student {MODEL}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters, sees '
+          f'{t * n_keep} of {t * h * w} tokens per clip ({MASK_TYPE} mask, ratio {MASK_RATIO}), aligns its last '
+          f'{ALIGN_LAYERS} blocks\nteacher {TEACHER} ({TEACHER_PRETRAINED}) at {teacher.image_size} px, frozen')
 
 # ----------------------------------------------------------------------------------------------
 # Training loop
@@ -243,124 +191,43 @@ if master:
 # Where this rank's samples sit in the global batch: the sampler gives rank r the global positions
 # r, r + W, r + 2W, ..., so row i of micro-step m is position (m * MICRO_BATCH + i) * W + r.
 rows = torch.arange(MICRO_BATCH, device=device) * world_size + rank            # [B] for micro-step 0
-n = h * w                                                                       # tokens per frame
 mask_gen = torch.Generator(device=device)
-epoch = step // steps_per_epoch
-loader, sampler = data.make_loader(dataset, MICRO_BATCH, shuffle=True, seed=SEED, rank=rank, world_size=world_size,
-                                   num_workers=NUM_WORKERS, start=(step % steps_per_epoch) * TOTAL_BATCH // world_size)
-sampler.set_epoch(epoch)
-batches = iter(loader)
-K = ALIGN_LAYERS
-sums = torch.zeros(K + 1, device=device)  # loss and per-layer losses, summed over the good steps since the last log
-good_steps, skipped_steps, bad_in_a_row, skipped_samples, grad_norm = 0, 0, 0, 0, None
-t_log, step_log = time.time(), step
-pbar = tqdm(total=total_steps, initial=step, disable=not master, desc='stage 1', dynamic_ncols=True)
+epoch, done = divmod(run.step, steps_per_epoch)
+batches = data.train_batches(dataset, MICRO_BATCH, SEED, rank, world_size, NUM_WORKERS, epoch, done * grad_accum,
+                             steps_per_epoch * grad_accum)
 model.train()
-while step < total_steps:
-    if step // steps_per_epoch != epoch:  # a new epoch: a new permutation of the videos
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch)
-        batches = iter(loader)
+while run.step < total_steps:
     # Randomness is a function of the step number, so a resumed run replays it exactly: the masks from
     # (SEED, step), identical on every rank; stochastic depth from (SEED, step, rank), different per rank.
-    torch.manual_seed(common.seed_for(SEED, step, rank))
-    lr = common.lr_at(step, total_steps, warmup_steps, peak_lr, min_lr)
-    for g in optimizer.param_groups:
-        g['lr'] = lr * g['lr_scale']
-    log_now = (step + 1) % LOG_INTERVAL == 0 or step + 1 == total_steps
-
-    # ---- forward and backward over grad_accum micro-batches
-    step_losses = torch.zeros(K + 1, device=device)
+    torch.manual_seed(training.seed_for(SEED, run.step, rank))
+    run.set_lr(training.lr_at(run.step, total_steps, warmup_steps, peak_lr, min_lr))
+    losses = torch.zeros(ALIGN_LAYERS + 1, device=device)  # L_uta, then per aligned layer
     for micro in range(grad_accum):
-        batch = next(batches)
-        video = batch['video'].to(device, non_blocking=True)                    # [B, 3, T, H, W]
-        skipped_samples += int(batch['skipped'].sum())                          # bad videos replaced (CPU tensor)
+        video = run.next_batch(batches)['video'].to(device, non_blocking=True)  # [B, 3, T, H, W]
         with torch.no_grad(), autocast:
             # The teacher sees the full clip: its features are the targets of every token, visible or not.
-            hidden, attn = teacher.encode(video)                                # [K, B, N, E], [B, T, n]
+            hidden, attn = teacher.encode(video)                                # [K, B, N, E], [B, T, h*w]
             # Draw the masks of the whole global batch (one generator, the same on every rank) and keep
             # this rank's rows: a sample's mask depends on its global position only, so 2 GPUs x 1
             # micro-step compute exactly what 1 GPU x 2 micro-steps does. Other rows' attention is unused.
             my_rows = rows + micro * MICRO_BATCH * world_size                   # [B]
-            attn_all = torch.ones(TOTAL_BATCH, NUM_FRAMES, n, device=device)   # [TOTAL_BATCH, T, n]
+            attn_all = torch.ones(TOTAL_BATCH, NUM_FRAMES, h * w, device=device)  # [TOTAL_BATCH, T, h*w]
             attn_all[my_rows] = attn
-            mask_gen.manual_seed(common.seed_for(SEED, step, 'mask'))
+            mask_gen.manual_seed(training.seed_for(SEED, run.step, 'mask'))
             keep = masking.make_mask(MASK_TYPE, attn_all, MASK_RATIO, mask_gen)[my_rows]  # [B, N_vis] kept indices
             targets = teacher.targets(hidden, keep)                             # [K, B, N_vis, C] unit vectors
         # Gradients of the micro-steps add up; DDP averages them over ranks only on the last one.
-        with model.no_sync() if world_size > 1 and micro < grad_accum - 1 else nullcontext():
+        with training.no_sync(model, micro < grad_accum - 1):
             with autocast:
                 _, aligned = model(video, keep)                                 # [K, B, N_vis, C] unit vectors
                 layer_losses = uta_loss(aligned, targets, per_layer=True)       # [K], mean of 2 - 2 cos per layer
                 loss = layer_losses.mean()                                      # L_uta
-            if step + 1 in NAN_STEPS:  # steps are numbered from 1, as in the log
-                loss = loss * float('nan')
             # Divide by grad_accum: the summed gradients are then those of the mean over all TOTAL_BATCH clips.
-            scaler.scale(loss / grad_accum).backward()
-        step_losses += torch.cat([loss.detach()[None], layer_losses.detach()]) / grad_accum
+            run.scaler.scale(loss / grad_accum).backward()
+        losses += torch.cat([loss.detach()[None], layer_losses.detach()]) / grad_accum
 
-    # ---- the update, or a skip if the loss is not finite
-    # The one host sync per step outside logging (not per micro-step): skipping must be decided on the
-    # host, and identically on every rank, so the flag is all-reduced first. The CPU waits for the
-    # step's backward here, then runs ahead again: the GPU idles only while the next launches start.
-    bad = common.all_reduce_mean((~torch.isfinite(step_losses[0])).float())
-    if bad.item() > 0:
-        optimizer.zero_grad(set_to_none=True)  # drop the poisoned gradients; weights and Adam state untouched
-        skipped_steps, bad_in_a_row, grad_norm = skipped_steps + 1, bad_in_a_row + 1, None
-        if master:
-            tqdm.write(f'step {step + 1}: non-finite loss, update skipped ({skipped_steps} so far)')
-    else:
-        bad_in_a_row = 0
-        if GRAD_CLIP is not None or log_now:
-            scaler.unscale_(optimizer)  # real gradient scale (fp16), before measuring or clipping
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), GRAD_CLIP or math.inf)
-        scaler.step(optimizer)  # = optimizer.step() unless fp16
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        sums += step_losses
-        good_steps += 1
-    step += 1
-    pbar.update(1)
+    # ---- update (or skip a non-finite step), log, checkpoint: training.Run, the same in every script
+    if run.update({'loss': losses[0], 'loss_layers': losses[1:]}, raw_model):
+        run.save(model=raw_model.state_dict(), model_config=dataclasses.asdict(student_config))
 
-    # ---- logging (all-reduced over ranks) and checkpoints
-    if log_now or bad_in_a_row >= MAX_BAD_STEPS:
-        stats = common.all_reduce_mean(torch.cat([sums, torch.tensor([skipped_samples], device=device)])).tolist()
-        dt = time.time() - t_log
-        mean = [s / good_steps for s in stats[:K + 1]] if good_steps else [None] * (K + 1)
-        record = {'step': step, 'epoch': epoch, 'loss': mean[0], 'loss_layers': mean[1:], 'lr': lr,
-                  'grad_norm': None if grad_norm is None else float(grad_norm),
-                  'clips_per_s': (step - step_log) * TOTAL_BATCH / dt, 'ms_per_step': 1000 * dt / (step - step_log),
-                  'skipped_samples': round(stats[K + 1] * world_size), 'skipped_steps': skipped_steps,
-                  'max_memory_gb': torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None}
-        if master:
-            common.append_jsonl(log_path, record)
-            loss_text = 'n/a' if mean[0] is None else f'{mean[0]:.4f}'
-            tqdm.write(f'step {step} | loss {loss_text} | lr {lr:.3g} | grad norm {record["grad_norm"] or 0:.3f} | '
-                       f'{record["ms_per_step"]:.0f} ms/step | {record["clips_per_s"]:.1f} clips/s')
-            pbar.set_postfix(loss=loss_text, lr=f'{lr:.2e}', clips_s=f'{record["clips_per_s"]:.1f}')
-        sums.zero_()
-        good_steps, t_log, step_log = 0, time.time(), step
-    if (step % CKPT_INTERVAL == 0 or step == total_steps) and bad_in_a_row == 0:
-        if master:
-            common.save_checkpoint({
-                'model': raw_model.state_dict(), 'model_config': dataclasses.asdict(student_config),
-                'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'step': step,
-                'epoch': step // steps_per_epoch, 'position': step % steps_per_epoch * TOTAL_BATCH,  # clips done
-                'rng': common.rng_state(), 'config': config}, ckpt_path)
-        last_ckpt_step = step
-    if bad_in_a_row >= MAX_BAD_STEPS:
-        fail(f'{bad_in_a_row} non-finite losses in a row (steps {step + 1 - bad_in_a_row}-{step}): stopping. '
-             f'The last good checkpoint is {ckpt_path} (step {last_ckpt_step}). Lower BASE_LR, use bf16 or '
-             f'fp32, check the data with `python data.py --check`, then launch again to resume.')
-    if MAX_STEPS is not None and step >= MAX_STEPS:
-        break  # a simulated kill: no final checkpoint
-
-# ----------------------------------------------------------------------------------------------
-# Clean up
-
-pbar.close()
-if master and step == total_steps:
-    print(f'done: {step} steps, {skipped_steps} skipped; weights in {ckpt_path}, log in {log_path}')
-if world_size > 1:
-    dist.barrier()  # rank 0 may still be writing the checkpoint: tear the group down together (gloo aborts otherwise)
-    dist.destroy_process_group()
+run.close(f'done: {run.step} steps, {run.skipped_steps} skipped; weights in {run.ckpt_path}, log in {run.log_path}')

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import data
+import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -323,7 +324,7 @@ def test_video_text(demo_dir, tmp_path):
 # Demo set and benchmark
 
 def test_make_demo_is_deterministic_and_shows_motion(demo_dir, tmp_path):
-    data.make_demo(str(tmp_path))
+    demo.make_demo(str(tmp_path))
     def digest(folder):
         return {os.path.relpath(os.path.join(d, f), folder): hashlib.sha256(open(os.path.join(d, f), 'rb').read())
                 .hexdigest() for d, _, files in os.walk(folder) for f in files}

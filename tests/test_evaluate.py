@@ -151,10 +151,23 @@ def test_features_command(demo_dir, tmp_path):
     paths = videos(demo_dir, 3)
     ev.main(['features', '--ckpt', str(tmp_path / 'stage1.pt'), *paths, '--out', str(tmp_path / 'f.pt')])
     feats = torch.load(tmp_path / 'f.pt', weights_only=True)
-    assert feats['paths'] == paths
+    assert feats['paths'] == paths and feats['skipped'] == {}
     assert feats['pooled'].shape == (3, 96) and feats['per_frame'].shape == (3, 8, 96)
     assert torch.allclose(feats['per_frame'].mean(1), feats['pooled'], atol=1e-5)  # equal tokens per frame
     assert not torch.allclose(feats['pooled'][0], feats['pooled'][1])
+
+
+def test_features_skip_unreadable_videos(demo_dir, tmp_path):
+    tiny_stage1(tmp_path / 'stage1.pt')
+    good = videos(demo_dir, 2)
+    (tmp_path / 'broken.mp4').write_bytes(open(good[0], 'rb').read()[:300])
+    bad = [str(tmp_path / 'broken.mp4'), str(tmp_path / 'missing.mp4')]
+    ev.main(['features', '--ckpt', str(tmp_path / 'stage1.pt'), good[0], *bad, good[1], '--out', str(tmp_path / 'f.pt')])
+    feats = torch.load(tmp_path / 'f.pt', weights_only=True)
+    assert feats['paths'] == good and sorted(feats['skipped']) == sorted(bad)   # the rows belong to these paths
+    assert feats['pooled'].shape == (2, 96) and all(feats['skipped'].values())  # every skip has its reason
+    with pytest.raises(SystemExit, match='none of the 2 videos could be read'):
+        ev.main(['features', '--ckpt', str(tmp_path / 'stage1.pt'), *bad, '--out', str(tmp_path / 'g.pt')])
 
 
 def test_show_mask_command(demo_dir, tmp_path):
@@ -203,8 +216,8 @@ def test_classify_command(demo_dir, tmp_path):
 
 
 def tiny_stage2(path):
-    from model import build_umt
     from teacher import build_clip
+    from video_language import build_umt
     torch.manual_seed(0)
     config = get_config('tiny', num_frames=4)
     umt = build_umt(VideoViT(config), build_clip('tiny'))

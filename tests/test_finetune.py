@@ -1,9 +1,11 @@
-"""Guards finetune.py: layer-wise lr decay, mixup / cutmix targets, RandAugment and random erasing, multi-view
-averaging, starting from the official fine-tuned layout and from our own stage-1 / stage-2 checkpoints, and exact
-resume of a short run (with the whole augmentation recipe on)."""
+"""Guards fine-tuning: layer-wise lr decay (training.py), mixup / cutmix targets, RandAugment and random erasing
+(data.py), multi-view averaging (evaluate.py), the classifier from the official fine-tuned layout and from our own
+stage-1 / stage-2 checkpoints (checkpoints.py), and finetune.py itself: bad constants, NaN skips, exact resume of a
+short run (with the whole augmentation recipe on) and 2 processes = 1."""
 import dataclasses
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -11,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-import common
-import finetune as ft
+import checkpoints
+import data
+import evaluate
+import training
 from model import VideoClassifier, VideoViT, get_config, sincos_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULTS = {k: v for k, v in vars(ft).items() if k.isupper()}  # main() changes these; the tests put them back
+SCRIPT = os.path.join(ROOT, 'finetune.py')
 
 
 def tiny_vit(**kw):
@@ -39,7 +43,7 @@ def randomize(module):
 
 def test_layer_decay_scales():
     model = VideoClassifier(tiny_vit(align_layers=0), num_classes=5)  # depth 4
-    groups = common.param_groups(model, 0.05, ft.lr_scale_fn(4, 0.75))
+    groups = training.param_groups(model, 0.05, training.layer_decay(4, 0.75, prefix='backbone.'))
     scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
     decay = {id(p): g['weight_decay'] for g in groups for p in g['params']}
     assert len(scale) == sum(1 for _ in model.parameters())          # every parameter in exactly one group
@@ -53,10 +57,6 @@ def test_layer_decay_scales():
             want = 1.0                                                 # layer depth + 1
         assert scale[id(p)] == pytest.approx(want), name
         assert decay[id(p)] == (0.0 if p.ndim == 1 else 0.05), name
-    # the paper's B/16: 12 blocks, patch embedding at 0.75^13, the last block at 0.75
-    assert ft.lr_scale_fn(12, 0.75)('backbone.patch_embed.proj.weight') == pytest.approx(0.75 ** 13)
-    assert ft.lr_scale_fn(12, 0.75)('backbone.blocks.11.mlp.fc2.bias') == pytest.approx(0.75)
-    assert ft.lr_scale_fn(12, 0.75)('backbone.blocks.1.attn.q_bias') == pytest.approx(0.75 ** 11)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,14 +68,14 @@ def test_mixup_cutmix_soft_targets():
     torch.manual_seed(0)
     video = torch.randn(B, 3, 4, 16, 16)
     label = torch.tensor([0, 1, 2, 3, 4, 5])
-    hard = ft.smooth_one_hot(label, C, 0.0)
-    smooth = ft.smooth_one_hot(label, C, 0.1)
+    hard = data.smooth_one_hot(label, C, 0.0)
+    smooth = data.smooth_one_hot(label, C, 0.1)
     assert torch.allclose(smooth.sum(1), torch.ones(B)) and smooth[0, 0] == pytest.approx(0.91)
     kinds = set()
     for seed in range(20):
-        out, target = ft.mixup_cutmix(video, smooth, np.random.default_rng(seed), 0.8, 1.0, 0.5)
+        out, target = data.mixup_cutmix(video, smooth, np.random.default_rng(seed), 0.8, 1.0, 0.5)
         assert torch.allclose(target.sum(1), torch.ones(B), atol=1e-6) and target.min() >= 0
-        _, t = ft.mixup_cutmix(video, hard, np.random.default_rng(seed), 0.8, 1.0, 0.5)
+        _, t = data.mixup_cutmix(video, hard, np.random.default_rng(seed), 0.8, 1.0, 0.5)
         lam = t[0, 0].item()                                           # label 0 pairs with label 5
         assert torch.allclose(t[:, label], torch.eye(B) * lam + torch.eye(B).flip(0) * (1 - lam), atol=1e-6)
         assert torch.allclose(t, lam * hard + (1 - lam) * hard.flip(0), atol=1e-6)
@@ -91,11 +91,11 @@ def test_mixup_cutmix_soft_targets():
             assert torch.allclose(out, lam * video + (1 - lam) * video.flip(0), atol=1e-6)
     assert kinds == {'mixup', 'cutmix'}                                # switch_prob 0.5 gives both
     # switch_prob 0 / 1 and alphas of 0 pick one kind; both alphas 0 change nothing
-    out, _ = ft.mixup_cutmix(video, smooth, np.random.default_rng(0), 0.8, 1.0, 0.0)
+    out, _ = data.mixup_cutmix(video, smooth, np.random.default_rng(0), 0.8, 1.0, 0.0)
     assert not torch.all((out == video) | (out == video.flip(0)))      # mixup: blended values
-    out, _ = ft.mixup_cutmix(video, smooth, np.random.default_rng(0), 0.0, 1.0, 0.0)
+    out, _ = data.mixup_cutmix(video, smooth, np.random.default_rng(0), 0.0, 1.0, 0.0)
     assert torch.all((out == video) | (out == video.flip(0)))          # cutmix only
-    out, t = ft.mixup_cutmix(video, smooth, np.random.default_rng(0), 0.0, 0.0, 0.5)
+    out, t = data.mixup_cutmix(video, smooth, np.random.default_rng(0), 0.0, 0.0, 0.5)
     assert out is video and t is smooth
 
 
@@ -104,7 +104,6 @@ def test_mixup_cutmix_soft_targets():
 
 
 def test_rand_augment_same_ops_for_every_frame_and_magnitudes():
-    import data
     frames = np.random.default_rng(0).integers(0, 256, (1, 24, 40, 3), dtype=np.uint8).repeat(4, axis=0)  # 4 equal
     changed = 0
     for seed in range(20):
@@ -123,7 +122,6 @@ def test_rand_augment_same_ops_for_every_frame_and_magnitudes():
 
 
 def test_random_erase_one_box_per_frame():
-    import data
     clip = torch.zeros(3, 6, 32, 32)
     data.random_erase(clip, np.random.default_rng(0), prob=1.0)
     for t in range(6):
@@ -137,12 +135,12 @@ def test_random_erase_one_box_per_frame():
 
 def test_multiview_average_is_mean_of_softmax():
     logits = torch.tensor([[[10.0, 0.0], [0.0, 3.0], [0.0, 3.0]]])   # [B=1, V=3, C=2]
-    probs = ft.multiview_average(logits)
+    probs = evaluate.multiview_average(logits)
     assert torch.allclose(probs, logits.softmax(-1).mean(1)) and torch.allclose(probs.sum(-1), torch.ones(1))
     # the order matters: averaging logits would pick class 0, averaging probabilities picks class 1
     assert logits.mean(1).argmax().item() == 0 and probs.argmax().item() == 1
     logits = torch.randn(4, 12, 7)
-    assert torch.allclose(ft.multiview_average(logits), torch.stack([l.softmax(-1).mean(0) for l in logits]))
+    assert torch.allclose(evaluate.multiview_average(logits), torch.stack([l.softmax(-1).mean(0) for l in logits]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +163,7 @@ def test_from_official_finetuned_layout():
     assert set(sd) == official_finetuned_keys(4)
     video = torch.randn(2, 3, 2, 32, 32)  # small inputs keep the test fast: the first rows of the same table
 
-    model, report = ft.load_pretrained({'module': sd}, 6, num_frames=8, img_size=64)
+    model, report = checkpoints.load({'module': sd}, 'classifier', 6, num_frames=8, img_size=64)
     assert 'new: none' in report and 'unused: none' in report
     with torch.no_grad():
         assert torch.allclose(model.eval()(video), ref(video), atol=1e-5)  # head reused: same class count
@@ -173,13 +171,13 @@ def test_from_official_finetuned_layout():
     # fine-tuned at 4 frames: the official file then carries pos_embed [1, N, D]; it is replaced by the
     # regenerated table (here the same values, so the outputs must still agree)
     sd4 = {**sd, 'pos_embed': sincos_table(4 * 64, 128)[None]}
-    model, report = ft.load_pretrained(sd4, 6, num_frames=4, img_size=64)
+    model, report = checkpoints.load(sd4, 'classifier', 6, num_frames=4, img_size=64)
     assert 'unused: pos_embed' in report
     with torch.no_grad():
         assert torch.allclose(model.eval()(video), ref(video), atol=1e-5)
 
     # another class count: the backbone and fc_norm are kept, the head is new and small
-    model, report = ft.load_pretrained(sd, 3, num_frames=8, img_size=64)
+    model, report = checkpoints.load(sd, 'classifier', 3, num_frames=8, img_size=64)
     assert 'new: head.* (2)' in report and 'unused: head.* (2)' in report
     assert torch.equal(model.fc_norm.weight, ref.fc_norm.weight)
     assert model.head.weight.abs().max() < 0.002 * 3 and torch.all(model.head.bias == 0)
@@ -190,7 +188,7 @@ def test_from_official_finetuned_layout():
 def test_from_our_stage1_and_stage2_checkpoints():
     vit = randomize(tiny_vit())                                        # stage 1: align_layers 2, with heads
     ckpt = {'model': vit.state_dict(), 'model_config': dataclasses.asdict(vit.config), 'step': 7}
-    model, report = ft.load_pretrained(ckpt, 5, num_frames=4, img_size=64, drop_path=0.1)
+    model, report = checkpoints.load(ckpt, 'classifier', 5, num_frames=4, img_size=64, drop_path=0.1)
     assert report[1:3] == ['new: fc_norm.* (2), head.* (2)', 'unused: norm.* (2), clip_decoder.* (8)']
     assert 'position table regenerated: 8 frames x 64 px -> 4 x 64' in report
     c = model.backbone.config
@@ -207,14 +205,15 @@ def test_from_our_stage1_and_stage2_checkpoints():
 
     # stage 2: the video encoder sits under vision_encoder.*; the text side is reported unused
     sd2 = {**{'vision_encoder.' + k: v for k, v in ckpt['model'].items()}, 'text_encoder.w': torch.zeros(3)}
-    model2, report = ft.load_pretrained({'model': sd2, 'model_config': ckpt['model_config']}, 5)
+    model2, report = checkpoints.load({'model': sd2, 'model_config': ckpt['model_config'], 'text_config': {}},
+                                      'classifier', 5)
     assert report[2] == 'unused: text_encoder.* (1), norm.* (2), clip_decoder.* (8)'
     assert torch.equal(model2.backbone.blocks[3].mlp.fc2.weight, vit.blocks[3].mlp.fc2.weight)
 
     # an incomplete backbone is an error that names what is missing
     del ckpt['model']['blocks.2.attn.qkv.weight']
     with pytest.raises(ValueError, match='blocks.2.attn.qkv.weight'):
-        ft.load_pretrained(ckpt, 5)
+        checkpoints.load(ckpt, 'classifier', 5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,8 +237,9 @@ def small_run(tmp_path_factory, demo_dir):
                  '--rrc_scale=(0.08,1.0)', '--drop_path=0.1', '--rand_augment=(4,7,0.5)', '--random_erase=0.25']
 
 
-def run(args, nproc=1):
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+def run(args, nproc=1, **env):
+    """finetune.py in fresh processes (1, or nproc under torchrun); env: training.py's fault injection."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}, **env}
     env['OMP_NUM_THREADS'] = '1'  # the same thread count in every run: identical float results
     launcher = [sys.executable] if nproc == 1 else \
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
@@ -250,45 +250,41 @@ def run(args, nproc=1):
 def records(out_dir):
     """log.jsonl without the start-up lines and the timings (which differ between runs)."""
     lines = [json.loads(line) for line in open(out_dir / 'log.jsonl')]
-    return [{k: v for k, v in r.items() if k not in ('ms_per_step', 'clips_per_s')} for r in lines if 'config' not in r]
-
-
-def call_main(monkeypatch, args):
-    """finetune.main() in this process (no start-up cost), from the default constants every time."""
-    for name, value in DEFAULTS.items():
-        monkeypatch.setattr(ft, name, value)
-    monkeypatch.setattr(sys, 'argv', ['finetune.py', *map(str, args)])
-    monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    ft.main()
+    return [{k: v for k, v in r.items() if k not in ('ms_per_step', 'samples_per_s', 'data_wait')}
+            for r in lines if 'config' not in r]
 
 
 def test_bad_constants_fail_fast(small_run, monkeypatch):
     tmp, args = small_run
+    monkeypatch.delenv('RANK', raising=False)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
     for bad, message in (('--total_batch=10', 'TOTAL_BATCH=10 is not divisible by MICRO_BATCH=4'),
                          ('--init=missing.pt', "INIT 'missing.pt' not found"),
                          ('--test_crops=2', 'TEST_CROPS=2 must be 1 or 3'),
                          ('--random_erase=1.5', 'RANDOM_ERASE=1.5 must lie in'),
                          ('--rand_augment=(4,12,0.5)', 'RAND_AUGMENT=.* be None or'),
                          ('--num_classes=5', 'has label 7, but NUM_CLASSES=5')):
+        monkeypatch.setattr(sys, 'argv', [SCRIPT, *map(str, args), bad, f'--out_dir={tmp / "bad"}'])
         with pytest.raises(SystemExit, match=message):
-            call_main(monkeypatch, args + [bad, f'--out_dir={tmp / "bad"}'])
+            runpy.run_path(SCRIPT, run_name='__main__')
 
 
-def test_nan_loss_skips_the_update(small_run, monkeypatch):
+def test_nan_loss_skips_the_update(small_run):
     tmp, args = small_run
-    call_main(monkeypatch, args + [f'--out_dir={tmp / "nan"}', '--epochs=1', '--nan_steps=(2,)'])
+    r = run(args + [f'--out_dir={tmp / "nan"}', '--epochs=1'], UMT_NAN_STEPS='2')
+    assert r.returncode == 0, r.stderr
     log = {x['step']: x for x in records(tmp / 'nan') if 'loss' in x}
     assert log[1]['loss'] is not None and log[2]['loss'] is None and log[2]['skipped_steps'] == 1
     assert any('test_top1' in x for x in records(tmp / 'nan'))         # the run went on to the end
-    with pytest.raises(SystemExit, match=r'2 non-finite losses in a row \(steps 1-2\)'):
-        call_main(monkeypatch, args + [f'--out_dir={tmp / "nan2"}', '--nan_steps=(1,2)', '--max_bad_steps=2'])
+    r = run(args + [f'--out_dir={tmp / "nan2"}', '--max_bad_steps=2'], UMT_NAN_STEPS='1,2')
+    assert r.returncode != 0 and '2 non-finite losses in a row (steps 1-2)' in r.stderr
 
 
 def test_resume_is_exact(small_run):
     tmp, args = small_run
     r = run(args + [f'--out_dir={tmp / "a"}'])                        # 2 epochs x 2 steps, uninterrupted
     assert r.returncode == 0, r.stderr
-    r = run(args + [f'--out_dir={tmp / "b"}', '--max_steps=3', '--ckpt_interval=1'])  # killed after step 3 ...
+    r = run(args + [f'--out_dir={tmp / "b"}', '--ckpt_interval=1'], UMT_KILL_AFTER='3')  # killed after step 3 ...
     assert r.returncode == 0, r.stderr
     assert not any('test_top1' in line for line in open(tmp / 'b' / 'log.jsonl'))
     r = run(args + [f'--out_dir={tmp / "b"}'])                        # ... and resumed from b/last.pt
@@ -297,7 +293,7 @@ def test_resume_is_exact(small_run):
     a, b = records(tmp / 'a'), records(tmp / 'b')
     assert [x['step'] for x in a if 'loss' in x] == [1, 2, 3, 4]
     assert a == b                                                      # losses, lr, grad norms, val and test: exact
-    wa, wb = common.load_checkpoint(tmp / 'a' / 'last.pt'), common.load_checkpoint(tmp / 'b' / 'last.pt')
+    wa, wb = checkpoints.read(tmp / 'a' / 'last.pt'), checkpoints.read(tmp / 'b' / 'last.pt')
     assert wa['num_classes'] == 8 and wa['step'] == 4
     assert all(torch.equal(wa['model'][k], wb['model'][k]) for k in wa['model'])
 
@@ -313,7 +309,7 @@ def test_two_processes_match_one(small_run):
     assert r.returncode == 0, r.stderr
     r = run(args + [f'--out_dir={tmp / "two"}'], nproc=2)
     assert r.returncode == 0, r.stderr
-    w1, w2 = (common.load_checkpoint(tmp / name / 'last.pt')['model'] for name in ('one', 'two'))
+    w1, w2 = (checkpoints.read(tmp / name / 'last.pt')['model'] for name in ('one', 'two'))
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
     one, two = records(tmp / 'one'), records(tmp / 'two')
     assert [x['loss'] for x in one if 'loss' in x] == pytest.approx([x['loss'] for x in two if 'loss' in x], abs=1e-5)

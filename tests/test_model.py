@@ -1,12 +1,13 @@
-"""Guards the student (model.py): shapes, attention maths, the UTA loss, official checkpoint layouts, bad input."""
+"""Guards the student (model.py): shapes, attention maths, the UTA loss, bad input; and the official checkpoint
+layouts it loads through checkpoints.load."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (CONFIGS, Attention, VideoClassifier, VideoViT, get_config, load_official, sincos_table,
-                   uta_loss)
+import checkpoints
+from model import CONFIGS, Attention, VideoClassifier, VideoViT, get_config, sincos_table, uta_loss
 
 
 def tiny(**kw):
@@ -111,8 +112,9 @@ def test_vit_b16_has_the_official_key_layout():
 @pytest.mark.parametrize('wrap', [None, 'model', 'module'])
 def test_load_official_stage1(wrap):
     sd = official_stage1_keys(96, 4, 2, 64)
-    model, unused = load_official(sd if wrap is None else {wrap: sd}, img_size=64, num_heads=3)
-    assert unused == [] and isinstance(model, VideoViT) and model.config.align_layers == 2
+    model, report = checkpoints.load(sd if wrap is None else {wrap: sd}, img_size=64, num_heads=3)
+    assert 'unused: none' in report and 'new: none' in report
+    assert isinstance(model, VideoViT) and model.config.align_layers == 2
     assert torch.equal(model.blocks[3].attn.q_bias, sd['encoder.blocks.3.attn.q_bias'])
     assert torch.equal(model.clip_decoder[1].norm.weight, sd['clip_decoder.1.norm.weight'])
 
@@ -121,9 +123,9 @@ def test_load_official_stage2_reports_unused():
     sd = {'vision_encoder.' + k: v for k, v in official_stage1_keys(96, 4, 2, 64).items()}
     sd.update({'vision_encoder.pool_norm.weight': torch.ones(96), 'text_encoder.bert.x': torch.zeros(2),
                'temp': torch.tensor(0.07)})
-    model, unused = load_official(sd, img_size=64, num_heads=3)
+    model, report = checkpoints.load(sd, img_size=64, num_heads=3)
     assert isinstance(model, VideoViT)
-    assert sorted(unused) == ['temp', 'text_encoder.bert.x', 'vision_encoder.pool_norm.weight']
+    assert 'unused: vision_encoder.* (1), text_encoder.* (1), temp' in report
 
 
 def test_load_official_finetuned_with_pos_embed():
@@ -131,8 +133,8 @@ def test_load_official_finetuned_with_pos_embed():
     del sd['norm.weight'], sd['norm.bias']                           # fine-tuned models have no final norm
     sd.update({'fc_norm.weight': torch.ones(96), 'fc_norm.bias': torch.zeros(96), 'head.weight': torch.randn(5, 96),
                'head.bias': torch.randn(5), 'pos_embed': torch.randn(1, 16 * 64, 96)})   # 16 frames
-    model, unused = load_official({'module': sd}, img_size=64, num_heads=3)
-    assert isinstance(model, VideoClassifier) and unused == []
+    model, report = checkpoints.load({'module': sd}, img_size=64, num_heads=3, stored_table=True)
+    assert isinstance(model, VideoClassifier) and 'unused: none' in report
     assert model.backbone.config.num_frames == 16
     assert torch.equal(model.backbone.pos_embed, sd['pos_embed'][0])
     assert torch.equal(model.head.weight, sd['head.weight'])
@@ -143,7 +145,7 @@ def test_load_official_wrong_shape_names_the_key():
     sd = official_stage1_keys(96, 4, 2, 64)
     sd['encoder.blocks.2.mlp.fc2.weight'] = torch.randn(96, 100)
     with pytest.raises(ValueError, match=r'blocks\.2\.mlp\.fc2\.weight'):
-        load_official(sd, img_size=64, num_heads=3)
+        checkpoints.load(sd, img_size=64, num_heads=3)
 
 
 def test_bad_input_is_rejected():

@@ -1,4 +1,4 @@
-"""Guards stage 2 (model.py's text side and objectives, train_stage2.py): shapes, the open_clip weight
+"""Guards stage 2 (video_language.py: the text side and the objectives; train_stage2.py): shapes, the open_clip weight
 mapping, the padding mask, VTC over two gloo processes = one process on the whole batch, VTM hard
 negatives, MLM corruption rates, and exact resume of the training script."""
 import dataclasses
@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import common
-import model as M
+import checkpoints
+import model
+import video_language as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +24,7 @@ def tiny_umt(quick_gelu=True):
     from teacher import tiny_clip  # here, not at the top: the spawned VTC workers need not import open_clip
     torch.manual_seed(0)
     clip = tiny_clip(quick_gelu=quick_gelu)
-    return M.build_umt(M.VideoViT(M.get_config('tiny', num_frames=4)), clip).eval(), clip
+    return M.build_umt(model.VideoViT(model.get_config('tiny', num_frames=4)), clip).eval(), clip
 
 
 def test_shapes_and_checkpoint_round_trip():
@@ -43,7 +44,7 @@ def test_shapes_and_checkpoint_round_trip():
     assert umt.mlm_logits(umt.fuse(hidden, mask, x_vis)).shape == (2, 32, M.VOCAB)
     # what evaluate.py does with a stage-2 checkpoint: random model from the two configs, then a strict load
     again = M.UMT.from_configs(dataclasses.asdict(umt.vision_encoder.config), umt.text_config)
-    M.load_strict(again, umt.state_dict())
+    model.load_strict(again, umt.state_dict())
     assert torch.equal(again.eval().encode_text(ids, mask)[1], tfeat)
 
 
@@ -59,9 +60,11 @@ def test_causal_text_encoder_reproduces_open_clip(quick_gelu):
     umt, clip = tiny_umt(quick_gelu)
     ids, mask = M.tokenize(['a dog runs on the grass', 'hello', 'x ' * 40])
     te = umt.text_encoder
-    with torch.no_grad():
-        out = te.forward_fusion(te.forward_text(ids, mask, causal=True), mask, None, causal=True)  # [B, L, Dt]
-        ours = out[torch.arange(3), M.eot_index(mask)] @ clip.text_projection
+    with torch.no_grad():  # the blocks by hand, without vision tokens, under the causal mask
+        x = te.token_embedding(ids) + te.positional_embedding[:ids.shape[1]]
+        for blk in te.blocks:
+            x = blk(x, M.text_mask(mask, causal=True))
+        ours = te.ln_final(x)[torch.arange(3), M.eot_index(mask)] @ clip.text_projection
         ref = clip.encode_text(ids, normalize=False)
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
 
@@ -221,6 +224,8 @@ def run_stage2(out_dir, files, check=True, **overrides):
     settings.update(overrides)
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
     env['OMP_NUM_THREADS'] = '1'  # the same thread count in every run: identical float results
+    env['UMT_NAN_STEPS'] = ','.join(map(str, settings.pop('nan_steps', ())))  # training.py's fault injection
+    env['UMT_KILL_AFTER'] = str(settings.pop('max_steps', 0))
     out = subprocess.run([sys.executable, os.path.join(ROOT, 'train_stage2.py')] + [f'--{k}={v}' for k, v in settings.items()],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:
@@ -242,8 +247,8 @@ def stage2_files(demo_dir, tmp_path_factory):
         items = json.load(open(os.path.join(demo_dir, name)))[::step]
         json.dump(items, open(folder / name, 'w'))
     torch.manual_seed(0)
-    config = M.get_config('tiny')
-    torch.save({'model': M.VideoViT(config).state_dict(), 'model_config': dataclasses.asdict(config)}, folder / 's1.pt')
+    config = model.get_config('tiny')
+    torch.save({'model': model.VideoViT(config).state_dict(), 'model_config': dataclasses.asdict(config)}, folder / 's1.pt')
     return dict(video_ann=folder / 'captions_train.json', video_root=demo_dir, val_ann=folder / 'captions_val.json',
                 val_root=demo_dir, image_ann=os.path.join(demo_dir, 'captions_images.json'), image_root=demo_dir,
                 init=folder / 's1.pt')
@@ -253,10 +258,10 @@ def test_resume_repeats_the_uninterrupted_run(stage2_files, tmp_path):
     """Killed after step 5 (checkpoint at 4), resumed across the epoch end: the same losses step for step
     and the same final weights. Step 3's loss is made NaN in both runs: its update is skipped, and counted."""
     full = run_stage2(tmp_path / 'full', stage2_files, nan_steps=(3,))
-    assert 'vision encoder: 64 tensors from' in full.stdout and 'text_encoder.blocks.*.cross_attn' in full.stdout
+    assert ': 64 tensors (vit' in full.stdout and 'text_encoder.blocks.*.cross_attn' in full.stdout
     killed = tmp_path / 'killed'
     run_stage2(killed, stage2_files, nan_steps=(3,), ckpt_interval=4, max_steps=5)
-    assert common.load_checkpoint(killed / 'last.pt')['step'] == 4
+    assert checkpoints.read(killed / 'last.pt')['step'] == 4
     resumed = run_stage2(killed, stage2_files, nan_steps=(3,), ckpt_interval=4)
     assert f'resumed from {killed / "last.pt"} at step 4' in resumed.stdout
     (a, val_a), (b, val_b) = read_log(tmp_path / 'full'), read_log(killed)
@@ -266,10 +271,10 @@ def test_resume_repeats_the_uninterrupted_run(stage2_files, tmp_path):
         assert [a[s][k] for k in ('loss', 'vtc', 'vtm', 'mlm', 'uta', 'temp', 'grad_norm')] == \
                [b[s][k] for k in ('loss', 'vtc', 'vtm', 'mlm', 'uta', 'temp', 'grad_norm')], f'step {s}'
     assert [r['val_t2v_r1'] for r in val_a] == [r['val_t2v_r1'] for r in val_b[-2:]]  # epochs 1 and 2
-    ckpt_a, ckpt_b = common.load_checkpoint(tmp_path / 'full' / 'last.pt'), common.load_checkpoint(killed / 'last.pt')
+    ckpt_a, ckpt_b = checkpoints.read(tmp_path / 'full' / 'last.pt'), checkpoints.read(killed / 'last.pt')
     assert all(torch.equal(ckpt_a['model'][k], ckpt_b['model'][k]) for k in ckpt_a['model'])
     # what evaluate.py does with it
-    M.load_strict(M.UMT.from_configs(ckpt_a['model_config'], ckpt_a['text_config']), ckpt_a['model'])
+    checkpoints.load(ckpt_a, 'umt')
 
 
 @pytest.mark.parametrize('overrides, world_size, message', [

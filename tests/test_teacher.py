@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import demo
 import open_clip
 import teacher as tm
 
@@ -144,7 +145,7 @@ def test_autocast_bf16_on_cpu(teacher):
 def test_demo_clip_learns_the_colors(demo_dir, tmp_path):
     """The demo teacher (a tiny CLIP trained for a few seconds here) tells the colors apart; random weights do not."""
     path = str(tmp_path / 'tiny_clip.pt')
-    tm.train_demo_clip(f'{demo_dir}/captions_train.json', demo_dir, path, steps=100)
+    demo.train_demo_clip(f'{demo_dir}/captions_train.json', demo_dir, path, steps=100)
     items = data.read_annotations(f'{demo_dir}/captions_val.json', demo_dir, 'video')  # 8 videos, 8 captions
     frames = torch.stack([data.augment(data.read_frames(a.path, [8]), 64, 'squash')[0] for a in items])  # [8,3,1,64,64]
     colors = [a.captions[0].split()[1] for a in items]

@@ -3,7 +3,10 @@
 - a run killed after a checkpoint and resumed (next to a half-written last.pt.tmp) repeats the
   uninterrupted run exactly: same losses step for step, same final weights;
 - a NaN loss skips the update and is counted; 5 in a row stop the run and keep the last good checkpoint;
-- each invalid constant stops the script with its message before any data or model is built.
+- a last.pt that cannot be read stops the relaunch with a message that says what to do (never a silent restart);
+- each invalid constant stops the script with its message before any data or model is built, and the demo
+  teacher says what it needs when pointed at other videos.
+Faults are injected through training.py's environment variables (UMT_NAN_STEPS, UMT_KILL_AFTER).
 """
 import json
 import math
@@ -16,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
+import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / 'train_stage1.py')
@@ -37,11 +40,13 @@ def train(demo_dir, small_list, out_dir, nproc=1, check=True, **overrides):
                     teacher_pretrained=None, total_batch=4, micro_batch=2, epochs=2, warmup_epochs=1, base_lr=0.01, num_workers=0,
                     log_interval=1, ckpt_interval=100)
     settings.update(overrides)
+    nan_steps, kill_after = settings.pop('nan_steps', ()), settings.pop('max_steps', 0)
     args = [f'--{k}={v}' for k, v in settings.items()]
     launcher = [sys.executable] if nproc == 1 else \
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
     env['OMP_NUM_THREADS'] = '1'  # same thread count in every run: identical float results
+    env['UMT_NAN_STEPS'], env['UMT_KILL_AFTER'] = ','.join(map(str, nan_steps)), str(kill_after)
     out = subprocess.run(launcher + [SCRIPT] + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert out.returncode == 0, out.stdout + out.stderr
@@ -55,7 +60,7 @@ def log(out_dir):
 
 
 def weights(out_dir):
-    return common.load_checkpoint(os.path.join(out_dir, 'last.pt'))['model']
+    return checkpoints.read(os.path.join(out_dir, 'last.pt'))['model']
 
 
 def test_two_processes_equal_one(demo_dir, small_list, tmp_path):
@@ -80,7 +85,7 @@ def test_resume_repeats_the_uninterrupted_run(demo_dir, small_list, tmp_path):
     train(demo_dir, small_list, tmp_path / 'full', **common_settings)
     killed = tmp_path / 'killed'
     train(demo_dir, small_list, killed, max_steps=3, **common_settings)          # checkpoint at 2, killed after 3
-    assert common.load_checkpoint(killed / 'last.pt')['step'] == 2
+    assert checkpoints.read(killed / 'last.pt')['step'] == 2
     # A crash in the middle of the next checkpoint write would leave a half-written temporary file:
     # the resume must ignore it and take the intact last.pt.
     (killed / 'last.pt.tmp').write_bytes((killed / 'last.pt').read_bytes()[:1000])
@@ -106,9 +111,30 @@ def test_nan_loss_is_skipped_then_stops(demo_dir, small_list, tmp_path):
     assert records[2]['loss'] is None and records[2]['skipped_steps'] == 1
     assert math.isfinite(records[3]['loss']) and records[3]['skipped_steps'] == 1  # the skip kept the weights clean
     assert records[8]['skipped_steps'] == 6 and 9 not in records
-    ckpt = common.load_checkpoint(tmp_path / 'last.pt')
+    ckpt = checkpoints.read(tmp_path / 'last.pt')
     assert ckpt['step'] == 3                                         # no checkpoint during the bad streak
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+def test_unreadable_last_checkpoint_is_not_overwritten(demo_dir, small_list, tmp_path):
+    train(demo_dir, small_list, tmp_path, max_steps=1, ckpt_interval=1)
+    whole = (tmp_path / 'last.pt').read_bytes()
+    (tmp_path / 'last.pt').write_bytes(whole[:len(whole) // 3])                # a disk that filled up, say
+    out = train(demo_dir, small_list, tmp_path, check=False)
+    assert out.returncode != 0 and 'last.pt cannot be read' in out.stderr and 'Move it aside' in out.stderr
+    assert (tmp_path / 'last.pt').read_bytes() == whole[:len(whole) // 3]      # left as it was, for the user
+
+
+def test_demo_teacher_says_what_it_needs(small_list, tmp_path, monkeypatch):
+    (tmp_path / 'my_videos').mkdir()
+    (tmp_path / 'my_videos' / 'a.mp4').write_bytes(b'')
+    monkeypatch.delenv('RANK', raising=False)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    monkeypatch.setattr(sys, 'argv', [SCRIPT, '--preset=demo', f'--data_list={small_list}', '--device=cpu',
+                                      f'--data_root={tmp_path / "my_videos"}', f'--out_dir={tmp_path / "out"}'])
+    with pytest.raises(SystemExit, match="TEACHER_PRETRAINED='demo' is a tiny CLIP trained on the demo set's "
+                                         r"captions .*captions_train.json.*--teacher_pretrained=None"):
+        runpy.run_path(SCRIPT, run_name='__main__')
 
 
 @pytest.mark.parametrize('overrides, world_size, message', [

@@ -1,0 +1,167 @@
+"""
+Checkpoints: written atomically, read safely, and turned into models, ours and the official UMT ones alike.
+
+Every --init and --ckpt of the scripts goes through load(), which recognizes
+  ours      {'model': weights, 'model_config': ..., ...} from train_stage1.py (a VideoViT with alignment
+            heads), train_stage2.py (+ 'text_config': the video-language UMT) and finetune.py (+ 'num_classes':
+            a VideoClassifier);
+  official  the state dicts of OpenGVLab/unmasked_teacher, raw or under 'model' / 'module': stage 1
+            (`encoder.*`, `clip_decoder.*`; single_modality/models/modeling_pretrain_umt.py), stage 2
+            (`vision_encoder.*` next to BERT and the teacher; multi_modality/models/umt.py) and fine-tuned
+            (`patch_embed.*`, `blocks.*`, `fc_norm.*`, `head.*`; single_modality/models/modeling_finetune.py),
+            whose architecture is inferred from the shapes,
+builds the model the caller asks for and reports what it loaded, what is new and what it did not use.
+Files are read with weights_only=True: a checkpoint can hold tensors and plain data, never code to run.
+"""
+
+import dataclasses
+import math
+import os
+import pickle
+
+import torch
+
+from model import VideoClassifier, VideoViT, VideoViTConfig, load_strict
+from video_language import UMT
+
+
+def save(obj, path):
+    """Write atomically: a temporary file, flushed to disk, then renamed over the old checkpoint.
+    A crash (or a full disk) half-way through leaves the previous checkpoint intact."""
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
+    with open(tmp, 'rb') as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX
+
+
+def read(path):
+    """A checkpoint file -> dict; ValueError with what to do for a pickled or an unreadable file."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Unsupported global' not in str(e):
+            raise ValueError(f'{path} is not a PyTorch checkpoint, or it is corrupt ({str(e).splitlines()[0]})') from e
+        raise ValueError(f'{path} also holds pickled Python objects (official trainer checkpoints pickle their '
+                         'argparse settings), which this project never loads. If you trust the file, keep only its '
+                         "weights once: torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')") from e
+    except (RuntimeError, EOFError) as e:  # a truncated or empty file: torch's zip reader fails
+        raise ValueError(f'{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else "empty"}): '
+                         'the file is truncated or corrupt') from e
+
+
+def group(keys, parts=1):
+    """['clip_decoder.0.head.weight', ...] -> 'clip_decoder.* (8)': keys grouped by their first `parts` name parts
+    (block numbers as *), with counts."""
+    groups = {}
+    for k in keys:
+        name = '.'.join('*' if p.isdigit() else p for p in k.split('.')[:parts])
+        groups.setdefault(name, []).append(k)
+    return ', '.join(ks[0] if ks == [g] else f'{g}.* ({len(ks)})' for g, ks in groups.items()) or 'none'
+
+
+def official_config(sd, overrides):
+    """The VideoViTConfig of official weights (our VideoViT key names), inferred from the shapes. Heads = width / 64
+    (true for B and L) unless overrides say otherwise. A stored `pos_embed` [1, N, D] (official fine-tuning at other
+    frames or resolution) gives the frame count at img_size (default 224), or the resolution at num_frames."""
+    w = sd['patch_embed.proj.weight']                                      # [D, 3, tubelet, patch, patch]
+    D, tubelet, patch = w.shape[0], w.shape[2], w.shape[-1]
+    K = sum(1 for k in sd if k.startswith('clip_decoder.') and k.endswith('.head.weight'))
+    config = dict(patch_size=patch, tubelet_size=tubelet, embed_dim=D, num_heads=max(D // 64, 1), drop_path=0.0,
+                  depth=1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.')), align_layers=K,
+                  mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / D,
+                  teacher_dim=sd['clip_decoder.0.head.weight'].shape[0] if K else 512)
+    config.update(overrides)
+    if 'pos_embed' in sd:
+        n = sd['pos_embed'].shape[1]
+        if 'num_frames' in overrides and 'img_size' not in overrides:
+            config['img_size'] = math.isqrt(n // (overrides['num_frames'] // tubelet)) * patch
+        elif 'num_frames' not in overrides:
+            config['num_frames'] = n // (config.get('img_size', 224) // patch) ** 2 * tubelet
+    return VideoViTConfig(**config)
+
+
+def describe(ckpt, overrides):
+    """A checkpoint dict -> (kind, weights, config, stored config, extra, unused): kind 'vit' (a stage-1 student
+    with alignment heads, VideoViT names), 'umt' (our stage-2 model) or 'classifier' (VideoClassifier names);
+    config = the stored one with `overrides` applied."""
+    if 'model_config' in ckpt:  # ours
+        kind = 'umt' if 'text_config' in ckpt else 'classifier' if 'num_classes' in ckpt else 'vit'
+        stored = VideoViTConfig(**ckpt['model_config'])
+        return kind, dict(ckpt['model']), dataclasses.replace(stored, **overrides), stored, ckpt, []
+    sd = next((ckpt[k] for k in ('model', 'module') if isinstance(ckpt.get(k), dict)), ckpt)
+    unused = []
+    if any(k.startswith('vision_encoder.') for k in sd):  # official stage 2: its BERT text side cannot be used here
+        unused = [k for k in sd if not k.startswith('vision_encoder.') or k.startswith('vision_encoder.pool_norm.')]
+        sd = {k.removeprefix('vision_encoder.'): v for k, v in sd.items() if k not in unused}
+    kind = 'classifier' if 'head.weight' in sd else 'vit'
+    sd = {k.removeprefix('encoder.'): v for k, v in sd.items()}
+    config, stored = official_config(sd, overrides), official_config(sd, {})
+    if kind == 'classifier':
+        sd = {(k if k.startswith(('fc_norm.', 'head.', 'pos_embed')) else 'backbone.' + k): v for k, v in sd.items()}
+    return kind, sd, config, stored, {}, unused
+
+
+def load(source, want='auto', num_classes=None, head_rows=None, stored_table=False, head_dropout=0.0, init_scale=0.001,
+         **overrides):
+    """A checkpoint (path or dict) -> (model, report lines).
+
+    want: 'vit' (VideoViT with alignment heads: stage-2 training), 'umt' (our stage-2 model), 'classifier'
+    (VideoClassifier with num_classes outputs: fine-tuning; its backbone from any kind) or 'auto' (what the
+    checkpoint holds). overrides: VideoViTConfig fields (num_frames, img_size, drop_path, ...). The sin-cos
+    position table is regenerated for the new frames / resolution; stored_table=True uses an official
+    fine-tuned file's own `pos_embed` when it fits (to evaluate that file as it was trained). head_rows: the
+    rows of the checkpoint's classifier head to keep as the new head (K710 -> K400: range(400)); head_dropout and
+    init_scale: the VideoClassifier's (a new head starts at init_scale x its random init).
+    """
+    name = source if isinstance(source, str) else 'the checkpoint'
+    ckpt = read(source) if isinstance(source, str) else source
+    kind, sd, config, stored, extra, unused = describe(ckpt, overrides)
+    want = kind if want == 'auto' else want
+    if want == 'umt':
+        if kind != 'umt':
+            raise ValueError(f'{name} holds a {kind}, not a stage-2 video-language model of train_stage2.py')
+        model = UMT.from_configs(dataclasses.asdict(config), extra['text_config'])
+        load_strict(model, sd)
+        return model, [f'loaded {name}: all {len(sd)} tensors of a stage-2 model']
+    if kind == 'umt':  # its video encoder only
+        unused += [k for k in sd if not k.startswith('vision_encoder.')]
+        sd = {k.removeprefix('vision_encoder.'): v for k, v in sd.items() if k.startswith('vision_encoder.')}
+    if want == 'vit' and kind != 'classifier':
+        model, prefix = VideoViT(config), ''
+    elif want == 'classifier':
+        classes = num_classes or extra.get('num_classes') or (sd['head.weight'].shape[0] if 'head.weight' in sd else 0)
+        if not classes:
+            raise ValueError(f'{name} has no classifier head: say how many classes the new one has')
+        model = VideoClassifier(VideoViT(dataclasses.replace(config, align_layers=0)), classes, head_dropout, init_scale)
+        prefix = 'backbone.'
+        if kind != 'classifier':
+            sd = {prefix + k: v for k, v in sd.items()}
+        if head_rows is not None and 'head.weight' in sd:  # a head trained on a superset of the classes
+            sd['head.weight'], sd['head.bias'] = sd['head.weight'][list(head_rows)], sd['head.bias'][list(head_rows)]
+    else:
+        raise ValueError(f'{name} holds a {kind}; it cannot give a {want!r} (a classifier has no alignment heads)')
+    own, table = model.state_dict(), sd.pop('pos_embed', None)
+    feed = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
+    unused += [k.removeprefix(prefix) for k in sd if k not in feed]  # a final norm or heads a classifier does not use
+    new = [k for k in own if k not in feed]
+    missing = [k if k not in sd else f'{k} (checkpoint {tuple(sd[k].shape)}, model {tuple(own[k].shape)})'
+               for k in new if k.startswith(prefix)]  # the video encoder (and, for 'vit', its heads) must be whole
+    if missing:
+        raise ValueError(f'{name} does not hold the whole video encoder; missing or of another shape: '
+                         + ', '.join(missing))
+    load_strict(model, {**own, **feed})
+    vit = model.backbone if want == 'classifier' else model
+    rows = '' if head_rows is None or 'head.weight' not in feed else f', its head restricted to {len(head_rows)} rows'
+    report = [f'loaded {name}: {len(feed)} tensors ({kind}, depth {config.depth}, width {config.embed_dim}){rows}',
+              f'new: {group(new)}']
+    if table is not None and stored_table and table.shape[1:] == vit.pos_embed.shape:
+        vit.pos_embed.copy_(table[0])
+        report.append("position table: the checkpoint's own pos_embed")
+    elif table is not None:
+        unused.append('pos_embed')
+    report.append(f'unused: {group(unused)}')
+    if (stored.num_frames, stored.img_size) != (config.num_frames, config.img_size):
+        report.append(f'position table regenerated: {stored.num_frames} frames x {stored.img_size} px '
+                      f'-> {config.num_frames} x {config.img_size}')
+    return model, report
