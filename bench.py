@@ -72,11 +72,9 @@ input_ids, attention_mask = (x.to(device) for x in tokenize(captions))  # [B, 32
 ids = torch.arange(BATCH, device=device)                                    # sample ids for VTC / VTM
 gen = torch.Generator(device).manual_seed(0)
 
-
 def sync():
     if device.type == 'cuda':
         torch.cuda.synchronize()
-
 
 def step():
     """One training step, cut into timed phases (the syncs cost a little; 'total' below is without them)."""
@@ -101,7 +99,6 @@ def step():
     sync(); times['optimizer'] = time.perf_counter() - t0
     return times
 
-
 # ----------------------------------------------------------------------------------------------
 # Analytic FLOPs per clip (a multiply-add = 2 FLOPs; norms, activations and softmax are ignored)
 #   transformer layer on n tokens of width d, MLP ratio 4:  2*n*12*d^2 (qkv, out, fc1, fc2) + 4*n^2*d (QK^T, AV)
@@ -114,7 +111,6 @@ def step():
 
 def layer_flops(n, d, mlp_ratio=4.0):
     return 2 * n * (4 + 2 * mlp_ratio) * d * d + 4 * n * n * d
-
 
 v = teacher.visual
 hw = (teacher.image_size // teacher.patch) ** 2
@@ -137,7 +133,6 @@ if STAGE == 2:
                       + n_masked * 2 * Dt * (Dt + te.token_embedding.num_embeddings))
 flops_per_clip = teacher_flops + student_flops + text_flops
 
-
 def matmul_rate(n=2048, reps=10):
     """Dense fp32 matmul FLOP/s on this device right now: the CPU's practical ceiling."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
@@ -148,7 +143,6 @@ def matmul_rate(n=2048, reps=10):
         a @ b
     sync()
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
 
 # ----------------------------------------------------------------------------------------------
 # Run

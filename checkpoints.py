@@ -24,7 +24,6 @@ import torch
 from model import VideoClassifier, VideoViT, VideoViTConfig, load_strict
 from video_language import UMT
 
-
 def save(obj, path):
     """Write atomically: a temporary file, flushed to disk, then renamed over the old checkpoint.
     A crash (or a full disk) half-way through leaves the previous checkpoint intact."""
@@ -33,7 +32,6 @@ def save(obj, path):
     with open(tmp, 'rb') as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)  # atomic on POSIX
-
 
 def read(path):
     """A checkpoint file -> dict; ValueError with what to do for a pickled or an unreadable file."""
@@ -49,7 +47,6 @@ def read(path):
         raise ValueError(f'{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else "empty"}): '
                          'the file is truncated or corrupt') from e
 
-
 def group(keys, parts=1):
     """['clip_decoder.0.head.weight', ...] -> 'clip_decoder.* (8)': keys grouped by their first `parts` name parts
     (block numbers as *), with counts."""
@@ -58,7 +55,6 @@ def group(keys, parts=1):
         name = '.'.join('*' if p.isdigit() else p for p in k.split('.')[:parts])
         groups.setdefault(name, []).append(k)
     return ', '.join(ks[0] if ks == [g] else f'{g}.* ({len(ks)})' for g, ks in groups.items()) or 'none'
-
 
 def official_config(sd, overrides):
     """The VideoViTConfig of official weights (our VideoViT key names), inferred from the shapes. Heads = width / 64
@@ -80,7 +76,6 @@ def official_config(sd, overrides):
             config['num_frames'] = n // (config.get('img_size', 224) // patch) ** 2 * tubelet
     return VideoViTConfig(**config)
 
-
 def describe(ckpt, overrides):
     """A checkpoint dict -> (kind, weights, config, stored config, extra, unused): kind 'vit' (a stage-1 student
     with alignment heads, VideoViT names), 'umt' (our stage-2 model) or 'classifier' (VideoClassifier names);
@@ -100,7 +95,6 @@ def describe(ckpt, overrides):
     if kind == 'classifier':
         sd = {(k if k.startswith(('fc_norm.', 'head.', 'pos_embed')) else 'backbone.' + k): v for k, v in sd.items()}
     return kind, sd, config, stored, {}, unused
-
 
 def load(source, want='auto', num_classes=None, head_rows=None, stored_table=False, head_dropout=0.0, init_scale=0.001,
          **overrides):

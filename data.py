@@ -43,7 +43,6 @@ BAD_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError, IndexError, Image.D
 # ----------------------------------------------------------------------------------------------
 # Decoding
 
-
 def _video_stream(c, threads):
     if not c.streams.video:
         raise ValueError('no video stream')
@@ -51,7 +50,6 @@ def _video_stream(c, threads):
     s.thread_type = 'AUTO' if threads > 1 else 'SLICE'  # must be set before the first decode
     s.codec_context.thread_count = threads              # keep small in DataLoader workers (workers x threads)
     return s
-
 
 def _scan(c, s):
     """One demux-only pass (no decoding): sorted pts of every frame (the i-th smallest pts is frame i, so indices
@@ -68,7 +66,6 @@ def _scan(c, s):
     if not pts:
         raise ValueError('no video packets')
     return sorted(pts), sorted(keys) or [(min(pts), min(pts))]
-
 
 def read_frames(path, indices, threads=1):
     """Frames `indices` of a video as uint8 [len(indices), H, W, 3], pixel-identical to sequential decoding.
@@ -122,7 +119,6 @@ def read_frames(path, indices, threads=1):
             out[i] = frame.to_ndarray(format='rgb24')  # convert only the frames we keep
         return np.stack([out[i] for i in idx])         # index back: order and repeats as asked
 
-
 def video_length(path):
     """Number of frames. Metadata can be 0/None (webm, mkv), so fall back to counting packets (demux only)."""
     if path.lower().endswith(IMAGE_EXTS):
@@ -130,7 +126,6 @@ def video_length(path):
     with av.open(path) as c:
         s = _video_stream(c, 1)
         return s.frames if s.frames > 0 else len(_scan(c, s)[0])
-
 
 def write_video(path, frames, fps=25, codec='libx264', pix_fmt='yuv420p', options=None):
     """Encode an iterable of uint8 [H,W,3] frames. Fixed options with 'threads': '1' give reproducible bytes."""
@@ -145,7 +140,6 @@ def write_video(path, frames, fps=25, codec='libx264', pix_fmt='yuv420p', option
 
 # ----------------------------------------------------------------------------------------------
 # Frame sampling (the official rules)
-
 
 def sample_indices(n, num_frames, mode, rng=None, clip=0, num_clips=1):
     """Frame indices [num_frames] for a video of n frames. Short videos repeat frames instead of failing.
@@ -170,7 +164,6 @@ def sample_indices(n, num_frames, mode, rng=None, clip=0, num_clips=1):
 # ----------------------------------------------------------------------------------------------
 # Augmentation: a crop box (top, left, height, width) in source pixels, the same for every frame of a clip
 
-
 def multiscale_box(h, w, size, rng):
     """Official stage-1 GroupMultiScaleCrop: side = short side x one of MS_SCALES per axis (scale indices differ <= 1),
     sides within 3 px of `size` snap to it, offset = one of 13 fixed positions on a 5x5 grid."""
@@ -184,7 +177,6 @@ def multiscale_box(h, w, size, rng):
     gy, gx = grid[rng.integers(len(grid))]
     return gy * ((h - ch) // 4), gx * ((w - cw) // 4), ch, cw
 
-
 def rrc_box(h, w, rng, scale=RRC_SCALE):
     """RandomResizedCrop box: area fraction in `scale`, log-uniform aspect in [3/4, 4/3], 10 tries, else the
     central square."""
@@ -197,7 +189,6 @@ def rrc_box(h, w, rng, scale=RRC_SCALE):
     s = min(h, w)  # fallback: the central square
     return (h - s) // 2, (w - s) // 2, s, s
 
-
 def eval_boxes(h, w, num_crops=1):
     """Resize short side to S then crop S x S == crop the short-side square: center (1) or start/center/end of
     the long side (3), as the official multi-view test."""
@@ -205,7 +196,6 @@ def eval_boxes(h, w, num_crops=1):
     s, long_free = min(h, w), max(h, w) - min(h, w)
     offsets = [long_free // 2] if num_crops == 1 else [0, long_free // 2, long_free]
     return [(o, 0, s, s) if h > w else (0, o, s, s) for o in offsets]
-
 
 def augment(frames, size, kind, rng=None, flip=False, num_crops=1, scale=RRC_SCALE):
     """uint8 [T,H,W,3] -> list of normalized float32 [3,T,S,S], one per crop. kind: 'multiscale' (stage 1),
@@ -243,20 +233,16 @@ def augment(frames, size, kind, rng=None, flip=False, num_crops=1, scale=RRC_SCA
 RA_FILL = [124, 116, 104]  # timm's fill for pixels that rotate / shear / translate brings in: the ImageNet mean
 RA_RESAMPLE = InterpolationMode.BILINEAR  # rotate / shear (timm on PIL images: the training interpolation)
 
-
 def _ra_sign(rng, v):
     return v if rng.random() < 0.5 else -v
 
-
 def _ra_factor(rng, m):  # enhancement factor of Color / Contrast / Brightness / Sharpness
     return max(0.1, 1 + _ra_sign(rng, m / 10 * 0.9))
-
 
 def _ra_shear(x, m, rng, axis):  # x' = x + f y (or y' = y + f x) about the top-left corner, |f| = m / 10 * 0.3
     deg = math.degrees(math.atan(_ra_sign(rng, m / 10 * 0.3)))
     return TF.affine(x, 0.0, [0, 0], 1.0, [deg, 0.0] if axis == 'x' else [0.0, deg], RA_RESAMPLE, RA_FILL,
                      center=[0, 0])
-
 
 def _ra_translate(x, m, rng, axis):  # by m / 10 * 45% of the width (or height)
     shift = round(_ra_sign(rng, m / 10 * 0.45) * x.shape[-1 if axis == 'x' else -2])
@@ -280,7 +266,6 @@ RA_OPS = {  # name -> f(clip uint8 [T,3,H,W], m in [0, 10], rng); the '-Increasi
     'TranslateY': lambda x, m, rng: _ra_translate(x, m, rng, 'y'),
 }
 
-
 def rand_augment(frames, rng, num_ops=4, magnitude=7, magnitude_std=0.5, prob=0.5):
     """uint8 [T,H,W,3] -> uint8 [T,H,W,3]: num_ops ops drawn with replacement, each applied with probability prob at
     a magnitude drawn from N(magnitude, magnitude_std) clipped to [0, 10]; the same draws for every frame."""
@@ -289,7 +274,6 @@ def rand_augment(frames, rng, num_ops=4, magnitude=7, magnitude_std=0.5, prob=0.
         if rng.random() < prob:
             x = RA_OPS[name](x, float(np.clip(rng.normal(magnitude, magnitude_std), 0, 10)), rng)
     return x.permute(0, 2, 3, 1).numpy()
-
 
 def random_erase(clip, rng, prob=0.25, area=(0.02, 1 / 3), aspect=0.3):
     """Normalized float [3,T,S,S], in place: each frame, with probability prob, gets one box (area fraction in
@@ -308,13 +292,11 @@ def random_erase(clip, rng, prob=0.25, area=(0.02, 1 / 3), aspect=0.3):
                 break
     return clip
 
-
 def smooth_one_hot(label, num_classes, smoothing):
     """[B] class ids -> [B, C] targets: 1 - smoothing + smoothing / C on the label, smoothing / C elsewhere."""
     off = smoothing / num_classes
     target = torch.full((len(label), num_classes), off, device=label.device)
     return target.scatter_(1, label[:, None], 1 - smoothing + off)
-
 
 def mixup_cutmix(video, target, rng, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5):
     """Batch-mode mixup / cutmix (timm's Mixup): video [B, 3, T, H, W], soft target [B, C] -> both mixed.
@@ -345,7 +327,6 @@ def mixup_cutmix(video, target, rng, mixup_alpha=0.8, cutmix_alpha=1.0, switch_p
 # ----------------------------------------------------------------------------------------------
 # Datasets. A key is an index or (index, seed); every random choice of an item comes from default_rng(seed), so
 # the data is the same whatever the number of workers, and a resumed run sees exactly what it would have seen.
-
 
 class _RobustDataset(torch.utils.data.Dataset):
     """Shared machinery: per-item RNG and skip-and-replace of bad files with a loud failure threshold.
@@ -380,10 +361,8 @@ class _RobustDataset(torch.utils.data.Dataset):
                                f'{self.max_bad_fraction}); the dataset looks broken. Examples:\n{examples}\n'
                                'Run `python data.py --check FILE` to list every bad entry.')
 
-
 def _join(root, p):
     return os.path.join(root, p) if root and not os.path.isabs(p) else p
-
 
 def read_list(list_file, root=None):
     """Classification list: `path label` per line, separated by a comma, spaces or a tab -> [(path, label)]."""
@@ -397,7 +376,6 @@ def read_list(list_file, root=None):
 
 Annotation = namedtuple('Annotation', 'path captions is_image')
 
-
 def _load_json(path):
     text = open(path).read()
     try:
@@ -405,7 +383,6 @@ def _load_json(path):
     except json.JSONDecodeError:  # JSONL: one object per line
         objs = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [objs] if isinstance(objs, dict) else objs
-
 
 def read_annotations(ann_file, root=None, media=None):
     """Official JSON list (or JSONL) of {"video" or "image": path, "caption": str or [str]} -> [Annotation]."""
@@ -416,7 +393,6 @@ def read_annotations(ann_file, root=None, media=None):
         if media is None or media == ('image' if is_image else 'video'):
             out.append(Annotation(_join(root, o['image' if is_image else 'video']), caps, is_image))
     return out
-
 
 class VideoClassification(_RobustDataset):
     """Kinetics-style classification. train: TSN frames + aug ('multiscale' stage 1, 'rrc') + flip;
@@ -444,7 +420,6 @@ class VideoClassification(_RobustDataset):
                                                       num_crops=self.num_crops)]
         return {'video': torch.stack(views) if len(views) > 1 else views[0], 'label': label}
 
-
 class RepeatedAugClassification(VideoClassification):
     """The fine-tuning training set with repeated augmentation (the official num_sample): each video is decoded
     once (one set of TSN frames) and gives num_sample clips, each with its own RandAugment, random-resized crop,
@@ -464,7 +439,6 @@ class RepeatedAugClassification(VideoClassification):
             clip = augment(clip, self.size, 'rrc', rng, self.flip, scale=self.rrc_scale)[0]
             clips.append(random_erase(clip, rng, self.erase_prob) if self.erase_prob else clip)
         return {'video': torch.stack(clips), 'label': label}              # [num_sample, 3, T, S, S]
-
 
 class VideoText(_RobustDataset):
     """Video/image-caption pairs (stage 2). train: TSN frames, RRC + flip, one random caption; eval: middle
@@ -489,7 +463,6 @@ class VideoText(_RobustDataset):
 
 # ----------------------------------------------------------------------------------------------
 # Sampler and loaders
-
 
 class ResumableSampler(torch.utils.data.Sampler):
     """DistributedSampler semantics (one global permutation per (seed, epoch), padded or cut to a multiple of
@@ -519,10 +492,8 @@ class ResumableSampler(torch.utils.data.Sampler):
         for p in range(self.rank + start * self.world, self.total, self.world):
             yield int(order[p]), int(seeds[p])
 
-
 def _worker_init(_):
     torch.set_num_threads(1)  # parallelism comes from the workers; more threads only oversubscribe the cores
-
 
 def make_loader(dataset, batch_size, shuffle, seed, rank, world_size, num_workers, drop_last=True, start=0):
     """DataLoader over a ResumableSampler; `start` = samples of this rank's epoch already consumed (resume)."""
@@ -534,7 +505,6 @@ def make_loader(dataset, batch_size, shuffle, seed, rank, world_size, num_worker
         prefetch_factor=2 if num_workers > 0 else None, worker_init_fn=_worker_init,
         generator=torch.Generator())  # its own: creating an iterator must not draw from torch's global RNG
     return loader, sampler
-
 
 def train_batches(dataset, batch_size, seed, rank, world_size, num_workers, epoch, start, per_epoch):
     """This rank's training batches without end: epoch after epoch, a new permutation each, exactly per_epoch
@@ -552,7 +522,6 @@ def train_batches(dataset, batch_size, seed, rank, world_size, num_workers, epoc
 # ----------------------------------------------------------------------------------------------
 # Checking a dataset, and a decoding benchmark
 
-
 def check_file(path):
     """None if every frame of `path` decodes, else the reason."""
     try:
@@ -566,7 +535,6 @@ def check_file(path):
         return f'only {n} of {expected} frames decodable' if n == 0 or n < expected else None
     except BAD_ERRORS as e:
         return f'{type(e).__name__}: {e}'
-
 
 def check(file, root=None):
     """Decode every entry of a list or annotation file; write FILE.clean (same format) and FILE.bad (reasons)."""
@@ -603,7 +571,6 @@ def make_bench_clips(out_dir):
     write_video(f'{out_dir}/long60s.mp4', frames(1500), options={'preset': 'veryfast',
                                                                  'x264-params': 'keyint=50:min-keyint=50:scenecut=0'})
 
-
 def bench(path, runs=15, num_frames=8):
     """Median time per clip: keyframe-aware sparse sampling vs decoding the whole file vs one seek per frame."""
     n, rng = video_length(path), np.random.default_rng(0)
@@ -633,7 +600,6 @@ def bench(path, runs=15, num_frames=8):
     print(f'{path}: {n} frames, 1 decoder thread, median of {runs} runs')
     for name, ts in times.items():
         print(f'  {name:30s} {1000 * statistics.median(ts):8.1f} ms/clip {1 / statistics.median(ts):8.1f} clips/s')
-
 
 if __name__ == '__main__':
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -28,7 +28,6 @@ DEMO_DIRECTIONS = ('up', 'down')  # vertical: the training flip (horizontal) kee
 DEMO_VIDEOS, DEMO_VAL = 15, 3     # videos per class, of which the last DEMO_VAL are held out for validation
 DEMO_T, DEMO_H, DEMO_W = 16, 96, 128
 
-
 def _demo_frames(color, direction, rng, n=DEMO_T):
     """A square crossing about half the frame height over n frames, on a gray background with fixed noise.
     One frame shows the color; only the order of the frames shows the direction."""
@@ -70,7 +69,6 @@ def make_demo(out_dir, seed=0):
     json.dump([{'image': f'images/{c}.jpg', 'caption': f'a {c} square'} for c in DEMO_COLORS],
               open(f'{out_dir}/captions_images.json', 'w'), indent=1)
 
-
 def train_demo_clip(ann_file, root, out_path, steps=300, batch=64, lr=2e-3, seed=0):
     """Trains tiny_clip() CLIP-style on single frames of the demo's training videos and their captions
     (about 30 s on two CPU cores) and saves its weights to out_path.
@@ -107,7 +105,6 @@ def train_demo_clip(ann_file, root, out_path, steps=300, batch=64, lr=2e-3, seed
         opt.step()
     checkpoints.save(model.state_dict(), out_path)  # atomic: a killed run never leaves half a file
 
-
 def setup(root, data_file, make_set, train_teacher, master, barrier):
     """The demo presets' preparation, done once by rank 0 while the others wait: write the synthetic set into
     `root` if `data_file` is missing (make_set), and train the demo CLIP into root/tiny_clip.pt if it is not there
@@ -129,7 +126,6 @@ def setup(root, data_file, make_set, train_teacher, master, barrier):
         train_demo_clip(captions, root, weights)
     barrier()
     return weights
-
 
 if __name__ == '__main__':
     make_demo(sys.argv[1] if len(sys.argv) > 1 else 'demo_data')

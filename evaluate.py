@@ -56,7 +56,6 @@ NO_MATCH = -100.0     # re-ranked score of every pair outside the top K_TEST (of
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics: plain functions on tensors (the tests call them directly)
 
-
 def best_positive_rank(scores, positive):
     """scores [Q, G], positive [Q, G] bool -> [Q] 0-based rank of the best-ranked positive of each query.
 
@@ -65,7 +64,6 @@ def best_positive_rank(scores, positive):
     """
     best = scores.masked_fill(~positive, float('-inf')).amax(1, keepdim=True)  # [Q, 1]
     return ((scores >= best) & ~positive).sum(1)
-
 
 def retrieval_metrics(sim, txt2vid, sim_v2t=None):
     """sim [num_texts, num_videos] scores, txt2vid LongTensor [num_texts] (each caption's video) -> recalls in %.
@@ -91,19 +89,16 @@ def retrieval_metrics(sim, txt2vid, sim_v2t=None):
     out['mean'] = (out['t2v_mean'] + out['v2t_mean']) / 2
     return out
 
-
 def multiview_average(logits):
     """logits [B, V, C] of V views (clips x crops) -> probabilities [B, C]: softmax per view, then the mean
     (the official multi-view test, single_modality/engines/engine_for_finetuning.py)."""
     return logits.float().softmax(dim=-1).mean(dim=1)
-
 
 def topk_accuracy(scores, labels, ks=(1, 5)):
     """scores [B, C], labels [B] -> {'top1': %, 'top5': %}; k is capped at C (top-5 of 3 classes is top-3)."""
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices.cpu()   # [B, k]
     hit = top == labels.cpu()[:, None]                                       # [B, k]
     return {f'top{k}': 100.0 * hit[:, :k].any(1).double().mean().item() for k in ks}
-
 
 def knn_predict(train_feats, train_labels, feats, num_classes, k=KNN_K, temp=KNN_TEMP, chunk=1024):
     """Weighted k-NN as in DINO: cosine similarity to every training feature, the k most similar vote for
@@ -116,7 +111,6 @@ def knn_predict(train_feats, train_labels, feats, num_classes, k=KNN_K, temp=KNN
         votes.scatter_add_(1, train_labels.to(q.device)[idx], (sim / temp).exp())
         out.append(votes / votes.sum(1, keepdim=True))
     return torch.cat(out)
-
 
 def train_linear_probe(feats, labels, num_classes, epochs=PROBE_EPOCHS, lr=PROBE_LR, weight_decay=PROBE_WD,
                        batch=256, seed=0):
@@ -144,7 +138,6 @@ def train_linear_probe(feats, labels, num_classes, epochs=PROBE_EPOCHS, lr=PROBE
         probe.weight.div_(std)
         probe.bias.sub_(probe.weight @ mean)
     return probe.requires_grad_(False)
-
 
 def rerank(sim, k, pair_scores, videos=None, batch=ITM_BATCH):
     """VTM re-ranking (the official k_test protocol): sim [Nt, Nv] VTC scores -> (t2v [Nt, Nv], v2t [Nt, Nv]) scores.
@@ -174,7 +167,6 @@ def rerank(sim, k, pair_scores, videos=None, batch=ITM_BATCH):
 # ----------------------------------------------------------------------------------------------------------------
 # Loading any checkpoint, and features from any model
 
-
 def load_model(path, num_frames=None, img_size=None):
     """Any checkpoint -> (model in eval mode, kind, VideoViTConfig of the vision encoder), through checkpoints.load:
     kind 'vit' (a stage-1 student: ours, or the vision encoder of an official stage-1 / stage-2 file), 'umt' (our
@@ -188,7 +180,6 @@ def load_model(path, num_frames=None, img_size=None):
     kind = 'umt' if hasattr(net, 'text_encoder') else 'classifier' if hasattr(net, 'head') else 'vit'
     print('\n'.join(report))
     return net.eval(), kind, (net.vision_encoder if kind == 'umt' else net.backbone if kind == 'classifier' else net).config
-
 
 def pooled_features(net, kind, config, video):
     """video [B, 3, T, H, W] -> (pooled [B, D], per_frame [B, t, D]): means of the encoder's output tokens over
@@ -211,10 +202,8 @@ def pooled_features(net, kind, config, video):
 # ----------------------------------------------------------------------------------------------------------------
 # Data-parallel helpers: each rank takes items rank, rank + W, ... and the results are summed into place
 
-
 def is_master():
     return not dist.is_initialized() or dist.get_rank() == 0
-
 
 def gather_rows(local, index, total):
     """local [n, ...] rows of global positions index [n] -> [total, ...] on every rank. Zeros elsewhere, then an
@@ -224,7 +213,6 @@ def gather_rows(local, index, total):
     if dist.is_initialized():
         dist.all_reduce(out)
     return out
-
 
 def run_videos(dataset, fn, device, batch, workers, desc):
     """fn(videos on device, batch dict) -> tuple of [b, ...] tensors, over this rank's share of the dataset ->
@@ -247,7 +235,6 @@ def run_videos(dataset, fn, device, batch, workers, desc):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Subcommands
-
 
 def evaluate_retrieval(net, dataset, device, k_test=K_TEST, batch=BATCH, workers=WORKERS, max_len=MAX_TEXT_LEN):
     """Zero-shot retrieval on a data.VideoText(mode='eval') set -> {'vtc': metrics, 'reranked': metrics, ...};
@@ -295,7 +282,6 @@ def evaluate_retrieval(net, dataset, device, k_test=K_TEST, batch=BATCH, workers
         out['reranked'] = retrieval_metrics(t2v, txt2vid, v2t)
     return out
 
-
 def per_view(dataset, fn, device, batch=BATCH, workers=WORKERS, desc='views', ctx=None):
     """fn on every view (clips x crops) of every video -> ([N, V, ...], labels [N]) on every rank."""
     ctx = ctx or training.precision(device)[0]
@@ -308,7 +294,6 @@ def per_view(dataset, fn, device, batch=BATCH, workers=WORKERS, desc='views', ct
     (out, labels), index = run_videos(dataset, views, device, batch, workers, desc)
     return gather_rows(out, index, len(dataset)), gather_rows(labels, index, len(dataset))
 
-
 def head_accuracy(classifier, dataset, device, batch=BATCH, workers=WORKERS, ctx=None):
     """A classifier's top-1 / top-5 (%) on a dataset, softmax averaged over each video's views; each video is
     counted once, on any number of processes (finetune.py's validation and test)."""
@@ -316,7 +301,6 @@ def head_accuracy(classifier, dataset, device, batch=BATCH, workers=WORKERS, ctx
     logits, labels = per_view(dataset, classifier.eval(), device, batch, workers, 'views', ctx)  # [N, V, C], [N]
     classifier.train(was_training)
     return topk_accuracy(multiview_average(logits), labels)
-
 
 def evaluate_classification(net, kind, config, args, device):
     """k-NN + linear probe on frozen pooled features, or a classifier's own head, on the multi-view test set."""
@@ -333,7 +317,6 @@ def evaluate_classification(net, kind, config, args, device):
     probe = train_linear_probe(train_x[:, 0], train_y, num_classes)
     return {'knn': topk_accuracy(votes.unflatten(0, test_x.shape[:2]).mean(1), test_y),  # vote shares averaged
             'linear': topk_accuracy(multiview_average(probe(test_x)), test_y), 'chance_top1': 100.0 / num_classes}
-
 
 def extract_features(net, kind, config, paths, device, frames=None, size=None):
     """Your own videos -> {'paths', 'pooled' [N, D], 'per_frame' [N, t, D]} (+ 'embed' [N, t, E] for stage 2:
@@ -361,7 +344,6 @@ def extract_features(net, kind, config, paths, device, frames=None, size=None):
         raise SystemExit(f'evaluate.py: none of the {len(paths)} videos could be read')
     return {'paths': kept, 'skipped': skipped, **{k: torch.cat(v) for k, v in out.items() if v}}
 
-
 def mask_picture(video, attn, keep):
     """video [3, T, S, S] normalized, attn [T, n] teacher CLS attention, keep [T*n_keep] -> uint8 [3*S, T*S, 3]:
     row 1 the frames, row 2 the attention (per-frame max = red) over them, row 3 hidden tokens darkened."""
@@ -376,7 +358,6 @@ def mask_picture(video, attn, keep):
     rows = [rgb, 0.4 * rgb + 0.6 * heat, rgb * (0.15 + 0.85 * up(kept))[..., None]]  # 3 x [T, S, S, 3]
     grid = torch.stack(rows).permute(0, 2, 1, 3, 4).reshape(3 * S, T * S, 3)  # [3, T, S, S, 3] -> [3S, T*S, 3]
     return (grid * 255).round().byte().numpy()
-
 
 def show_mask(video_path, out, teacher_name, pretrained, frames, mask_ratio, seed=0):
     """Teacher attention and the semantic mask (masking.semantic_mask, as in training) for one video -> PNG."""
@@ -395,7 +376,6 @@ def show_mask(video_path, out, teacher_name, pretrained, frames, mask_ratio, see
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -430,7 +410,6 @@ def parse_args(argv=None):
     m.add_argument('--seed', type=int, default=0)
     return p.parse_args(argv)
 
-
 def main(argv=None):
     args = parse_args(argv)
     if args.command == 'show-mask':
@@ -462,7 +441,6 @@ def main(argv=None):
         dist.barrier()  # tear the group down together: a rank that leaves first makes gloo abort the others
         dist.destroy_process_group()
     return results
-
 
 if __name__ == '__main__':
     main()

@@ -21,13 +21,11 @@ samples.
 
 import torch
 
-
 def num_keep(n, ratio):
     """Tokens kept per frame of n tokens at mask ratio `ratio` (the official rounding)."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f'mask ratio must be in [0, 1), got {ratio}')
     return n - int(n * ratio)
-
 
 def _topk_per_frame(scores, n_keep):
     """scores [B, T, n] -> keep [B, T*n_keep]: the n_keep best tokens of each frame, sorted, as clip indices."""
@@ -36,18 +34,15 @@ def _topk_per_frame(scores, n_keep):
     offset = torch.arange(T, device=scores.device)[None, :, None] * n     # [1, T, 1], first token of frame t
     return (idx + offset).flatten(1)                                      # [B, T*n_keep], globally sorted
 
-
 def random_mask(batch, frames, n, ratio, device=None, generator=None):
     """Uniformly random tokens, drawn independently in every frame: keep [B, T*n_keep]."""
     scores = torch.rand(batch, frames, n, device=device, generator=generator)  # a random permutation per frame
     return _topk_per_frame(scores, num_keep(n, ratio))
 
-
 def tube_mask(batch, frames, n, ratio, device=None, generator=None):
     """One random spatial pattern per sample, repeated in every frame (VideoMAE's tube): keep [B, T*n_keep]."""
     scores = torch.rand(batch, 1, n, device=device, generator=generator).expand(batch, frames, n)  # [B, T, n]
     return _topk_per_frame(scores, num_keep(n, ratio))
-
 
 def semantic_mask(attn, ratio, generator=None):
     """Keep tokens with probability guided by the teacher's CLS attention: keep [B, T*n_keep].
@@ -65,7 +60,6 @@ def semantic_mask(attn, ratio, generator=None):
     gumbel = -torch.log((-torch.log(u)).clamp_min(1e-20))                                  # Gumbel(0, 1) noise
     scores = torch.log(attn.float().clamp_min(1e-30)) + gumbel                             # [B, T, n]
     return _topk_per_frame(scores, num_keep(n, ratio))
-
 
 def make_mask(kind, attn, ratio, generator=None):
     """The mask used in training, by kind ('semantic' needs the teacher attention [B, T, n])."""

@@ -30,7 +30,6 @@ from torch.utils.checkpoint import checkpoint
 # ----------------------------------------------------------------------------------------------
 # Position table
 
-
 def sincos_table(n, dim):
     """The fixed 1-D sin-cos table over the flattened (t, h, w) token index: [n, dim].
 
@@ -45,15 +44,12 @@ def sincos_table(n, dim):
     table = torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle))
     return table.float()
 
-
 def gather_tokens(x, keep):
     """x [B, N, D], keep [B, N_vis] -> [B, N_vis, D]. Index + gather: no boolean mask, no host sync."""
     return x.gather(1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
 
-
 # ----------------------------------------------------------------------------------------------
 # Building blocks
-
 
 class Attention(nn.Module):
     """Multi-head self-attention with BEiT-style biases: q and v have a learnable bias, k has none.
@@ -82,7 +78,6 @@ class Attention(nn.Module):
         x = x.transpose(1, 2).reshape(B, N, D)                                       # [B, N, D]
         return self.proj(x)
 
-
 class MLP(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
@@ -92,14 +87,12 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as the official student
 
-
 def drop_path(x, p, training):
     """Stochastic depth: drop the whole residual branch of a sample with probability p (rescale the rest)."""
     if p == 0.0 or not training:
         return x
     keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= p      # [B, 1, 1], one draw per sample
     return x * (keep.to(x.dtype) / (1 - p))                         # scale the tiny mask, not x: one pass over x
-
 
 class Block(nn.Module):
     """Pre-norm transformer block, LayerNorm eps 1e-6, no layer scale (official init_values = 0)."""
@@ -117,7 +110,6 @@ class Block(nn.Module):
         x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
         return x
 
-
 class AlignHead(nn.Module):
     """One alignment head of the official `clip_decoder`: Linear(D -> C) -> LayerNorm -> L2 normalize."""
 
@@ -129,10 +121,8 @@ class AlignHead(nn.Module):
     def forward(self, x):
         return F.normalize(self.norm(self.head(x)), dim=-1)
 
-
 # ----------------------------------------------------------------------------------------------
 # The student
-
 
 @dataclass
 class VideoViTConfig:
@@ -148,7 +138,6 @@ class VideoViTConfig:
     align_layers: int = 6        # K, last blocks aligned with the teacher (paper: 6); 0 = no heads
     teacher_dim: int = 512       # C, teacher output width (CLIP-B/16: 512, CLIP-L/14: 768)
     checkpoint_blocks: int = 0   # activation checkpointing of the first N blocks (saves memory, costs compute)
-
 
 class VideoViT(nn.Module):
 
@@ -241,7 +230,6 @@ class VideoViT(nn.Module):
         aligned = [head(hk + pos) for head, hk in zip(self.clip_decoder, normed)]
         return x, torch.stack(aligned)                       # [K, B, N_vis, C], slot k <-> block depth-K+k
 
-
 def uta_loss(aligned, targets, per_layer=False):
     """Unmasked-teacher alignment (UTA) loss, shared by both stages.
 
@@ -253,10 +241,8 @@ def uta_loss(aligned, targets, per_layer=False):
     loss = loss.mean(dim=(1, 2))                                 # [K]
     return loss if per_layer else loss.mean()
 
-
 # ----------------------------------------------------------------------------------------------
 # Fine-tuning classifier
-
 
 class VideoClassifier(nn.Module):
     """The official fine-tuning model: all tokens -> mean pool -> fc_norm -> dropout -> head.
@@ -282,7 +268,6 @@ class VideoClassifier(nn.Module):
         x, _ = self.backbone(video)                        # [B, N, D], no final norm
         return self.head(self.dropout(self.fc_norm(x.mean(1))))  # [B, num_classes]
 
-
 # ----------------------------------------------------------------------------------------------
 # Presets and strict loading
 
@@ -294,12 +279,10 @@ CONFIGS = {
                            drop_path=0.0, align_layers=2, teacher_dim=64),
 }
 
-
 def get_config(name, **overrides):
     if name not in CONFIGS:
         raise ValueError(f'unknown model preset {name!r}; valid: {sorted(CONFIGS)}')
     return VideoViTConfig(**{**CONFIGS[name].__dict__, **overrides})
-
 
 def load_strict(model, sd):
     """load_state_dict(strict=True), with errors that name the offending keys and shapes."""

@@ -35,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the data pipeline normalizes clips with these (as the official code)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # ... but OpenAI CLIP was trained with these
@@ -48,7 +47,6 @@ WEIGHTS_HINT = (
     "timm/vit_base_patch16_clip_224.openai, together with a '-quickgelu' model name such as "
     "'ViT-B-16-quickgelu'.")
 
-
 def tiny_clip(quick_gelu=True):
     """A 64-px open_clip.CLIP for tests and the CPU demo. Its random weights are seeded: a teacher is never
     saved in a checkpoint, so a resumed run must rebuild exactly the same one (the demo trains it once
@@ -59,7 +57,6 @@ def tiny_clip(quick_gelu=True):
         torch.manual_seed(0)
         return open_clip.CLIP(embed_dim=64, vision_cfg=vision, text_cfg=text, quick_gelu=quick_gelu)
 
-
 def check_quickgelu(model):
     """OpenAI CLIP was trained with QuickGELU, x * sigmoid(1.702 x). With exact GELU the features are
     quietly wrong, and open_clip picks nn.GELU without a warning for e.g. 'ViT-B-16' + a file path."""
@@ -69,7 +66,6 @@ def check_quickgelu(model):
             f"OpenAI CLIP weights need QuickGELU but this model uses {type(act).__name__}: use a "
             "'-quickgelu' model name (e.g. 'ViT-B-16-quickgelu', 'ViT-L-14-quickgelu'). If the file holds "
             "non-OpenAI weights trained with GELU, this teacher is not the paper's.")
-
 
 def build_clip(name='ViT-B-16-quickgelu', pretrained='openai'):
     """Frozen open_clip CLIP model (both towers; model.py builds the text side from the same model).
@@ -94,7 +90,6 @@ def build_clip(name='ViT-B-16-quickgelu', pretrained='openai'):
             check_quickgelu(model)
     return model.eval().requires_grad_(False)
 
-
 def resize_pos_embed(pos, grid):
     """[1 + g*g, E] -> [1 + grid*grid, E]: bicubic on the 2-D patch grid; the CLS row is kept as is."""
     g = int(round((pos.shape[0] - 1) ** 0.5))
@@ -102,7 +97,6 @@ def resize_pos_embed(pos, grid):
     patches = F.interpolate(patches.float(), size=(grid, grid), mode='bicubic', align_corners=False)
     patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)  # [grid*grid, E], raster order
     return torch.cat([pos[:1], patches.to(pos.dtype)]).detach()
-
 
 class CLIPTeacher(nn.Module):
     """CLIP's visual tower run frame by frame; always frozen (eval, no grad, never saved, never in DDP)."""
@@ -208,7 +202,6 @@ class CLIPTeacher(nn.Module):
         """video [B, 3, T, H, W] -> (targets [K, B, N, C] for every token, attn [B, T, h*w])."""
         hidden, attn = self.encode(video)
         return self.targets(hidden), attn
-
 
 def build_teacher(name='ViT-B-16-quickgelu', pretrained='openai', align_layers=6, image_size=None):
     """UMT-B: the defaults. UMT-L: build_teacher('ViT-L-14-quickgelu', image_size=196). Demo: build_teacher('tiny')."""

@@ -167,7 +167,6 @@ if min(steps_of.values()) == 0:
 steps_per_epoch = sum(steps_of.values())
 total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_epoch
 
-
 @functools.lru_cache(maxsize=2)
 def schedule(epoch):
     """Which media each step of an epoch uses: every loader's batches, shuffled (the official MetaLoader).
@@ -175,7 +174,6 @@ def schedule(epoch):
     order = [m for m in sets for _ in range(steps_of[m])]
     np.random.default_rng([SEED, epoch]).shuffle(order)
     return order
-
 
 # ----------------------------------------------------------------------------------------------
 # Models: the frozen teacher, and the video-language model (student + text side)

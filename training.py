@@ -30,14 +30,12 @@ import checkpoints
 NAN_STEPS = {int(s) for s in os.environ.get('UMT_NAN_STEPS', '').split(',') if s}
 KILL_AFTER = int(os.environ.get('UMT_KILL_AFTER', 0))
 
-
 def fail(message):
     """Stop the script with a message that names it."""
     raise SystemExit(f'{os.path.basename(sys.argv[0])}: {message}')
 
 # ----------------------------------------------------------------------------------------------
 # Settings: UPPER_CASE constants at the top of a script, changed by presets and --KEY=VALUE
-
 
 def configure(constants, presets, argv):
     """Apply `--preset=NAME`, then `--KEY=VALUE` overrides, to a script's constants (its globals()).
@@ -91,7 +89,6 @@ def configure(constants, presets, argv):
 # ----------------------------------------------------------------------------------------------
 # Processes, devices and precision
 
-
 def setup_distributed(device_name='auto'):
     """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python script.py` runs one process.
 
@@ -111,7 +108,6 @@ def setup_distributed(device_name='auto'):
     device = torch.device(f'cuda:{local_rank}' if use_cuda else 'cpu')
     return rank, world_size, device
 
-
 def precision(device, dtype='auto'):
     """One autocast context for the forward passes, and the GradScaler that fp16 needs.
 
@@ -125,7 +121,6 @@ def precision(device, dtype='auto'):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')
     return ctx, scaler, dtype
 
-
 def all_reduce_mean(t):
     """Average a tensor over ranks (a no-op without torch.distributed)."""
     if dist.is_available() and dist.is_initialized():
@@ -134,7 +129,6 @@ def all_reduce_mean(t):
         t /= dist.get_world_size()
     return t
 
-
 def wrap_ddp(model, device, world_size):
     """DDP around the trained module when there are several processes; the module itself otherwise."""
     if world_size == 1:
@@ -142,11 +136,9 @@ def wrap_ddp(model, device, world_size):
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda'
                                                      else None, broadcast_buffers=False)
 
-
 def no_sync(model, skip):
     """Gradient accumulation: DDP all-reduces the gradients only on the last micro-step (skip=False)."""
     return model.no_sync() if skip and hasattr(model, 'no_sync') else nullcontext()
-
 
 def seed_for(*keys):
     """A 63-bit seed from a few values (e.g. SEED, step, rank): different keys give unrelated streams.
@@ -157,7 +149,6 @@ def seed_for(*keys):
 # ----------------------------------------------------------------------------------------------
 # Optimizer: schedule and parameter groups
 
-
 def lr_at(step, total_steps, warmup_steps, peak, floor, start=0.0):
     """Per-iteration schedule: linear warmup start -> peak, then half-cosine peak -> floor.
 
@@ -167,7 +158,6 @@ def lr_at(step, total_steps, warmup_steps, peak, floor, start=0.0):
         return start + (peak - start) * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
-
 
 def param_groups(model, weight_decay, lr_scale=None):
     """AdamW groups: no weight decay on 1-D parameters (norms, q/v biases, the temperature) and biases.
@@ -184,7 +174,6 @@ def param_groups(model, weight_decay, lr_scale=None):
         groups.setdefault((wd, scale), {'params': [], 'weight_decay': wd, 'lr_scale': scale})['params'].append(p)
     return list(groups.values())
 
-
 def layer_decay(depth, decay, prefix=''):
     """name -> lr multiplier decay^(depth + 1 - layer) (BEiT's layer-wise decay, used by the official fine-tuning):
     the patch embedding is layer 0, block i layer i + 1, everything after the blocks layer depth + 1 (full lr).
@@ -198,7 +187,6 @@ def layer_decay(depth, decay, prefix=''):
 
 # ----------------------------------------------------------------------------------------------
 # One run's bookkeeping
-
 
 class Run:
     """Processes, precision, OUT_DIR/last.pt and log.jsonl, and what happens after every backward pass.

@@ -24,7 +24,6 @@ SOT_ID, EOT_ID, VOCAB = 49406, 49407, 49408  # open_clip BPE: start / end of tex
 MASK_ID = VOCAB  # [MASK] lies one past the vocabulary: its own embedding vector, never an MLM class
 _BPE = []        # the tokenizer, built on first use (open_clip is imported only when stage 2 needs it)
 
-
 def tokenize(captions, context_length=32):
     """list[str] -> (input_ids [B, L] long, attention_mask [B, L] bool, True = real token). Rows are
     [sot] tokens [eot] 0 0 ...; a long caption is cut and still ends with [eot] (paper: L = 32). The mask
@@ -36,7 +35,6 @@ def tokenize(captions, context_length=32):
     eot = (ids == EOT_ID).int().argmax(dim=1)                           # [B], one eot per row
     return ids, torch.arange(ids.shape[1])[None, :] <= eot[:, None]
 
-
 def text_mask(attention_mask, causal=False):
     """[B, L] bool (True = real token) -> SDPA mask [B, 1, 1 or L, L]: every query sees the real tokens; causal
     also hides the later ones (CLIP's original text mask, and the answer decoder of video QA)."""
@@ -46,11 +44,9 @@ def text_mask(attention_mask, causal=False):
         mask = mask & torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()  # [B, 1, L, L]
     return mask
 
-
 def eot_index(attention_mask):
     """[B, L] bool -> [B]: the last real token, [eot] (or the [MASK] that MLM put there)."""
     return attention_mask.sum(dim=1) - 1
-
 
 class TextAttention(nn.Module):
     """SDPA multi-head attention. Self-attention keeps nn.MultiheadAttention's packed in_proj [3Dt, Dt]
@@ -75,7 +71,6 @@ class TextAttention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)               # mask: True = may attend
         return self.out_proj(x.transpose(1, 2).reshape(B, L, Dt))
 
-
 class TextBlock(nn.Module):
     """open_clip's pre-norm ResidualAttentionBlock (LN eps 1e-5); a fusion block adds a cross-attention
     sub-block between self-attention and the MLP, where BERT's fusion layers have theirs."""
@@ -95,7 +90,6 @@ class TextBlock(nn.Module):
             x = x + self.cross_attn(self.ln_cross(x), context=vision)
         h = self.mlp.c_fc(self.ln_2(x))
         return x + self.mlp.c_proj(h * torch.sigmoid(1.702 * h) if self.quick_gelu else F.gelu(h))
-
 
 class TextEncoder(nn.Module):
     """CLIP's text transformer without its causal mask, plus [MASK] and the fusion blocks.
@@ -138,7 +132,6 @@ class TextEncoder(nn.Module):
         for blk in self.blocks[self.fusion_layer:]:
             x = blk(x, mask, vision)
         return self.ln_final(x)
-
 
 class UMT(nn.Module):
     """The stage-2 model: student, pool_norm, text encoder, projections and heads. The frozen teacher
@@ -224,7 +217,6 @@ class UMT(nn.Module):
             / pick.sum().clamp(min=1)
         return torch.stack([loss_vtc, loss_vtm, loss_mlm, loss_uta])
 
-
 def text_config(clip_model, embed_dim=None, fusion_layer=None):
     """Text-side config of an open_clip CLIP (teacher.build_clip). Defaults are the paper's: E = CLIP's
     embedding width (512 for B/16, 768 for L/14, 64 tiny), fusion_layer = 3/4 of the depth (9 of 12)."""
@@ -238,13 +230,11 @@ def text_config(clip_model, embed_dim=None, fusion_layer=None):
                 fusion_layer=len(blocks) * 3 // 4 if fusion_layer is None else fusion_layer,
                 embed_dim=embed_dim or clip_model.text_projection.shape[1])
 
-
 def clip_text_state_dict(clip_model):
     """open_clip's text-tower weights under TextEncoder's names (text_projection, logit_scale unused)."""
     return {k.replace('transformer.resblocks.', 'blocks.').replace('attn.in_proj_', 'attn.in_proj.'): v
             for k, v in clip_model.state_dict().items()
             if k.startswith(('token_embedding.', 'positional_embedding', 'transformer.', 'ln_final.'))}
-
 
 def build_umt(vision_encoder, clip_model, embed_dim=None, fusion_layer=None):
     """UMT around vision_encoder, with the text tower copied from clip_model; the rest is new."""
@@ -255,10 +245,8 @@ def build_umt(vision_encoder, clip_model, embed_dim=None, fusion_layer=None):
     load_strict(model.text_encoder, {**sd, **{k: own[k] for k in new}})  # every CLIP tower tensor must fit
     return model
 
-
 # ----------------------------------------------------------------------------------------------
 # Stage 2 objectives (the training loop is in train_stage2.py)
-
 
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward SUMS the gradient over ranks, then returns this rank's slice.
@@ -280,11 +268,9 @@ class _GatherWithGrad(torch.autograd.Function):
         torch.distributed.all_reduce(grad)
         return grad.chunk(torch.distributed.get_world_size())[torch.distributed.get_rank()]
 
-
 def gather_with_grad(x):
     dist = torch.distributed
     return _GatherWithGrad.apply(x) if dist.is_available() and dist.is_initialized() else x
-
 
 def same_pair(a, b):
     """Pair keys a [B, K], b [G, K] (or [B], [G]) -> [B, G] bool: True where two pairs share any key.
@@ -292,7 +278,6 @@ def same_pair(a, b):
     repeated video and a repeated caption both count as positives rather than as negatives."""
     a, b = (a[:, None], b[:, None]) if a.dim() == 1 else (a, b)
     return (a[:, None, :] == b[None, :, :]).any(dim=-1)
-
 
 def vtc_loss(v, t, ids, temp):
     """Video-text contrastive loss of this rank's rows against the global batch.
@@ -309,7 +294,6 @@ def vtc_loss(v, t, ids, temp):
     loss_t2v = -(targets * (t @ v_all.t() / temp).log_softmax(dim=1)).sum(1).mean()
     return (loss_v2t + loss_t2v) / 2
 
-
 @torch.no_grad()
 def vtm_pairs(sim, ids):
     """Hard negatives for video-text matching, within this rank's batch.
@@ -324,7 +308,6 @@ def vtm_pairs(sim, ids):
     ar = torch.arange(B, device=sim.device)
     labels = (torch.arange(3 * B, device=sim.device) < B).long()               # 1 = matching pair
     return torch.cat([ar, neg_video, ar]), torch.cat([ar, ar, neg_text]), labels
-
 
 def mask_text(input_ids, attention_mask, prob=0.5, generator=None):
     """BERT's MLM corruption -> (masked_ids [B, L], labels [B, L] with -100 where not masked).
