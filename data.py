@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import time
 import warnings
@@ -384,12 +385,20 @@ def _load_json(path):
         objs = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [objs] if isinstance(objs, dict) else objs
 
+def pre_text(text):
+    """Caption cleaning as the official pre_text (multi_modality/dataset/utils.py), used for captions, questions
+    and answer options (not for QA answers): lower case; , . ' ! ? " ( ) * # : ; ~ deleted; - and / become spaces;
+    <person> becomes person; runs of spaces collapse."""
+    text = re.sub(r'[,.\'!?"()*#:;~]', '', text.lower()).replace('-', ' ').replace('/', ' ')
+    return re.sub(r'\s+', ' ', text.replace('<person>', 'person')).strip()
+
 def read_annotations(ann_file, root=None, media=None):
-    """Official JSON list (or JSONL) of {"video" or "image": path, "caption": str or [str]} -> [Annotation]."""
+    """Official JSON list (or JSONL) of {"video" or "image": path, "caption": str or [str]} -> [Annotation],
+    captions cleaned by pre_text."""
     out = []
     for o in _load_json(ann_file):
         is_image = 'image' in o
-        caps = o['caption'] if isinstance(o['caption'], list) else [o['caption']]
+        caps = [pre_text(c) for c in (o['caption'] if isinstance(o['caption'], list) else [o['caption']])]
         if media is None or media == ('image' if is_image else 'video'):
             out.append(Annotation(_join(root, o['image' if is_image else 'video']), caps, is_image))
     return out

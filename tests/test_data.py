@@ -302,6 +302,13 @@ def test_classification_eval_views(demo_dir):
         (3, 4, 32, 32)
 
 
+def test_pre_text_cleans_captions_as_the_official_code():
+    assert data.pre_text('A Man, riding a bike!') == 'a man riding a bike'                  # lower case, , and ! go
+    assert data.pre_text('It\'s (really) "good"? #1 *ok*: yes; no~') == 'its really good 1 ok yes no'
+    assert data.pre_text('a two-year-old and/or a cat.') == 'a two year old and or a cat'  # - and / become spaces
+    assert data.pre_text('  <person> waves \n  at <person>  ') == 'person waves at person'
+    assert data.pre_text('keep <b> & 5% + [x]') == 'keep <b> & 5% + [x]'                   # nothing else changes
+
 def test_video_text(demo_dir, tmp_path):
     ann = os.path.join(demo_dir, 'captions_train.json')
     ds = data.VideoText(ann, demo_dir, num_frames=4, size=32)
