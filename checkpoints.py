@@ -97,7 +97,7 @@ def describe(ckpt, overrides):
     return kind, sd, config, stored, {}, unused
 
 def load(source, want='auto', num_classes=None, head_rows=None, stored_table=False, head_dropout=0.0, init_scale=0.001,
-         **overrides):
+         name=None, **overrides):
     """A checkpoint (path or dict) -> (model, report lines).
 
     want: 'vit' (VideoViT with alignment heads: stage-2 training), 'umt' (our stage-2 model), 'classifier'
@@ -106,9 +106,9 @@ def load(source, want='auto', num_classes=None, head_rows=None, stored_table=Fal
     position table is regenerated for the new frames / resolution; stored_table=True uses an official
     fine-tuned file's own `pos_embed` when it fits (to evaluate that file as it was trained). head_rows: the
     rows of the checkpoint's classifier head to keep as the new head (K710 -> K400: range(400)); head_dropout and
-    init_scale: the VideoClassifier's (a new head starts at init_scale x its random init).
+    init_scale: the VideoClassifier's (a new head starts at init_scale x its random init). name: for the report.
     """
-    name = source if isinstance(source, str) else 'the checkpoint'
+    name = name or (source if isinstance(source, str) else 'the checkpoint')
     ckpt = read(source) if isinstance(source, str) else source
     kind, sd, config, stored, extra, unused = describe(ckpt, overrides)
     want = kind if want == 'auto' else want
@@ -131,7 +131,10 @@ def load(source, want='auto', num_classes=None, head_rows=None, stored_table=Fal
         prefix = 'backbone.'
         if kind != 'classifier':
             sd = {prefix + k: v for k, v in sd.items()}
-        if head_rows is not None and 'head.weight' in sd:  # a head trained on a superset of the classes
+        if head_rows is not None:  # a head trained on a superset of the classes (K710 -> K400 / K600 / K700)
+            if 'head.weight' not in sd or len(head_rows) != classes:
+                raise ValueError(f'head_rows: {len(head_rows)} rows for {classes} classes from '
+                                 f'{"a head of " + str(len(sd["head.weight"])) if "head.weight" in sd else "no head"}')
             sd['head.weight'], sd['head.bias'] = sd['head.weight'][list(head_rows)], sd['head.bias'][list(head_rows)]
     else:
         raise ValueError(f'{name} holds a {kind}; it cannot give a {want!r} (a classifier has no alignment heads)')
@@ -146,7 +149,7 @@ def load(source, want='auto', num_classes=None, head_rows=None, stored_table=Fal
                          + ', '.join(missing))
     load_strict(model, {**own, **feed})
     vit = model.backbone if want == 'classifier' else model
-    rows = '' if head_rows is None or 'head.weight' not in feed else f', its head restricted to {len(head_rows)} rows'
+    rows = '' if head_rows is None else f', head = {len(head_rows)} of its rows ({list(head_rows)[:3]}...)'
     report = [f'loaded {name}: {len(feed)} tensors ({kind}, depth {config.depth}, width {config.embed_dim}){rows}',
               f'new: {group(new)}']
     if table is not None and stored_table and table.shape[1:] == vit.pos_embed.shape:

@@ -68,10 +68,11 @@ def _scan(c, s):
         raise ValueError('no video packets')
     return sorted(pts), sorted(keys) or [(min(pts), min(pts))]
 
-def read_frames(path, indices, threads=1):
+def read_frames(path, indices, threads=1, max_seconds=None):
     """Frames `indices` of a video as uint8 [len(indices), H, W, 3], pixel-identical to sequential decoding.
     `indices` may be unsorted, repeated, or past the end (-> last frame); it may also be a function n_frames ->
-    indices, so a caller can sample once the true length is known without opening the file twice."""
+    indices, so a caller can sample once the true length is known without opening the file twice.
+    max_seconds: only the frames of the first max_seconds count (the official DiDeMo protocol reads 30 s)."""
     if path.lower().endswith(IMAGE_EXTS):  # a still image is a 1-frame video
         with Image.open(path) as im:
             img = np.asarray(im.convert('RGB'))
@@ -80,6 +81,8 @@ def read_frames(path, indices, threads=1):
     with av.open(path) as c:  # `with`: containers leak in DataLoader workers otherwise
         s = _video_stream(c, threads)
         pts, keys = _scan(c, s)
+        if max_seconds is not None:
+            pts = [p for p in pts if (p - pts[0]) * s.time_base < max_seconds] or pts[:1]
         idx = np.asarray(indices(len(pts)) if callable(indices) else indices, dtype=np.int64)
         if idx.size == 0 or idx.min() < 0:
             raise ValueError(f'bad frame indices {idx}')
@@ -143,23 +146,43 @@ def write_video(path, frames, fps=25, codec='libx264', pix_fmt='yuv420p', option
 # Frame sampling (the official rules)
 
 def sample_indices(n, num_frames, mode, rng=None, clip=0, num_clips=1):
-    """Frame indices [num_frames] for a video of n frames. Short videos repeat frames instead of failing.
-    train:  TSN sparse (stage 1): num_frames equal segments of n // num_frames frames, one random frame in each.
-    middle: the middle frame of each of num_frames equal segments (stage-2 evaluation).
-    test:   clip `clip` of C = `num_clips` (fine-tuning test): seg = (n-1)/T,
-            frame i at round(seg*i) + int(seg/(C+1)*(clip+1))."""
+    """Frame indices [num_frames] of a video of n frames, by the official samplers. Short videos repeat frames.
+    tsn:    stage-1 pre-training and SSv2 fine-tuning (single_modality/datasets/mae.py, ssv2.py): num_frames
+            segments of n // num_frames frames, a random frame in each. (For n < num_frames the official code
+            repeats frame 0; we draw sorted random frames, so that the clip still moves.)
+    sparse: Kinetics fine-tuning (datasets/kinetics_sparse.py): seg = (n-1)/T, frame i drawn from
+            [round(seg i), round(seg (i+1))], both ends included.
+    test:   Kinetics test clip `clip` of C = num_clips (kinetics_sparse.py): frame i at round(seg i) + int(seg/(C+1) (clip+1)).
+    ssv2:   SSv2 test clip `clip` of C (datasets/ssv2.py): tick = n/T; the 2 official clips take the segment starts
+            int(tick i) and middles int(tick/2 + tick i); other C spread the offsets evenly over a segment.
+    rand:   stage-2 training (multi_modality/dataset/video_utils.py): k = min(T, n) segments cut at
+            linspace(0, n, k+1); a random frame of segment [s, e) except its last one (an official quirk kept), and
+            a sorted random draw when a segment has no such frame; padded with the last index up to T.
+    middle: stage-2 evaluation: the middle frame (s + e - 1) // 2 of the same segments, padded the same way."""
     i = np.arange(num_frames)
-    if mode == 'train':
+    if mode == 'tsn':
         avg = n // num_frames
         if avg > 0:
             return i * avg + rng.integers(avg, size=num_frames)
-        return np.sort(rng.integers(n, size=num_frames))  # fewer frames than wanted: sorted random repeats
-    if mode == 'middle':
-        edges = np.linspace(0, n, num_frames + 1).astype(int)
-        return np.clip((edges[:-1] + edges[1:] - 1) // 2, 0, n - 1)
-    if mode == 'test':
+        return np.sort(rng.integers(n, size=num_frames))
+    if mode in ('sparse', 'test'):
         seg = (n - 1) / num_frames
-        return np.clip(np.round(seg * i).astype(int) + int(seg / (num_clips + 1) * (clip + 1)), 0, n - 1)
+        if mode == 'sparse':
+            return np.minimum(rng.integers(np.round(seg * i).astype(int), np.round(seg * (i + 1)).astype(int) + 1), n - 1)
+        return np.minimum(np.round(seg * i).astype(int) + int(seg / (num_clips + 1) * (clip + 1)), n - 1)
+    if mode == 'ssv2':
+        tick = n / num_frames
+        return np.minimum((tick * i + tick * clip / num_clips).astype(int), n - 1)
+    if mode in ('rand', 'middle'):
+        k = min(num_frames, n)
+        edges = np.linspace(0, n, k + 1).astype(int)
+        if mode == 'middle':
+            idx = (edges[:-1] + edges[1:] - 1) // 2
+        elif np.all(edges[1:] - 1 > edges[:-1]):
+            idx = rng.integers(edges[:-1], edges[1:] - 1)
+        else:
+            idx = np.sort(rng.permutation(n)[:k])
+        return np.concatenate([idx, np.full(num_frames - k, idx[-1])])
     raise ValueError(f'unknown sampling mode {mode!r}')
 
 # ----------------------------------------------------------------------------------------------
@@ -198,16 +221,16 @@ def eval_boxes(h, w, num_crops=1):
     offsets = [long_free // 2] if num_crops == 1 else [0, long_free // 2, long_free]
     return [(o, 0, s, s) if h > w else (0, o, s, s) for o in offsets]
 
-def augment(frames, size, kind, rng=None, flip=False, num_crops=1, scale=RRC_SCALE):
+def augment(frames, size, kind, rng=None, flip=False, num_crops=1, scale=RRC_SCALE, interp='bicubic'):
     """uint8 [T,H,W,3] -> list of normalized float32 [3,T,S,S], one per crop. kind: 'multiscale' (stage 1),
-    'rrc' (stage 2; `scale` = its area fraction, also for fine-tuning), 'center' (eval: short side -> S, 1 or 3
-    crops), 'squash' (stage-2 eval: whole frame -> SxS). One box and one flip decision per clip, so motion stays
-    consistent across frames."""
+    'rrc' (stage 2 bicubic; fine-tuning: `scale` 0.08-1, interp 'bilinear', as the official code), 'center' (eval:
+    short side -> S, 1 or 3 crops), 'squash' (stage-2 eval: whole frame -> SxS). One box and one flip decision per
+    clip, so motion stays consistent across frames."""
     T, H, W, _ = frames.shape
     if kind == 'multiscale':
         boxes, mode = [multiscale_box(H, W, size, rng)], 'bilinear'
     elif kind == 'rrc':
-        boxes, mode = [rrc_box(H, W, rng, scale)], 'bicubic'
+        boxes, mode = [rrc_box(H, W, rng, scale)], interp
     elif kind == 'center':
         boxes, mode = eval_boxes(H, W, num_crops), 'bilinear'
     elif kind == 'squash':
@@ -405,26 +428,28 @@ def read_annotations(ann_file, root=None, media=None):
 
 class VideoClassification(_RobustDataset):
     """Kinetics-style classification. train: TSN frames + aug ('multiscale' stage 1, 'rrc') + flip;
-    val: 1 clip, center crop; test: num_clips x num_crops views -> video [V,3,T,S,S] when V > 1."""
+    val: 1 clip, center crop; test: num_clips x num_crops views -> video [V,3,T,S,S] when V > 1.
+    sampler: 'kinetics' or 'ssv2', the official test rule of each dataset (sample_indices)."""
     def __init__(self, list_file, root=None, num_frames=8, size=224, mode='train', aug='multiscale', flip=True,
-                 num_clips=1, num_crops=1, max_bad_fraction=0.05, threads=1):
-        assert mode in ('train', 'val', 'test') and aug in ('multiscale', 'rrc')
+                 num_clips=1, num_crops=1, max_bad_fraction=0.05, threads=1, sampler='kinetics'):
+        assert mode in ('train', 'val', 'test') and aug in ('multiscale', 'rrc') and sampler in ('kinetics', 'ssv2')
         self.samples = read_list(list_file, root)
         self.num_classes = max(label for _, label in self.samples) + 1
         self.num_frames, self.size, self.mode, self.aug, self.flip = num_frames, size, mode, aug, flip
         self.num_clips, self.num_crops = (num_clips, num_crops) if mode == 'test' else (1, 1)
-        self.threads = threads
+        self.threads, self.sampler = threads, sampler
         super().__init__([p for p, _ in self.samples], max_bad_fraction)
 
     def load(self, i, rng):
         path, label = self.samples[i]
         T, C = self.num_frames, self.num_clips
         if self.mode == 'train':
-            frames = read_frames(path, lambda n: sample_indices(n, T, 'train', rng), self.threads)
+            frames = read_frames(path, lambda n: sample_indices(n, T, 'tsn', rng), self.threads)
             return {'video': augment(frames, self.size, self.aug, rng, self.flip)[0], 'label': label}
         # val / test: all clips decoded in one pass, then C clips x crops views
         frames = read_frames(path, lambda n: np.concatenate(
-            [sample_indices(n, T, 'test', clip=c, num_clips=C) for c in range(C)]), self.threads)
+            [sample_indices(n, T, 'test' if self.sampler == 'kinetics' else 'ssv2', clip=c, num_clips=C)
+             for c in range(C)]), self.threads)
         views = [v for c in range(C) for v in augment(frames[c * T:(c + 1) * T], self.size, 'center',
                                                       num_crops=self.num_crops)]
         return {'video': torch.stack(views) if len(views) > 1 else views[0], 'label': label}
@@ -441,33 +466,38 @@ class RepeatedAugClassification(VideoClassification):
 
     def load(self, i, rng):
         path, label = self.samples[i]
-        frames = read_frames(path, lambda n: sample_indices(n, self.num_frames, 'train', rng), self.threads)
+        mode = 'sparse' if self.sampler == 'kinetics' else 'tsn'
+        frames = read_frames(path, lambda n: sample_indices(n, self.num_frames, mode, rng), self.threads)
         clips = []
         for _ in range(self.num_sample):
             clip = rand_augment(frames, rng, *self.rand_augment) if self.rand_augment else frames
-            clip = augment(clip, self.size, 'rrc', rng, self.flip, scale=self.rrc_scale)[0]
+            clip = augment(clip, self.size, 'rrc', rng, self.flip, scale=self.rrc_scale, interp='bilinear')[0]
             clips.append(random_erase(clip, rng, self.erase_prob) if self.erase_prob else clip)
         return {'video': torch.stack(clips), 'label': label}              # [num_sample, 3, T, S, S]
 
 class VideoText(_RobustDataset):
-    """Video/image-caption pairs (stage 2). train: TSN frames, RRC + flip, one random caption; eval: middle
-    frames, squash resize, first caption. `.items` keeps every caption for retrieval evaluation.
+    """Video/image-caption pairs (stage 2). train: 'rand' frames, RRC + flip, one random caption; eval: middle
+    frames, squash resize, first caption. `.items` keeps every caption for retrieval evaluation; paragraph=True
+    joins a video's captions into one (paragraph retrieval); max_seconds: read only the start of each video.
     Images give [3,1,S,S]; keep images and videos in separate loaders (media=...), as the official MetaLoader."""
     def __init__(self, ann_file, root=None, num_frames=4, size=224, mode='train', media=None,
-                 max_bad_fraction=0.05, threads=1):
+                 max_bad_fraction=0.05, threads=1, paragraph=False, max_seconds=None):
         assert mode in ('train', 'eval') and media in (None, 'video', 'image')
         self.items = read_annotations(ann_file, root, media)
+        if paragraph:
+            self.items = [a._replace(captions=[' '.join(a.captions)]) for a in self.items]
         self.num_frames, self.size, self.mode, self.threads = num_frames, size, mode, threads
+        self.max_seconds = max_seconds
         super().__init__([a.path for a in self.items], max_bad_fraction)
 
     def load(self, i, rng):
         item = self.items[i]
         T = 1 if item.is_image else self.num_frames
         if self.mode == 'train':
-            frames = read_frames(item.path, lambda n: sample_indices(n, T, 'train', rng), self.threads)
+            frames = read_frames(item.path, lambda n: sample_indices(n, T, 'rand', rng), self.threads, self.max_seconds)
             caption = item.captions[rng.integers(len(item.captions))]
             return {'video': augment(frames, self.size, 'rrc', rng, flip=True)[0], 'caption': caption}
-        frames = read_frames(item.path, lambda n: sample_indices(n, T, 'middle'), self.threads)
+        frames = read_frames(item.path, lambda n: sample_indices(n, T, 'middle'), self.threads, self.max_seconds)
         return {'video': augment(frames, self.size, 'squash')[0], 'caption': item.captions[0]}
 
 # ----------------------------------------------------------------------------------------------
@@ -592,13 +622,13 @@ def bench(path, runs=15, num_frames=8):
     def naive():  # seek to every target by time and decode forward
         with av.open(path) as c:
             s = _video_stream(c, 1)
-            for i in sample_indices(n, num_frames, 'train', rng):
+            for i in sample_indices(n, num_frames, 'tsn', rng):
                 tgt = (s.start_time or 0) + round(i / s.average_rate / s.time_base)
                 c.seek(tgt, stream=s)
                 next(f for f in c.decode(s) if f.pts >= tgt).to_ndarray(format='rgb24')
 
     def sparse():
-        read_frames(path, lambda n: sample_indices(n, num_frames, 'train', rng))
+        read_frames(path, lambda n: sample_indices(n, num_frames, 'tsn', rng))
     methods = {'decode whole file': full, f'{num_frames}-frame sparse (read_frames)': sparse, 'naive seek': naive}
     times = {name: [] for name in methods}
     for _ in range(runs):  # interleaved, so load from other processes hits every method alike

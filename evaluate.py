@@ -41,6 +41,13 @@ from video_language import tokenize
 K_TEST = 128          # candidates re-ranked by VTM per query, in each direction (official k_test)
 RET_FRAMES = 4        # frames per video for retrieval, middle of 4 equal segments (official zero-shot configs)
 MAX_TEXT_LEN = 32     # caption tokens (official max_txt_l: MSRVTT 32; MSVD, DiDeMo, LSMDC 64)
+PROTOCOLS = {         # the official zero-shot retrieval configs (exp/zero_shot/ret_*/b16.py): caption tokens, the
+    'msrvtt': dict(max_len=32, paragraph=False, seconds=None),   # captions of a video joined into one paragraph,
+    'msvd': dict(max_len=64, paragraph=False, seconds=None),     # seconds of video read (DiDeMo: the first 30)
+    'lsmdc': dict(max_len=64, paragraph=False, seconds=None),
+    'didemo': dict(max_len=64, paragraph=True, seconds=30),
+    'anet': dict(max_len=150, paragraph=True, seconds=None),     # 150 > CLIP's 77 positions: cut at 77 (README)
+}
 KNN_K = 20            # neighbours that vote in k-NN classification (DINO's protocol, Caron et al. 2021)
 KNN_TEMP = 0.07       # a neighbour's vote weighs exp(cos / KNN_TEMP) (DINO)
 PROBE_EPOCHS = 30     # linear probe: passes over the (pre-computed) training features
@@ -255,6 +262,7 @@ def evaluate_retrieval(net, dataset, device, k_test=K_TEST, batch=BATCH, workers
     video_feat = gather_rows(video_feat, video_index.to(device), nv)         # [Nv, T, E]; tokens stay on this rank
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     text_index = torch.arange(rank, nt, world)
+    max_len = min(max_len, net.text_encoder.positional_embedding.shape[0])  # the text tower's positions (CLIP: 77)
     ids, mask = tokenize([captions[j] for j in text_index.tolist()], context_length=max_len)  # [n, L] each
     hidden, text_feat = [], []
     for s in tqdm(range(0, len(ids), batch), desc='texts', disable=not is_master()):
@@ -392,7 +400,8 @@ def parse_args(argv=None):
     r = sub.add_parser('retrieval', parents=[common_args], help='zero-shot video-text retrieval (stage 2)')
     r.add_argument('--ann', required=True, help='JSON (or JSONL) list of {"video": path, "caption": str or [str]}')
     r.add_argument('--k_test', type=int, default=K_TEST)
-    r.add_argument('--max_len', type=int, default=MAX_TEXT_LEN)
+    r.add_argument('--protocol', choices=sorted(PROTOCOLS), default='msrvtt', help='text length, paragraphs, seconds')
+    r.add_argument('--max_len', type=int, default=None, help="caption tokens (default: the protocol's)")
     c = sub.add_parser('classify', parents=[common_args], help='k-NN / linear probe / fine-tuned head')
     c.add_argument('--train', default=None, help='training list (path,label): k-NN memory and probe data')
     c.add_argument('--val', required=True, help='test list (path,label)')
@@ -426,9 +435,11 @@ def main(argv=None):
     if args.command == 'retrieval':
         if kind != 'umt':
             raise SystemExit(f'retrieval needs a stage-2 checkpoint of this repo (with a text side), got a {kind}')
+        protocol = PROTOCOLS[args.protocol]
         data = VideoText(args.ann, args.root, num_frames=args.frames or RET_FRAMES, size=args.size or config.img_size,
-                         mode='eval')
-        results = evaluate_retrieval(net, data, device, args.k_test, args.batch, args.workers, args.max_len)
+                         mode='eval', paragraph=protocol['paragraph'], max_seconds=protocol['seconds'])
+        results = evaluate_retrieval(net, data, device, args.k_test, args.batch, args.workers,
+                                     args.max_len or protocol['max_len'])
     else:
         if kind != 'classifier' and not args.train:
             raise SystemExit('k-NN and the linear probe need --train (the labelled features they learn from)')

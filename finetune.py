@@ -21,6 +21,7 @@ Launch the same command again after a crash: the run resumes from OUT_DIR/last.p
 """
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -43,6 +44,10 @@ VAL_LIST = 'data/k710_val.csv'     # validated every epoch (1 clip x 1 crop) and
 DATA_ROOT = ''                     # folder the lists' relative paths start from
 MAKE_DEMO = False                  # write the synthetic demo set into DATA_ROOT if the lists are missing (demo)
 NUM_CLASSES = 710                  # K710: 710, K400: 400, SSv2: 174
+SAMPLER = 'kinetics'               # frame sampling: 'kinetics' (official kinetics_sparse.py) or 'ssv2' (ssv2.py)
+HEAD_ROWS = None                   # None: a new head unless INIT's head has NUM_CLASSES outputs; 'first': the first
+                                   # NUM_CLASSES rows of INIT's head (K710 -> K400: K710's label order starts with
+                                   # K400's); or a JSON list of INIT head rows, one per class (official label_mixto600.json)
 NUM_FRAMES = 8                     # T (paper: 8; 16 for the 16-frame L/16); the sin-cos table follows T and S
 IMG_SIZE = 224                     # S (paper: 224)
 NUM_WORKERS = 10                   # decoding processes per GPU
@@ -79,6 +84,8 @@ MAX_BAD_STEPS = 5                  # a non-finite loss skips the step; this many
 # evaluation
 TEST_CLIPS = 4                     # final test: clips per video (paper: 4 Kinetics, 2 SSv2)
 TEST_CROPS = 3                     # final test: crops per clip, 3 = left/center/right or 1 = center (paper: 3)
+TEST_BEST = True                   # test the epoch with the best validation top-1 (OUT_DIR/best.pt), not the last
+                                   # (the official scripts pass --test_best)
 # system
 DEVICE = 'auto'                    # 'auto' = the GPU when there is one; 'cpu' forces the CPU
 DTYPE = 'auto'                     # 'auto' = bf16 on recent GPUs, fp16 + loss scaling on older ones, fp32 on CPU
@@ -90,18 +97,26 @@ OUT_DIR = 'out/k710_b16'           # last.pt and log.jsonl
 
 PRESETS = {
     'k710_b16': {},
-    'k400_b16': {'INIT': 'out/k710_b16/last.pt', 'TRAIN_LIST': 'data/k400_train.csv', 'VAL_LIST': 'data/k400_val.csv',
-                 'NUM_CLASSES': 400, 'BASE_LR': 2e-5, 'EPOCHS': 5, 'WARMUP_EPOCHS': 1, 'OUT_DIR': 'out/k400_b16'},
+    'k400_b16': {'INIT': 'out/k710_b16/best.pt', 'TRAIN_LIST': 'data/k400_train.csv', 'VAL_LIST': 'data/k400_val.csv',
+                 'NUM_CLASSES': 400, 'HEAD_ROWS': 'first', 'BASE_LR': 2e-5, 'EPOCHS': 5, 'WARMUP_EPOCHS': 1,
+                 'OUT_DIR': 'out/k400_b16'},
+    'k600_b16': {'INIT': 'out/k710_b16/best.pt', 'TRAIN_LIST': 'data/k600_train.csv', 'VAL_LIST': 'data/k600_val.csv',
+                 'NUM_CLASSES': 600, 'HEAD_ROWS': 'data/label_mixto600.json', 'BASE_LR': 2e-5, 'EPOCHS': 5,
+                 'WARMUP_EPOCHS': 1, 'OUT_DIR': 'out/k600_b16'},
+    'k700_b16': {'INIT': 'out/k710_b16/best.pt', 'TRAIN_LIST': 'data/k700_train.csv', 'VAL_LIST': 'data/k700_val.csv',
+                 'NUM_CLASSES': 700, 'HEAD_ROWS': 'data/label_mixto700.json', 'BASE_LR': 2e-5, 'EPOCHS': 5,
+                 'WARMUP_EPOCHS': 1, 'OUT_DIR': 'out/k700_b16'},
     'ssv2_b16': {'TRAIN_LIST': 'data/ssv2_train.csv', 'VAL_LIST': 'data/ssv2_val.csv', 'NUM_CLASSES': 174,
-                 'FLIP': False, 'EPOCHS': 30, 'WARMUP_EPOCHS': 5, 'TEST_CLIPS': 2, 'OUT_DIR': 'out/ssv2_b16'},
+                 'SAMPLER': 'ssv2', 'FLIP': False, 'EPOCHS': 30, 'WARMUP_EPOCHS': 5, 'TEST_CLIPS': 2,
+                 'OUT_DIR': 'out/ssv2_b16'},
     'k710_l16': {'INIT': 'out/stage1_l16/last.pt', 'BASE_LR': 1e-4, 'LAYER_DECAY': 0.85, 'DROP_PATH': 0.2,
                  'EPOCHS': 20, 'OUT_DIR': 'out/k710_l16'},
-    'k400_l16': {'INIT': 'out/k710_l16/last.pt', 'TRAIN_LIST': 'data/k400_train.csv', 'VAL_LIST': 'data/k400_val.csv',
-                 'NUM_CLASSES': 400, 'BASE_LR': 1e-5, 'LAYER_DECAY': 0.85, 'DROP_PATH': 0.2, 'EPOCHS': 5,
-                 'WARMUP_EPOCHS': 1, 'OUT_DIR': 'out/k400_l16'},
+    'k400_l16': {'INIT': 'out/k710_l16/best.pt', 'TRAIN_LIST': 'data/k400_train.csv', 'VAL_LIST': 'data/k400_val.csv',
+                 'NUM_CLASSES': 400, 'HEAD_ROWS': 'first', 'BASE_LR': 1e-5, 'LAYER_DECAY': 0.85, 'DROP_PATH': 0.2,
+                 'EPOCHS': 5, 'WARMUP_EPOCHS': 1, 'OUT_DIR': 'out/k400_l16'},
     'ssv2_l16': {'INIT': 'out/stage1_l16/last.pt', 'TRAIN_LIST': 'data/ssv2_train.csv', 'VAL_LIST': 'data/ssv2_val.csv',
-                 'NUM_CLASSES': 174, 'FLIP': False, 'BASE_LR': 4e-4, 'LAYER_DECAY': 0.85, 'DROP_PATH': 0.2,
-                 'EPOCHS': 14, 'WARMUP_EPOCHS': 4, 'TEST_CLIPS': 2, 'OUT_DIR': 'out/ssv2_l16'},
+                 'NUM_CLASSES': 174, 'SAMPLER': 'ssv2', 'FLIP': False, 'BASE_LR': 4e-4, 'LAYER_DECAY': 0.85,
+                 'DROP_PATH': 0.2, 'EPOCHS': 14, 'WARMUP_EPOCHS': 4, 'TEST_CLIPS': 2, 'OUT_DIR': 'out/ssv2_l16'},
     # CPU demo: the tiny stage-1 demo model on the synthetic classes (color x up / down motion; the
     # horizontal flip keeps those labels true). With 96 training videos, mixup / cutmix, RandAugment, erasing and
     # small crops only slow learning down within the few hundred steps a demo can afford, so they are off; a 4-block
@@ -133,6 +148,8 @@ if not (0 <= RANDOM_ERASE <= 1 and (RAND_AUGMENT is None or (len(RAND_AUGMENT) =
                                                              and 0 <= RAND_AUGMENT[1] <= 10))):
     fail(f'RANDOM_ERASE={RANDOM_ERASE} must lie in [0, 1] and RAND_AUGMENT={RAND_AUGMENT} be None or '
          f'(ops >= 1, magnitude in [0, 10], magnitude std), e.g. (4, 7, 0.5) for rand-m7-n4-mstd0.5')
+if SAMPLER not in ('kinetics', 'ssv2') or HEAD_ROWS not in (None, 'first') and not os.path.isfile(HEAD_ROWS):
+    fail(f"SAMPLER={SAMPLER!r} must be 'kinetics' or 'ssv2', HEAD_ROWS={HEAD_ROWS!r} None, 'first' or a JSON file")
 if not os.path.exists(os.path.join(OUT_DIR, 'last.pt')) and not os.path.isfile(INIT):
     hint = ' Run `python train_stage1.py --preset=demo` first.' if 'demo' in INIT else ''
     fail(f'INIT {INIT!r} not found: pass --init=CHECKPOINT, ours (train_stage1.py, train_stage2.py, '
@@ -147,6 +164,7 @@ for name, path in (('TRAIN_LIST', TRAIN_LIST), ('VAL_LIST', VAL_LIST)):
 
 run = training.Run(config, OUT_DIR, DEVICE, DTYPE, GRAD_CLIP, MAX_BAD_STEPS, LOG_INTERVAL, CKPT_INTERVAL)
 rank, device, autocast = run.rank, run.device, run.autocast
+best_path = os.path.join(OUT_DIR, 'best.pt')
 grad_accum = TOTAL_BATCH // (MICRO_BATCH * world_size)          # micro-steps per optimizer step
 # The official rule scales the lr with the clips per step, which repeated augmentation multiplies.
 lr_factor = TOTAL_BATCH * NUM_SAMPLE / 256
@@ -157,7 +175,7 @@ peak_lr, warmup_lr, min_lr = BASE_LR * lr_factor, WARMUP_LR * lr_factor, MIN_LR 
 
 if MAKE_DEMO:
     demo.setup(DATA_ROOT, TRAIN_LIST, True, False, run.master, run.barrier)
-kw = dict(max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS)
+kw = dict(max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS, sampler=SAMPLER)
 train_set = data.RepeatedAugClassification(TRAIN_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, flip=FLIP, num_sample=NUM_SAMPLE,
                                            rrc_scale=RRC_SCALE, rand_augment=RAND_AUGMENT, erase_prob=RANDOM_ERASE, **kw)
 val_set = data.VideoClassification(VAL_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='val', **kw)
@@ -178,12 +196,15 @@ torch.manual_seed(SEED)  # the same new head on every rank (DDP broadcasts rank 
 ckpt = run.resume()  # OUT_DIR/last.pt, or None
 if ckpt is not None and ckpt['num_classes'] != NUM_CLASSES:
     fail(f'{run.ckpt_path} has {ckpt["num_classes"]} classes but NUM_CLASSES={NUM_CLASSES}: another OUT_DIR?')
+head_rows = range(NUM_CLASSES) if HEAD_ROWS == 'first' else json.load(open(HEAD_ROWS)) if HEAD_ROWS else None
 try:  # the sin-cos table is regenerated for NUM_FRAMES x IMG_SIZE
     raw_model, report = checkpoints.load(INIT if ckpt is None else ckpt, 'classifier', NUM_CLASSES,
-                                         head_dropout=HEAD_DROPOUT, init_scale=INIT_SCALE, num_frames=NUM_FRAMES,
-                                         img_size=IMG_SIZE, drop_path=DROP_PATH, checkpoint_blocks=CHECKPOINT_BLOCKS)
+                                         head_rows=head_rows if ckpt is None else None, head_dropout=HEAD_DROPOUT,
+                                         init_scale=INIT_SCALE, num_frames=NUM_FRAMES, img_size=IMG_SIZE,
+                                         drop_path=DROP_PATH, checkpoint_blocks=CHECKPOINT_BLOCKS)
 except ValueError as e:  # a checkpoint that does not fit, or frames / size that do not divide into patches
     fail(str(e))
+best_top1 = -1.0 if ckpt is None else ckpt.get('best_top1', -1.0)  # the best validation top-1 so far (TEST_BEST)
 raw_model.to(device)  # unwrapped and uncompiled: what is saved and evaluated
 model_config = raw_model.backbone.config
 
@@ -208,6 +229,7 @@ if run.master:
 # ----------------------------------------------------------------------------------------------
 # Training loop
 
+state = dict(model_config=dataclasses.asdict(model_config), num_classes=NUM_CLASSES)  # what a checkpoint describes
 epoch, done = divmod(run.step, steps_per_epoch)
 batches = data.train_batches(train_set, MICRO_BATCH, SEED, rank, world_size, NUM_WORKERS, epoch, done * grad_accum,
                              steps_per_epoch * grad_accum)
@@ -239,22 +261,32 @@ while run.step < total_steps:
     due = run.update({'loss': step_loss}, raw_model)
     if run.step % steps_per_epoch == 0:
         val = evaluate.head_accuracy(raw_model, val_set, device, MICRO_BATCH * NUM_SAMPLE, NUM_WORKERS, autocast)
+        epoch = run.step // steps_per_epoch
         if run.master:
-            print(f'epoch {run.step // steps_per_epoch}/{EPOCHS} | val top-1 {val["top1"]:.2f} | top-5 '
-                  f'{val["top5"]:.2f} (1 clip x 1 crop, {len(val_set)} videos)')
-            run.write({'step': run.step, 'epoch': run.step // steps_per_epoch, 'val_top1': val['top1'],
-                       'val_top5': val['top5']})
+            print(f'epoch {epoch}/{EPOCHS} | val top-1 {val["top1"]:.2f} | top-5 {val["top5"]:.2f} '
+                  f'(1 clip x 1 crop, {len(val_set)} videos)')
+            run.write({'step': run.step, 'epoch': epoch, 'val_top1': val['top1'], 'val_top5': val['top5']})
+        if val['top1'] > best_top1:  # the weights of the best epoch so far, beside last.pt
+            best_top1 = val['top1']
+            if run.master:
+                checkpoints.save({'model': raw_model.state_dict(), 'epoch': epoch, 'val_top1': best_top1, **state},
+                                 best_path)
     if due:
-        run.save(model=raw_model.state_dict(), model_config=dataclasses.asdict(model_config), num_classes=NUM_CLASSES)
+        run.save(model=raw_model.state_dict(), best_top1=best_top1, **state)
 
 # ----------------------------------------------------------------------------------------------
 # Final test: TEST_CLIPS x TEST_CROPS views per video, softmax averaged (the official multi-view test)
 
-views = TEST_CLIPS * TEST_CROPS
+views, tested = TEST_CLIPS * TEST_CROPS, {'epoch': EPOCHS}
+if TEST_BEST:  # the official --test_best: reload the epoch with the best validation top-1
+    run.barrier()
+    tested = checkpoints.read(best_path)
+    raw_model.load_state_dict(tested['model'])
 test = evaluate.head_accuracy(raw_model, test_set, device, max(1, MICRO_BATCH * NUM_SAMPLE // views), NUM_WORKERS,
                               autocast)
 if run.master:
-    print(f'test: top-1 {test["top1"]:.2f} | top-5 {test["top5"]:.2f} ({TEST_CLIPS} clips x {TEST_CROPS} crops, '
-          f'{len(test_set)} videos; chance {100 / NUM_CLASSES:.1f})')
-    run.write({'step': run.step, 'test_top1': test['top1'], 'test_top5': test['top5'], 'views': views})
+    print(f'test of epoch {tested["epoch"]}: top-1 {test["top1"]:.2f} | top-5 {test["top5"]:.2f} ({TEST_CLIPS} clips '
+          f'x {TEST_CROPS} crops, {len(test_set)} videos; chance {100 / NUM_CLASSES:.1f})')
+    run.write({'step': run.step, 'test_top1': test['top1'], 'test_top5': test['top5'], 'views': views,
+               'epoch': tested['epoch']})
 run.close(f'done: {run.step} steps, {run.skipped_steps} skipped; weights in {run.ckpt_path}, log in {run.log_path}')

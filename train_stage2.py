@@ -31,6 +31,7 @@ Launch the same command again after a crash: the run resumes from OUT_DIR/last.p
 
 import dataclasses
 import functools
+import math
 import os
 import sys
 import zlib
@@ -55,22 +56,24 @@ VIDEO_ANN = 'data/webvid2m_train.json'  # video-text pairs (paper 5M: WebVid-2M)
 VIDEO_ROOT = ''                    # folder the video paths start from
 IMAGE_ANN = 'data/cc3m_train.json'  # image-text pairs (paper 5M: CC3M); '' = videos only
 IMAGE_ROOT = ''
-VAL_ANN = ''                       # small video-text set: text->video R@1 after every epoch ('' = none; evaluate.py is the full protocol)
+VAL_ANN = ''                       # video-text set for a VTC text->video R@1 after every epoch ('' = none; the full
+                                   # protocol is evaluate.py retrieval)
 VAL_ROOT = ''
 MAKE_DEMO = False                  # write the synthetic demo set into VIDEO_ROOT if VIDEO_ANN is missing (demo)
-NUM_FRAMES = 4                     # T per video, TSN-sparse (paper: 4 in stage 2)
+NUM_FRAMES = 4                     # T per video, one random frame per segment (paper: 4; retrieval fine-tuning 12)
 IMG_SIZE = 224                     # RandomResizedCrop(scale 0.5-1) + flip to this size (paper: 224)
 MAX_TEXT_LEN = 32                  # L, BPE tokens with [sot] and [eot] (paper: 32)
 NUM_WORKERS = 6                    # decoding processes per GPU, per media
 DECODE_THREADS = 1                 # PyAV threads per worker
 MAX_BAD_FRACTION = 0.05            # stop when more than this fraction of the files cannot be decoded
 # model
-INIT = 'out/stage1/last.pt'        # stage-1 weights: a train_stage1.py checkpoint, or an official UMT .pth
+INIT = 'out/stage1/last.pt'        # stage 1 (ours or an official .pth: its video encoder, the text from TEACHER's
+                                   # CLIP) or our stage-2 model (all of it: retrieval fine-tuning)
 DROP_PATH = 0.1                    # stochastic depth of the last student block (paper: 0.1 B, 0.2 L)
 EMBED_DIM = None                   # E of the VTC space; None = CLIP's width: 512 for B/16, 768 for L/14 (= paper)
 FUSION_LAYER = None                # first text block with cross-attention; None = 3/4 of the depth (9 of 12 = paper)
 CHECKPOINT_BLOCKS = 0              # activation checkpointing of the first N student blocks: less memory, more compute
-# teacher (its checkpoint's text tower also initializes the text encoder)
+# teacher (its checkpoint's text tower also initializes the text encoder of a stage-1 INIT)
 TEACHER = 'ViT-B-16-quickgelu'     # open_clip name (paper: CLIP ViT-B/16 for B, ViT-L/14 for L); 'tiny': 64-px demo CLIP
 TEACHER_PRETRAINED = 'openai'      # open_clip tag or a local weights file; None = random; 'demo': see the demo preset
 TEACHER_SIZE = None                # teacher input size; None = CLIP's own; 196 for L/14 (14x14 patches, like the student)
@@ -83,12 +86,14 @@ MLM_PROB = 0.5                     # fraction of the text tokens masked for MLM 
 VTC_WEIGHT = 1.0                   # paper: all four losses weigh 1
 VTM_WEIGHT = 1.0
 MLM_WEIGHT = 1.0
-UTA_WEIGHT = 1.0
+UTA_WEIGHT = 1.0                   # 0 = no teacher: no masking, every token, per-frame features (retrieval fine-tuning)
+VTC_GRAD = 'global'                # 'global': the gradient of the contrastive loss over the global batch (ours);
+                                   # 'official': 1/world_size of it, what the official all-gather gives (section README)
 # optimization. No gradient accumulation: the VTC loss over a global batch does not split into micro-batches.
 VIDEO_BATCH = 2048                 # video-text pairs per video step over all GPUs (paper: 16 GPUs x 128)
 IMAGE_BATCH = 2048                 # image-text pairs per image step over all GPUs (paper: 16 GPUs x 128)
 LR = 1e-4                          # peak lr, not scaled with the batch (paper: 1e-4)
-MIN_LR_RATIO = 0.01                # warmup starts at, and the cosine ends at, LR x this (paper: 0.01)
+MIN_LR_RATIO = 0.01                # lr = LR x max(this, warmup ramp or half-cosine), the official LambdaLR (paper: 0.01)
 WARMUP_EPOCHS = 1                  # linear warmup, per iteration (paper: 1)
 EPOCHS = 10                        # paper: 10
 WEIGHT_DECAY = 0.02                # AdamW, none on biases, norms and the temperature (paper: 0.02)
@@ -116,6 +121,19 @@ PRESETS = {
              'TEACHER': 'tiny', 'TEACHER_PRETRAINED': 'demo', 'IMG_SIZE': 64, 'DROP_PATH': 0.0, 'VIDEO_BATCH': 16,
              'IMAGE_BATCH': 4, 'LR': 1e-3, 'EPOCHS': 80, 'COMPILE': False, 'NUM_WORKERS': 1, 'LOG_INTERVAL': 10,
              'CKPT_INTERVAL': 100, 'OUT_DIR': 'out/demo_stage2'},
+    # Retrieval fine-tuning from a stage-2 model (official exp/finetuning/ret_msrvtt/b16_25m.py): VTC + VTM only, no
+    # teacher and no masking, 12 frames, 8 GPUs x 32 pairs. mc_msrvtt is the training inside the official MSRVTT-MC
+    # script (7k split, evaluated with `evaluate.py mc`).
+    'ret_msrvtt': {'INIT': 'out/stage2/last.pt', 'VIDEO_ANN': 'data/msrvtt_ret_train9k.json', 'IMAGE_ANN': '',
+                   'VAL_ANN': 'data/msrvtt_ret_test1k.json', 'NUM_FRAMES': 12, 'UTA_WEIGHT': 0.0, 'MLM_WEIGHT': 0.0,
+                   'DROP_PATH': 0.2, 'VIDEO_BATCH': 256, 'LR': 1e-5, 'OUT_DIR': 'out/ret_msrvtt'},
+    'mc_msrvtt': {'INIT': 'out/stage2/last.pt', 'VIDEO_ANN': 'data/msrvtt_ret_train7k.json', 'IMAGE_ANN': '',
+                  'NUM_FRAMES': 12, 'UTA_WEIGHT': 0.0, 'MLM_WEIGHT': 0.0, 'DROP_PATH': 0.2, 'VIDEO_BATCH': 256,
+                  'LR': 8e-5, 'EPOCHS': 5, 'WARMUP_EPOCHS': 0, 'OUT_DIR': 'out/mc_msrvtt'},
+    'ret_demo': {'INIT': 'out/demo_stage2/last.pt', 'VIDEO_ANN': 'demo_data/captions_train.json', 'VIDEO_ROOT': 'demo_data',
+                 'IMAGE_ANN': '', 'VAL_ANN': 'demo_data/captions_val.json', 'VAL_ROOT': 'demo_data', 'NUM_FRAMES': 12,
+                 'IMG_SIZE': 64, 'UTA_WEIGHT': 0.0, 'MLM_WEIGHT': 0.0, 'DROP_PATH': 0.0, 'VIDEO_BATCH': 16, 'LR': 1e-4,
+                 'EPOCHS': 5, 'COMPILE': False, 'NUM_WORKERS': 1, 'LOG_INTERVAL': 6, 'OUT_DIR': 'out/demo_ret'},
 }
 
 config = training.configure(globals(), PRESETS, sys.argv[1:])
@@ -131,12 +149,12 @@ for name, ratio in (('VIDEO_MASK_RATIO', VIDEO_MASK_RATIO), ('IMAGE_MASK_RATIO',
                     ('MLM_PROB', MLM_PROB)):
     if not 0 < ratio < 1:
         fail(f'{name}={ratio} must lie strictly between 0 and 1')
-if MASK_TYPE not in ('semantic', 'tube', 'random'):
-    fail(f"MASK_TYPE={MASK_TYPE!r}; valid: 'semantic', 'tube', 'random'")
+if MASK_TYPE not in ('semantic', 'tube', 'random') or VTC_GRAD not in ('global', 'official'):
+    fail(f"MASK_TYPE={MASK_TYPE!r} must be 'semantic', 'tube' or 'random', VTC_GRAD={VTC_GRAD!r} 'global' or 'official'")
 if not os.path.exists(os.path.join(OUT_DIR, 'last.pt')) and not os.path.isfile(INIT):
     hint = ' Run `python train_stage1.py --preset=demo` first.' if INIT == PRESETS['demo']['INIT'] else \
         ' Pass --init=PATH: a train_stage1.py checkpoint (out/stage1/last.pt) or an official UMT stage-1 .pth.'
-    fail(f'stage-1 checkpoint INIT={INIT!r} not found.{hint}')
+    fail(f'checkpoint INIT={INIT!r} not found.{hint}')
 for name, path in (('VIDEO_ANN', VIDEO_ANN), ('IMAGE_ANN', IMAGE_ANN), ('VAL_ANN', VAL_ANN)):
     if path and not os.path.exists(path) and not MAKE_DEMO:
         fail(f'{name} {path!r} not found: a JSON list (or JSONL) of {{"video" or "image": path, "caption": text '
@@ -147,7 +165,6 @@ for name, path in (('VIDEO_ANN', VIDEO_ANN), ('IMAGE_ANN', IMAGE_ANN), ('VAL_ANN
 
 run = training.Run(config, OUT_DIR, DEVICE, DTYPE, GRAD_CLIP, MAX_BAD_STEPS, LOG_INTERVAL, CKPT_INTERVAL)
 rank, device, autocast = run.rank, run.device, run.autocast
-min_lr = LR * MIN_LR_RATIO
 
 # ----------------------------------------------------------------------------------------------
 # Data: one loader per media, each batch all-video or all-image; the schedule interleaves them
@@ -167,6 +184,13 @@ if min(steps_of.values()) == 0:
 steps_per_epoch = sum(steps_of.values())
 total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_epoch
 
+def lr_at(step):
+    """The official per-step LambdaLR (multi_modality/utils/scheduler.py): LR x max(MIN_LR_RATIO, step / warmup)
+    during warmup, then LR x max(MIN_LR_RATIO, half-cosine from 1 to 0)."""
+    if step < warmup_steps:
+        return LR * max(MIN_LR_RATIO, step / warmup_steps)
+    return LR * max(MIN_LR_RATIO, 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps))))
+
 @functools.lru_cache(maxsize=2)
 def schedule(epoch):
     """Which media each step of an epoch uses: every loader's batches, shuffled (the official MetaLoader).
@@ -179,19 +203,20 @@ def schedule(epoch):
 # Models: the frozen teacher, and the video-language model (student + text side)
 
 torch.manual_seed(SEED)  # the same new weights on every rank (DDP broadcasts rank 0's anyway)
-try:
-    clip_model = build_clip(TEACHER, TEACHER_PRETRAINED)  # its visual tower teaches, its text tower initializes
-except RuntimeError as e:  # weights not downloadable / not found: teacher.py's message carries the hint
-    fail(str(e))
+use_teacher = UTA_WEIGHT > 0  # without it no masking either: every token, per-frame features (retrieval fine-tuning)
 ckpt = run.resume()  # OUT_DIR/last.pt, or None
 try:
-    if ckpt is not None:
-        raw_model, report = checkpoints.load(ckpt, 'umt')
+    source = ckpt if ckpt is not None else checkpoints.read(INIT)
+    if use_teacher or 'text_config' not in source:  # CLIP's visual tower teaches, its text tower starts the text side
+        clip_model = build_clip(TEACHER, TEACHER_PRETRAINED)
+    # The architecture comes from the checkpoint; frames, size and regularization from the constants. The
+    # position table is fixed sin-cos, so 4 frames simply use the first rows of the 8-frame table.
+    overrides = {} if ckpt is not None else dict(num_frames=NUM_FRAMES, img_size=IMG_SIZE, drop_path=DROP_PATH,
+                                                 checkpoint_blocks=CHECKPOINT_BLOCKS)
+    if 'text_config' in source:  # our stage-2 model: resume, or retrieval fine-tuning
+        raw_model, report = checkpoints.load(source, 'umt', name=run.ckpt_path if ckpt else INIT, **overrides)
     else:
-        # The architecture comes from the checkpoint; frames, size and regularization from the constants. The
-        # position table is fixed sin-cos, so 4 frames simply use the first rows of the 8-frame table.
-        vision, report = checkpoints.load(INIT, 'vit', num_frames=NUM_FRAMES, img_size=IMG_SIZE, drop_path=DROP_PATH,
-                                          checkpoint_blocks=CHECKPOINT_BLOCKS)
+        vision, report = checkpoints.load(source, 'vit', name=INIT, **overrides)
         if vision.config.align_layers == 0:
             fail(f'INIT={INIT} has no alignment heads: stage 2 continues the stage-1 alignment (UTA)')
         raw_model = build_umt(vision, clip_model, EMBED_DIM, FUSION_LAYER)
@@ -199,19 +224,23 @@ try:
         new = [k for k in raw_model.state_dict() if not k.startswith('vision_encoder.') and k not in from_clip]
         report += [f'text encoder: {len(from_clip)} tensors from the text tower of {TEACHER} ({TEACHER_PRETRAINED})',
                    f'new in stage 2: {checkpoints.group(new, parts=4)}']
-except ValueError as e:  # a checkpoint that does not fit
+except RuntimeError as e:  # CLIP weights not downloadable / not found: teacher.py's message carries the hint
     fail(str(e))
+except ValueError as e:  # a checkpoint that cannot be read or does not fit
+    fail(str(e))
+del source
 vision_config = raw_model.vision_encoder.config
-teacher = CLIPTeacher(clip_model, vision_config.align_layers, TEACHER_SIZE).to(device)
-# Frozen: eval mode, no gradients, never in DDP, the optimizer or a checkpoint (rebuilt on resume).
-teacher.eval().requires_grad_(False)
-del clip_model  # the text tower was copied into raw_model; the teacher keeps the visual tower
 raw_model.to(device)
-p, grid = vision_config.patch_size, teacher.image_size // teacher.patch
-if IMG_SIZE // p != grid or vision_config.teacher_dim != teacher.visual.proj.shape[1]:
-    fail(f'student ({IMG_SIZE // p}x{IMG_SIZE // p} patches, heads to width {vision_config.teacher_dim}) and teacher '
-         f'({grid}x{grid}, width {teacher.visual.proj.shape[1]}) do not fit; set TEACHER_SIZE = '
-         f'{IMG_SIZE // p * teacher.patch} or use the teacher of stage 1')
+if use_teacher:
+    teacher = CLIPTeacher(clip_model, vision_config.align_layers, TEACHER_SIZE).to(device)
+    # Frozen: eval mode, no gradients, never in DDP, the optimizer or a checkpoint (rebuilt on resume).
+    teacher.eval().requires_grad_(False)
+    p, grid = vision_config.patch_size, teacher.image_size // teacher.patch
+    if IMG_SIZE // p != grid or vision_config.teacher_dim != teacher.visual.proj.shape[1]:
+        fail(f'student ({IMG_SIZE // p}x{IMG_SIZE // p} patches, heads to width {vision_config.teacher_dim}) and '
+             f'teacher ({grid}x{grid}, width {teacher.visual.proj.shape[1]}) do not fit; set TEACHER_SIZE = '
+             f'{IMG_SIZE // p * teacher.patch} or use the teacher of stage 1')
+clip_model = None  # the text tower was copied into raw_model; the teacher keeps the visual tower
 
 # ----------------------------------------------------------------------------------------------
 # Optimizer (AdamW, no decay on 1-D / 0-D parameters), compile, DDP
@@ -227,9 +256,10 @@ if run.master:
     print('\n'.join(report))
     print(f'world size {world_size} | {VIDEO_BATCH} video / {IMAGE_BATCH if IMAGE_ANN else 0} image pairs per step, '
           f'{", ".join(f"{n} {m}" for m, n in steps_of.items())} steps per epoch | {run.dtype}, compile {COMPILE}, '
-          f'{device}\nlr {LR:g} after {warmup_steps} warmup steps, floor {min_lr:g}, {total_steps} steps | '
+          f'{device}\nlr {LR:g} after {warmup_steps} warmup steps, floor {LR * MIN_LR_RATIO:g}, {total_steps} steps | '
           f'{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters | text fusion from block '
-          f'{raw_model.text_encoder.fusion_layer} | teacher {TEACHER} ({TEACHER_PRETRAINED}), frozen')
+          f'{raw_model.text_encoder.fusion_layer} | teacher ' + (f'{TEACHER} ({TEACHER_PRETRAINED}), frozen' if
+                                                                use_teacher else 'off: every token, no masking'))
 val_set = data.VideoText(VAL_ANN, VAL_ROOT, NUM_FRAMES, IMG_SIZE, 'eval', media='video') if VAL_ANN else None
 
 # ----------------------------------------------------------------------------------------------
@@ -239,28 +269,35 @@ epoch, position = divmod(run.step, steps_per_epoch)
 streams = {m: data.train_batches(ds, global_batch[m] // world_size, training.seed_for(SEED, m), rank, world_size,
                                  NUM_WORKERS, epoch, schedule(epoch)[:position].count(m), steps_of[m])
            for m, ds in sets.items()}
-loss_weights = torch.tensor([VTC_WEIGHT, VTM_WEIGHT, MLM_WEIGHT, UTA_WEIGHT], device=device)
+# The official all-gather keeps only this rank's share of the contrastive gradient: 1/world_size of ours.
+vtc_weight = VTC_WEIGHT / world_size if VTC_GRAD == 'official' else VTC_WEIGHT
+loss_weights = torch.tensor([vtc_weight, VTM_WEIGHT, MLM_WEIGHT, UTA_WEIGHT], device=device)
 model.train()
 while run.step < total_steps:
     epoch, position = divmod(run.step, steps_per_epoch)
     # Randomness is a function of the step number, so a resumed run replays it exactly: masks, MLM
     # corruption, VTM negatives and stochastic depth all draw from this seed (different on every rank).
     torch.manual_seed(training.seed_for(SEED, run.step, rank))
-    run.set_lr(training.lr_at(run.step, total_steps, warmup_steps, LR, min_lr, start=min_lr))
-    batch = run.next_batch(streams[schedule(epoch)[position]])
+    run.set_lr(lr_at(run.step))
+    media = schedule(epoch)[position]
+    batch = run.next_batch(streams[media])
     video = batch['video'].to(device, non_blocking=True)                # [B, 3, T, H, W]; T = 1 for images
-    # Pair keys [B, 2]: the sample and the caption text (crc32 is the same on every rank); VTC and VTM treat
-    # pairs that share either as positives, so a caption repeated across videos is not a false negative.
-    ids = torch.tensor([[i, zlib.crc32(c.encode())] for i, c in zip(batch['index'].tolist(), batch['caption'])],
+    # Pair keys [B, 2]: the video (or image) file and the caption text, as crc32 (the same on every rank); VTC and
+    # VTM treat pairs that share either as positives: captions of the same video (MSRVTT lists each of them as
+    # its own pair) and a caption repeated across videos are not false negatives.
+    paths = [sets[media].items[i].path for i in batch['index'].tolist()]
+    ids = torch.tensor([[zlib.crc32(p.encode()), zlib.crc32(c.encode())] for p, c in zip(paths, batch['caption'])],
                        device=device)
     input_ids, attention_mask = (x.to(device) for x in tokenize(batch['caption'], MAX_TEXT_LEN))  # [B, L] each
-    with torch.no_grad(), autocast:
-        # The teacher sees the full clip; its attention picks the visible tokens (more of them for images).
-        hidden, attn = teacher.encode(video)                            # [K, B, N, E], [B, T, h*w]
-        keep = masking.make_mask(MASK_TYPE, attn, VIDEO_MASK_RATIO if video.shape[2] > 1 else IMAGE_MASK_RATIO)
-        targets = teacher.targets(hidden, keep)                         # [K, B, N_vis, C] unit vectors
+    keep = targets = None                                               # no teacher: every token, no UTA
+    if use_teacher:
+        with torch.no_grad(), autocast:
+            # The teacher sees the full clip; its attention picks the visible tokens (more of them for images).
+            hidden, attn = teacher.encode(video)                        # [K, B, N, E], [B, T, h*w]
+            keep = masking.make_mask(MASK_TYPE, attn, VIDEO_MASK_RATIO if video.shape[2] > 1 else IMAGE_MASK_RATIO)
+            targets = teacher.targets(hidden, keep)                     # [K, B, N_vis, C] unit vectors
     with autocast:
-        parts = model(video, keep, targets, input_ids, attention_mask, ids, MLM_PROB)  # [4]: vtc, vtm, mlm, uta
+        parts = model(video, keep, targets, input_ids, attention_mask, ids, MLM_PROB if MLM_WEIGHT else 0.0)  # [4]
     loss = (parts * loss_weights).sum()                                 # L = L_vtc + L_vtm + L_mlm + L_uta (paper)
     run.scaler.scale(loss).backward()
 

@@ -90,10 +90,8 @@ def configure(constants, presets, argv):
 # Processes, devices and precision
 
 def setup_distributed(device_name='auto'):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python script.py` runs one process.
-
-    Returns (rank, world_size, device). NCCL on CUDA, gloo on CPU.
-    """
+    """-> (rank, world_size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (NCCL on CUDA, gloo on CPU);
+    plain `python script.py` runs one process."""
     use_cuda = torch.cuda.is_available() and device_name != 'cpu'
     if 'RANK' in os.environ:
         dist.init_process_group('nccl' if use_cuda else 'gloo')
@@ -109,10 +107,8 @@ def setup_distributed(device_name='auto'):
     return rank, world_size, device
 
 def precision(device, dtype='auto'):
-    """One autocast context for the forward passes, and the GradScaler that fp16 needs.
-
-    'auto' = bf16 on a CUDA device that supports it, fp16 (+ loss scaling) on older GPUs, fp32 on CPU.
-    """
+    """-> (autocast context for the forward passes, the GradScaler that fp16 needs, dtype name).
+    'auto' = bf16 on a CUDA device that supports it, fp16 (+ loss scaling) on older GPUs, fp32 on CPU."""
     if dtype == 'auto':
         dtype = 'float32' if device.type != 'cuda' else ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16')
     if dtype not in ('float32', 'bfloat16', 'float16'):
@@ -150,10 +146,8 @@ def seed_for(*keys):
 # Optimizer: schedule and parameter groups
 
 def lr_at(step, total_steps, warmup_steps, peak, floor, start=0.0):
-    """Per-iteration schedule: linear warmup start -> peak, then half-cosine peak -> floor.
-
-    A pure function of the step number, so a resumed run has nothing to restore or drift.
-    """
+    """Per-iteration schedule: linear warmup start -> peak, then half-cosine peak -> floor. A pure function of
+    the step number, so a resumed run has nothing to restore or drift."""
     if step < warmup_steps:
         return start + (peak - start) * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -161,10 +155,7 @@ def lr_at(step, total_steps, warmup_steps, peak, floor, start=0.0):
 
 def param_groups(model, weight_decay, lr_scale=None):
     """AdamW groups: no weight decay on 1-D parameters (norms, q/v biases, the temperature) and biases.
-
-    lr_scale(name) -> float gives a per-parameter learning-rate multiplier (layer-wise decay in
-    fine-tuning); Run.set_lr multiplies each group's lr by its 'lr_scale'.
-    """
+    lr_scale(name) -> a per-parameter lr multiplier (layer_decay); Run.set_lr applies each group's 'lr_scale'."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -215,9 +206,6 @@ class Run:
         if self.master:
             os.makedirs(out_dir, exist_ok=True)
         self.step, self.last_ckpt_step = 0, None
-
-    def fail(self, message):
-        fail(message)
 
     def barrier(self):
         if self.world_size > 1:

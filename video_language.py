@@ -193,28 +193,31 @@ class UMT(nn.Module):
     def forward(self, video, keep, targets, input_ids, attention_mask, ids, mlm_prob=0.5):
         """All four stage-2 losses from one vision forward -> [4]: VTC, VTM, MLM, UTA (the script weighs them).
 
-        video [B, 3, T, H, W], keep [B, N_vis], targets [K, B, N_vis, C] (teacher), input_ids and
-        attention_mask [B, L], ids [B] or [B, K] pair keys (pairs sharing a key are positives, see same_pair)."""
-        x_vis, aligned, v = self.encode_video(video, keep)              # [B, N_vis, D], [K, B, N_vis, C], [B, E]
+        video [B, 3, T, H, W], keep [B, N_vis] (None: every token, per-frame features as in the official retrieval
+        fine-tuning), targets [K, B, N_vis, C] (teacher; None: no UTA), input_ids and attention_mask [B, L], ids [B]
+        or [B, K] pair keys (pairs sharing a key are positives, see same_pair); mlm_prob 0: no MLM."""
+        x_vis, aligned, v = self.encode_video(video, keep, per_frame=keep is None)  # [B, N_vis, D], [K, ...], [B, (t,) E]
         text_hidden, t = self.encode_text(input_ids, attention_mask)    # [B, L, Dt], [B, E]
         # UTA: L_uta = mean over layers and visible tokens of 2 - 2 cos(student, teacher)
-        loss_uta = uta_loss(aligned, targets)
+        loss_uta = uta_loss(aligned, targets) if targets is not None else v.new_zeros(())
         # VTC: this rank's pairs against the whole global batch
         loss_vtc = vtc_loss(v, t, ids, self.temp)
-        # VTM: positives, then each text with a hard negative video, each video with a hard negative text
-        # (drawn from this rank's similarities), all through the fusion blocks; 2-way cross-entropy
-        sim = F.normalize(v.detach().float(), dim=-1) @ F.normalize(t.detach().float(), dim=-1).t()  # [B, B]
-        vi, ti, labels = vtm_pairs(sim, ids)                            # [3B] each
+        # VTM: positives, then each text with a hard negative video, each video with a hard negative text drawn
+        # from softmax(sim / temperature) over this rank's pairs, all through the fusion blocks; 2-way cross-entropy
+        vtm_sim = similarity(F.normalize(v.detach().float(), dim=-1), F.normalize(t.detach().float(), dim=-1))
+        vi, ti, labels = vtm_pairs(vtm_sim / self.temp.detach(), ids)  # [3B] each
         logits = self.itm_logits(text_hidden[ti], attention_mask[ti], x_vis[vi])  # [3B, 2]
         loss_vtm = F.cross_entropy(logits.float(), labels)
         # MLM: the corrupted caption through the text-only blocks, then the fusion blocks attending to the
         # visible video tokens; cross-entropy on the masked positions only (scores for those rows only:
         # [n_masked, 49408] instead of [B, L, 49408])
-        masked_ids, mlm_labels = mask_text(input_ids, attention_mask, mlm_prob)
-        fused = self.fuse(self.text_encoder.forward_text(masked_ids, attention_mask), attention_mask, x_vis)
-        pick = mlm_labels != -100                                       # [B, L]
-        loss_mlm = F.cross_entropy(self.mlm_logits(fused[pick]).float(), mlm_labels[pick], reduction='sum') \
-            / pick.sum().clamp(min=1)
+        loss_mlm = v.new_zeros(())
+        if mlm_prob > 0:
+            masked_ids, mlm_labels = mask_text(input_ids, attention_mask, mlm_prob)
+            fused = self.fuse(self.text_encoder.forward_text(masked_ids, attention_mask), attention_mask, x_vis)
+            pick = mlm_labels != -100                                   # [B, L]
+            loss_mlm = F.cross_entropy(self.mlm_logits(fused[pick]).float(), mlm_labels[pick], reduction='sum') \
+                / pick.sum().clamp(min=1)
         return torch.stack([loss_vtc, loss_vtm, loss_mlm, loss_uta])
 
 def text_config(clip_model, embed_dim=None, fusion_layer=None):
@@ -279,29 +282,34 @@ def same_pair(a, b):
     a, b = (a[:, None], b[:, None]) if a.dim() == 1 else (a, b)
     return (a[:, None, :] == b[None, :, :]).any(dim=-1)
 
+def similarity(v, t):
+    """Video [Bv, E] or per-frame [Bv, t, E] and text [Bt, E] unit vectors -> [Bv, Bt] cosine similarities, averaged
+    over frames (the official get_sim)."""
+    return (v if v.dim() == 3 else v[:, None]).matmul(t.t()).mean(1)
+
 def vtc_loss(v, t, ids, temp):
     """Video-text contrastive loss of this rank's rows against the global batch.
 
-    v, t [B, E] (unnormalized), ids [B] or [B, K] pair keys. sim = <v, t> / temp over unit vectors; targets
-    are the rows of the same_pair matrix, normalized (a repeated video is a positive). Each rank owns
-    its B rows of the [G, G] matrix (and of its transpose), so the mean over ranks is the global loss.
-    L_vtc = 1/2 (CE(v -> all t) + CE(t -> all v))."""
+    v [B, E] or per-frame [B, t, E], t [B, E] (unnormalized), ids [B] or [B, K] pair keys. sim = similarity / temp
+    over unit vectors; targets are the rows of the same_pair matrix, normalized (a repeated video is a positive).
+    Each rank owns its B rows of the [G, G] matrix (and of its transpose), so the mean over ranks is the global
+    loss. L_vtc = 1/2 (CE(v -> all t) + CE(t -> all v))."""
     v, t = F.normalize(v.float(), dim=-1), F.normalize(t.float(), dim=-1)
-    v_all, t_all, ids_all = gather_with_grad(v), gather_with_grad(t), gather_with_grad(ids)  # [G, E], [G, K]
+    v_all, t_all, ids_all = gather_with_grad(v), gather_with_grad(t), gather_with_grad(ids)  # [G, (t,) E], [G, K]
     targets = same_pair(ids, ids_all).float()                          # [B, G]
     targets = targets / targets.sum(dim=1, keepdim=True)
-    loss_v2t = -(targets * (v @ t_all.t() / temp).log_softmax(dim=1)).sum(1).mean()
-    loss_t2v = -(targets * (t @ v_all.t() / temp).log_softmax(dim=1)).sum(1).mean()
+    loss_v2t = -(targets * (similarity(v, t_all) / temp).log_softmax(dim=1)).sum(1).mean()
+    loss_t2v = -(targets * (similarity(v_all, t).t() / temp).log_softmax(dim=1)).sum(1).mean()
     return (loss_v2t + loss_t2v) / 2
 
 @torch.no_grad()
 def vtm_pairs(sim, ids):
     """Hard negatives for video-text matching, within this rank's batch.
 
-    sim [B, B] video-to-text similarities, ids [B] or [B, K] pair keys -> (video_idx [3B], text_idx [3B],
-    labels [3B]): the B positive pairs (label 1), each text with a drawn video, each video with a drawn
-    text (label 0).
-    Draws follow softmax(sim) over the non-positives only (positives get probability exactly 0)."""
+    sim [B, B] video-to-text similarities divided by the temperature (0.07 at the start: that is what makes the
+    negatives hard), ids [B] or [B, K] pair keys -> (video_idx [3B], text_idx [3B], labels [3B]): the B positive
+    pairs (label 1), each text with a drawn video, each video with a drawn text (label 0). Draws follow
+    softmax(sim) over the non-positives only (positives get probability exactly 0), as the official vtm_loss."""
     B, pos = sim.shape[0], same_pair(ids, ids)                                   # [B, B]
     neg_text = sim.float().masked_fill(pos, float('-inf')).softmax(1).multinomial(1)[:, 0]      # [B], per video
     neg_video = sim.float().t().masked_fill(pos, float('-inf')).softmax(1).multinomial(1)[:, 0]  # [B], per text

@@ -100,6 +100,13 @@ def _check_accuracy(path):
     np.testing.assert_array_equal(got, ref[data.sample_indices(n, 8, 'middle')])
 
 
+def test_max_seconds_reads_only_the_start(tmp_path):  # the official DiDeMo protocol reads the first 30 s
+    path = str(tmp_path / 'a.mp4')
+    frames = moving_frames(40)
+    data.write_video(path, frames, fps=25)                                   # 1.6 s
+    got = data.read_frames(path, lambda n: np.arange(n), max_seconds=1.0)    # the frames of the first second
+    assert len(got) == 25 and np.abs(got.astype(int) - frames[:25]).mean() < 3
+
 def test_still_images_are_one_frame_videos(tmp_path):
     img = moving_frames(2)[0]
     for name in ('a.png', 'a.jpg'):
@@ -115,12 +122,11 @@ def test_still_images_are_one_frame_videos(tmp_path):
 def test_sample_indices():
     rng = np.random.default_rng(0)
     for _ in range(20):
-        idx = data.sample_indices(100, 8, 'train', rng)  # segments of 100 // 8 = 12 frames
+        idx = data.sample_indices(100, 8, 'tsn', rng)  # segments of 100 // 8 = 12 frames
         assert all(12 * i <= x < 12 * (i + 1) for i, x in enumerate(idx))
-    short = data.sample_indices(5, 8, 'train', rng)  # shorter than num_frames: repeats, never fails
+    short = data.sample_indices(5, 8, 'tsn', rng)  # shorter than num_frames: repeats, never fails
     assert len(short) == 8 and short.max() < 5 and np.all(np.diff(short) >= 0)
     assert data.sample_indices(100, 4, 'middle').tolist() == [12, 37, 62, 87]
-    assert data.sample_indices(2, 4, 'middle').tolist() == [0, 0, 0, 1]
     # fine-tuning test rule: seg = (n-1)/T, frame i of clip c at round(seg*i) + int(seg/(C+1)*(c+1))
     assert data.sample_indices(33, 4, 'test', clip=0, num_clips=1).tolist() == [4, 12, 20, 28]
     assert data.sample_indices(33, 4, 'test', clip=1, num_clips=3).tolist() == [4, 12, 20, 28]
@@ -129,6 +135,40 @@ def test_sample_indices():
     with pytest.raises(ValueError):
         data.sample_indices(10, 4, 'bogus')
 
+# The official samplers, written out from their formulas (loops, Python rounding), to compare against.
+def official_sparse_range(n, T):  # kinetics_sparse.py, training: a frame in [round(seg i), round(seg (i+1))], clipped
+    seg = (n - 1) / T
+    return [(int(np.round(seg * i)), min(int(np.round(seg * (i + 1))), n - 1)) for i in range(T)]
+
+def official_ssv2_test(n, T, clip):  # ssv2.py, 2 test clips: the segment starts, then the segment middles
+    tick = n / T
+    both = sorted([int(tick / 2.0 + tick * x) for x in range(T)] + [int(tick * x) for x in range(T)])
+    return both[clip::2]
+
+def official_segments(n, T):  # video_utils.py: min(T, n) intervals of linspace(0, n); the last index is exclusive
+    k = min(T, n)
+    cuts = np.linspace(start=0, stop=n, num=k + 1).astype(int)
+    return [(cuts[i], cuts[i + 1] - 1) for i in range(k)]
+
+@pytest.mark.parametrize('n, T', [(300, 8), (250, 16), (64, 8), (37, 4), (9, 8), (8, 8), (5, 8), (2, 4), (1, 4)])
+def test_sampling_equals_the_official_samplers(n, T):
+    rng = np.random.default_rng(n * 100 + T)
+    ranges = official_sparse_range(n, T)
+    draws = np.stack([data.sample_indices(n, T, 'sparse', rng) for _ in range(300)])   # [300, T]
+    assert all(draws[:, i].min() == lo and draws[:, i].max() == hi for i, (lo, hi) in enumerate(ranges)), \
+        'sparse: every frame of [round(seg i), round(seg (i+1))] is drawn, ends included, and nothing else'
+    if n >= 2 * T:
+        for clip in (0, 1):
+            assert data.sample_indices(n, T, 'ssv2', clip=clip, num_clips=2).tolist() == official_ssv2_test(n, T, clip)
+    segments = official_segments(n, T)
+    middle = [(a + b) // 2 for a, b in segments]
+    assert data.sample_indices(n, T, 'middle').tolist() == middle + [middle[-1]] * (T - len(segments))
+    draws = np.stack([data.sample_indices(n, T, 'rand', rng) for _ in range(300)])     # [300, T]
+    if all(b > a for a, b in segments):  # the official random choice from range(a, b): b itself is never drawn
+        assert all(draws[:, i].min() == a and draws[:, i].max() == b - 1 for i, (a, b) in enumerate(segments))
+    else:                                # an empty range: the official fallback, a sorted random draw
+        assert all(np.all(np.diff(d[:len(segments)]) > 0) for d in draws) and draws.max() < n
+    assert np.all(draws[:, len(segments):] == draws[:, len(segments) - 1:len(segments)])  # padded with the last
 
 # ------------------------------------------------------------------------------------------------------------
 # Augmentation
@@ -325,6 +365,8 @@ def test_video_text(demo_dir, tmp_path):
     ev = data.VideoText(str(tmp_path / 'a.jsonl'), demo_dir, num_frames=4, size=32, mode='eval')
     assert len(ev) == len(ds) and ev.items[0].captions == [objs[0]['caption'][0], 'another caption']
     assert ev[0]['caption'] == objs[0]['caption'][0] and torch.equal(ev[0]['video'], ev[(0, 9)]['video'])
+    paragraphs = data.VideoText(str(tmp_path / 'a.jsonl'), demo_dir, mode='eval', paragraph=True)  # DiDeMo, ANet
+    assert paragraphs.items[0].captions == [objs[0]['caption'][0] + ' another caption']
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -185,6 +185,18 @@ def test_from_official_finetuned_layout():
         assert torch.allclose(model.eval().backbone(video)[0], ref.backbone(video)[0], atol=1e-5)
 
 
+def test_head_transfer_keeps_the_rows_of_the_classes():
+    """K710 -> K400: the first 400 rows of the K710 head; K600 / K700: the rows a label map lists (the official
+    label_mixto600.json: one K710 row per class); a map of the wrong length is an error."""
+    ref = randomize(VideoClassifier(tiny_vit(embed_dim=128, num_heads=2, align_layers=0), num_classes=10))
+    sd = {k.removeprefix('backbone.'): v for k, v in ref.state_dict().items()}
+    for rows in (range(4), [7, 2, 5, 0]):
+        model, report = checkpoints.load(sd, 'classifier', 4, head_rows=rows, num_frames=8, img_size=64)
+        assert torch.equal(model.head.weight, ref.head.weight[list(rows)]) and 'new: none' in report
+        assert torch.equal(model.head.bias, ref.head.bias[list(rows)]) and 'head = 4 of its rows' in report[0]
+    with pytest.raises(ValueError, match='3 rows for 4 classes'):
+        checkpoints.load(sd, 'classifier', 4, head_rows=[1, 2, 3], num_frames=8, img_size=64)
+
 def test_from_our_stage1_and_stage2_checkpoints():
     vit = randomize(tiny_vit())                                        # stage 1: align_layers 2, with heads
     ckpt = {'model': vit.state_dict(), 'model_config': dataclasses.asdict(vit.config), 'step': 7}
@@ -315,3 +327,25 @@ def test_two_processes_match_one(small_run):
     assert [x['loss'] for x in one if 'loss' in x] == pytest.approx([x['loss'] for x in two if 'loss' in x], abs=1e-5)
     evals = lambda log: [{k: v for k, v in x.items() if k.startswith(('val', 'test'))} for x in log if 'loss' not in x]
     assert evals(one) == evals(two) and len(evals(one)) == 2
+
+
+def test_the_test_uses_the_best_epoch(small_run, monkeypatch):
+    """TEST_BEST (the official --test_best): the multi-view test runs on the weights of the epoch with the best
+    validation top-1, kept in best.pt, not on the last epoch's."""
+    tmp, args = small_run
+    calls = []
+
+    def scripted(classifier, dataset, *args, **kwargs):  # validation: 60% after epoch 1, 40% after epoch 2
+        calls.append((dataset.mode, {k: v.clone() for k, v in classifier.state_dict().items()}))
+        return {'top1': {1: 60.0, 2: 40.0}.get(len(calls), 0.0), 'top5': 100.0}
+    monkeypatch.setattr(evaluate, 'head_accuracy', scripted)
+    monkeypatch.delenv('RANK', raising=False)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    monkeypatch.setattr(sys, 'argv', [SCRIPT, *map(str, args), f'--out_dir={tmp / "best"}', '--mixup=0.0'])
+    runpy.run_path(SCRIPT, run_name='__main__')
+    assert [mode for mode, _ in calls] == ['val', 'val', 'test']
+    (_, epoch1), (_, epoch2), (_, tested) = calls
+    assert all(torch.equal(tested[k], epoch1[k]) for k in tested)              # the best epoch's weights ...
+    assert not all(torch.equal(tested[k], epoch2[k]) for k in tested)          # ... not the last epoch's
+    assert checkpoints.read(tmp / 'best' / 'best.pt')['epoch'] == 1
+    assert records(tmp / 'best')[-1]['epoch'] == 1 and checkpoints.read(tmp / 'best' / 'last.pt')['best_top1'] == 60

@@ -174,16 +174,33 @@ def test_vtm_never_draws_a_positive_and_labels_are_right():
         assert torch.equal(ti[B:2 * B], torch.arange(B)) and torch.equal(vi[2 * B:], torch.arange(B))
 
 
-def test_vtm_negatives_are_hard():
-    ids = torch.arange(4)
-    sim = torch.zeros(4, 4)
-    sim[0, 3] = 10.0                                                    # video 0 looks a lot like text 3
-    counts = torch.zeros(4)
-    for _ in range(100):
-        vi, ti, _ = M.vtm_pairs(sim, ids)
-        counts[ti[2 * 4]] += 1                                          # the negative text drawn for video 0
-    assert counts[3] > 95 and counts[0] == 0
+def test_vtm_negatives_follow_softmax_of_similarity_over_temperature():
+    """The official hard negatives: softmax(cos / temp) over the non-positives, temp = 0.07 at the start. With
+    cosines in [-1, 1] that is sharp; softmax of the raw cosines would be nearly uniform."""
+    g = torch.Generator().manual_seed(0)
+    v, t = (torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1) for _ in range(2))
+    cos, ids = v @ t.t(), torch.arange(5)                                # [5, 5] cosine similarities
+    want = (cos[0] / 0.07).masked_fill(ids == 0, float('-inf')).softmax(0)  # video 0's negative texts
+    torch.manual_seed(0)
+    counts = torch.zeros(5)
+    for _ in range(4000):
+        counts[M.vtm_pairs(cos / 0.07, ids)[1][10]] += 1                 # the text drawn for video 0
+    assert counts[0] == 0 and (counts / 4000 - want).abs().max() < 0.03, (counts / 4000, want)
+    assert want.max() > 0.5 > (cos[0].masked_fill(ids == 0, float('-inf')).softmax(0)).max()  # sharp vs. flat
 
+def test_vtm_in_the_model_divides_by_the_temperature(monkeypatch):
+    umt, _ = tiny_umt()
+    seen = []
+    original = M.vtm_pairs
+    monkeypatch.setattr(M, 'vtm_pairs', lambda sim, ids: seen.append(sim) or original(sim, ids))
+    video, ids = torch.randn(3, 3, 4, 64, 64), torch.arange(3)
+    input_ids, mask = M.tokenize(['a red square', 'a blue circle', 'a green cross'])
+    with torch.no_grad():
+        umt(video, torch.arange(0, 256, 4).expand(3, -1), None, input_ids, mask, ids, mlm_prob=0.0)
+        _, _, v = umt.encode_video(video, torch.arange(0, 256, 4).expand(3, -1))
+        t = umt.encode_text(input_ids, mask)[1]
+    cos = torch.nn.functional.normalize(v, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).t()
+    torch.testing.assert_close(seen[0], cos / 0.07, atol=1e-4, rtol=1e-4)
 
 # ---------------------------------------------------------------------------------------------- MLM
 
