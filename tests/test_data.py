@@ -105,7 +105,7 @@ def test_max_seconds_reads_only_the_start(tmp_path):  # the official DiDeMo prot
     frames = moving_frames(40)
     data.write_video(path, frames, fps=25)                                   # 1.6 s
     got = data.read_frames(path, lambda n: np.arange(n), max_seconds=1.0)    # the frames of the first second
-    assert len(got) == 25 and np.abs(got.astype(int) - frames[:25]).mean() < 3
+    np.testing.assert_array_equal(got, decode_all(path)[:25])
 
 def test_still_images_are_one_frame_videos(tmp_path):
     img = moving_frames(2)[0]
