@@ -93,8 +93,8 @@ def train_demo_clip(ann_file, root, out_path, steps=300, batch=64, lr=2e-3, seed
     rng = np.random.default_rng(seed)
     for step in range(steps):
         idx = rng.integers(len(clips), size=batch)  # a random frame of a random video, RRC + flip
-        images = torch.stack([data.augment(clips[i][rng.integers(len(clips[i]))][None], size, 'rrc', rng,
-                                           flip=True)[0][:, 0] for i in idx])  # [B, 3, S, S]
+        images = data.normalize(torch.stack([data.augment(clips[i][rng.integers(len(clips[i]))][None], size, 'rrc',
+                                                          rng, flip=True)[0] for i in idx]))[:, :, 0]  # [B, 3, S, S]
         img = F.normalize(model.encode_image(images * scale + shift), dim=-1)  # [B, E]
         txt = F.normalize(model.encode_text(text), dim=-1)  # [C, E]
         loss = F.cross_entropy(model.logit_scale.exp() * img @ txt.t(), label[idx])

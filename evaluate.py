@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import checkpoints
 import training
-from data import BAD_ERRORS, MEAN, STD, VideoClassification, VideoText, augment, read_frames, sample_indices
+from data import BAD_ERRORS, VideoClassification, VideoText, augment, normalize, read_frames, sample_indices
 from video_language import tokenize
 
 K_TEST = 128          # candidates re-ranked by VTM per query, in each direction (official k_test)
@@ -234,7 +234,7 @@ def run_videos(dataset, fn, device, batch, workers, desc):
     for b in tqdm(loader, desc=desc, disable=not is_master()):
         replaced += int((b['skipped'] > 0).sum())
         with torch.no_grad():
-            outs.append([o.detach() for o in fn(b['video'].to(device, non_blocking=True), b)])
+            outs.append([o.detach() for o in fn(normalize(b['video'].to(device, non_blocking=True)), b)])
     if replaced:  # data.py replaces an unreadable file by another one: fine for training, wrong for evaluation
         print(f'WARNING: {replaced} unreadable videos were replaced by others; run `python data.py --check` '
               'and evaluate on the clean list for exact numbers')
@@ -339,7 +339,7 @@ def extract_features(net, kind, config, paths, device, frames=None, size=None):
         except BAD_ERRORS as e:  # missing, empty, truncated, not a video
             skipped[path] = f'{type(e).__name__}: {e}'
             continue
-        video = augment(clip, S, 'squash' if kind == 'umt' else 'center')[0][None].to(device)  # [1, 3, T, S, S]
+        video = normalize(augment(clip, S, 'squash' if kind == 'umt' else 'center')[0][None].to(device))  # [1, 3, T, S, S]
         with torch.no_grad():
             for key, value in zip(out, pooled_features(net, kind, config, video)):
                 out[key].append(value.cpu())
@@ -353,12 +353,12 @@ def extract_features(net, kind, config, paths, device, frames=None, size=None):
     return {'paths': kept, 'skipped': skipped, **{k: torch.cat(v) for k, v in out.items() if v}}
 
 def mask_picture(video, attn, keep):
-    """video [3, T, S, S] normalized, attn [T, n] teacher CLS attention, keep [T*n_keep] -> uint8 [3*S, T*S, 3]:
+    """video [3, T, S, S] uint8, attn [T, n] teacher CLS attention, keep [T*n_keep] -> uint8 [3*S, T*S, 3]:
     row 1 the frames, row 2 the attention (per-frame max = red) over them, row 3 hidden tokens darkened."""
     _, T, S, _ = video.shape
     g = int(round(attn.shape[1] ** 0.5))                                     # h = w token grid of the teacher
     up = lambda m: m.view(T, g, g).repeat_interleave(S // g, 1).repeat_interleave(S // g, 2)  # [T, S, S]
-    rgb = (video * STD + MEAN).clamp(0, 1).permute(1, 2, 3, 0)               # [T, S, S, 3]
+    rgb = video.float().permute(1, 2, 3, 0) / 255                            # [T, S, S, 3]
     heat = up(attn / attn.amax(1, keepdim=True))                             # [T, S, S], 1 = most attended
     heat = torch.stack([(1.5 - (4 * heat - c).abs()).clamp(0, 1) for c in (3, 2, 1)], -1)  # blue-green-red, [T, S, S, 3]
     kept = torch.zeros(T * g * g)
@@ -375,8 +375,8 @@ def show_mask(video_path, out, teacher_name, pretrained, frames, mask_ratio, see
     teacher = build_teacher(teacher_name, pretrained, align_layers=1)
     S = teacher.image_size
     clip = read_frames(video_path, lambda n: sample_indices(n, frames, 'middle'))
-    video = augment(clip, S, 'center')[0][None]                              # [1, 3, T, S, S]
-    _, attn = teacher.encode(video)                                          # [1, T, h*w]
+    video = augment(clip, S, 'center')[0][None]                              # [1, 3, T, S, S] uint8
+    _, attn = teacher.encode(normalize(video))                               # [1, T, h*w]
     keep = semantic_mask(attn, mask_ratio, generator=torch.Generator().manual_seed(seed))  # [1, T*n_keep]
     Image.fromarray(mask_picture(video[0], attn[0], keep[0])).save(out)
     print(f'wrote {out}: {frames} frames; rows = frames, teacher CLS attention, kept tokens '

@@ -239,7 +239,7 @@ while run.step < total_steps:
     step_loss = torch.zeros((), device=device)
     for micro in range(grad_accum):
         batch = run.next_batch(batches)
-        video = batch['video'].to(device, non_blocking=True).flatten(0, 1)  # [b x NUM_SAMPLE, 3, T, S, S]
+        video = data.normalize(batch['video'].to(device, non_blocking=True).flatten(0, 1))  # [b x NUM_SAMPLE, 3, T, S, S]
         label = batch['label'].to(device).repeat_interleave(NUM_SAMPLE)     # both clips of a video: its label
         # Randomness is a function of (SEED, step, micro-step, rank): mixup / cutmix here and stochastic
         # depth in the model, so a resumed run replays it exactly, with any number of processes.

@@ -203,7 +203,7 @@ while run.step < total_steps:
     run.set_lr(training.lr_at(run.step, total_steps, warmup_steps, peak_lr, min_lr))
     losses = torch.zeros(ALIGN_LAYERS + 1, device=device)  # L_uta, then per aligned layer
     for micro in range(grad_accum):
-        video = run.next_batch(batches)['video'].to(device, non_blocking=True)  # [B, 3, T, H, W]
+        video = data.normalize(run.next_batch(batches)['video'].to(device, non_blocking=True))  # [B, 3, T, H, W]
         with torch.no_grad(), autocast:
             # The teacher sees the full clip: its features are the targets of every token, visible or not.
             hidden, attn = teacher.encode(video)                                # [K, B, N, E], [B, T, h*w]

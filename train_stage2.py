@@ -281,7 +281,7 @@ while run.step < total_steps:
     run.set_lr(lr_at(run.step))
     media = schedule(epoch)[position]
     batch = run.next_batch(streams[media])
-    video = batch['video'].to(device, non_blocking=True)                # [B, 3, T, H, W]; T = 1 for images
+    video = data.normalize(batch['video'].to(device, non_blocking=True))  # [B, 3, T, H, W]; T = 1 for images
     # Pair keys [B, 2]: the video (or image) file and the caption text, as crc32 (the same on every rank); VTC and
     # VTM treat pairs that share either as positives: captions of the same video (MSRVTT lists each of them as
     # its own pair) and a caption repeated across videos are not false negatives.

@@ -184,7 +184,7 @@ def test_augment_one_crop_for_all_frames(kind, crops):
         views = data.augment(clip, 32, kind, np.random.default_rng(seed), flip=True, num_crops=crops)
         assert len(views) == crops
         for v in views:
-            assert v.shape == (3, 4, 32, 32) and v.dtype == torch.float32
+            assert v.shape == (3, 4, 32, 32) and v.dtype == torch.uint8
             assert torch.equal(v[:, :1].expand_as(v), v)
         if crops == 3:  # three different positions along the long side
             assert not torch.equal(views[0], views[1]) and not torch.equal(views[1], views[2])
@@ -205,8 +205,9 @@ def test_flip_is_a_mirror_of_the_same_crop(kind):
 def test_normalization_and_boxes():
     gray = np.full((1, 40, 60, 3), 128, np.uint8)
     v = data.augment(gray, 16, 'center')[0]
+    assert v.dtype == torch.uint8 and (v == 128).all()
     expected = (torch.tensor(128 / 255) - data.MEAN) / data.STD
-    assert torch.allclose(v, expected.expand_as(v), atol=1e-5)
+    assert torch.allclose(data.normalize(v), expected.expand_as(v), atol=1e-5)
     rng = np.random.default_rng(0)
     allowed = {int(256 * s) for s in data.MS_SCALES} - {222} | {224}  # 222 is within 3 px of 224: snapped
     for _ in range(200):
@@ -389,8 +390,27 @@ def test_make_demo_is_deterministic_and_shows_motion(demo_dir, tmp_path):
         assert direction * (ys[1] - ys[0]) > 40  # the square crosses about half of the 96-px frame height
 
 
-def test_bench_runs(tmp_path, capsys):
-    path = str(tmp_path / 'clip.mp4')
-    data.write_video(path, moving_frames(30), options={'g': '10'})
-    data.bench(path, runs=1)
-    assert 'sparse' in capsys.readouterr().out
+def test_prepare_keeps_the_frames_reports_failures_and_resumes(demo_dir, tmp_path):
+    lines = open(os.path.join(demo_dir, 'train.csv')).readlines()[::32] + ['videos/missing.mp4,0\n']
+    (tmp_path / 'list.csv').write_text(''.join(lines))                       # 3 demo videos and a missing one
+    new, failed = data.prepare(str(tmp_path / 'list.csv'), demo_dir, str(tmp_path / 'out'), workers=2)
+    assert list(failed) == [os.path.join(demo_dir, 'videos/missing.mp4')]    # reported, not fatal, left out
+    assert open(new).read() == ''.join(lines[:3])                            # same relative paths, now in out/
+    for line in lines[:3]:
+        rel = line.split(',')[0]
+        src, dst = os.path.join(demo_dir, rel), str(tmp_path / 'out' / rel)
+        assert data.video_length(dst) == data.video_length(src) == 16       # every frame kept, in order
+        ours, ref = data.read_frames(dst, np.arange(16)).astype(int), data.read_frames(src, np.arange(16)).astype(int)
+        dist = np.abs(ours[:, None] - ref[None]).mean(axis=(2, 3, 4))       # [16, 16] frame-to-frame distances
+        assert (dist.argmin(1) == np.arange(16)).all() and dist.diagonal().max() < 4  # frame i is frame i, up to
+        #                                                                      re-encoding loss (crf 26: ~2 / 255)
+        with av.open(dst) as c:                                              # a keyframe every 4 frames, no B-frames
+            keys = [p.is_keyframe for p in c.demux(video=0) if p.size]
+        assert keys == [k % 4 == 0 for k in range(16)]
+    stamp = os.path.getmtime(tmp_path / 'out' / lines[0].split(',')[0])
+    data.prepare(str(tmp_path / 'list.csv'), demo_dir, str(tmp_path / 'out'), workers=1)  # a second run ...
+    assert os.path.getmtime(tmp_path / 'out' / lines[0].split(',')[0]) == stamp           # ... skips finished files
+    ann = [{'video': lines[0].split(',')[0], 'caption': 'a'}, {'image': 'images/red.jpg', 'caption': 'b'}]
+    (tmp_path / 'ann.json').write_text(json.dumps(ann))
+    new, _ = data.prepare(str(tmp_path / 'ann.json'), demo_dir, str(tmp_path / 'out'), workers=1)
+    assert json.load(open(new)) == [ann[0], {'image': os.path.join(demo_dir, 'images/red.jpg'), 'caption': 'b'}]

@@ -122,16 +122,18 @@ def test_rand_augment_same_ops_for_every_frame_and_magnitudes():
 
 
 def test_random_erase_one_box_per_frame():
-    clip = torch.zeros(3, 6, 32, 32)
-    data.random_erase(clip, np.random.default_rng(0), prob=1.0)
+    clips = [torch.full((3, 6, 32, 32), v, dtype=torch.uint8) for v in (0, 255)]  # two backgrounds, the same draws
+    for clip in clips:
+        data.random_erase(clip, np.random.default_rng(0), prob=1.0)
+    box = (clips[0] == clips[1]).all(0)                                        # [T, H, W]: the noise, on both
     for t in range(6):
-        ys, xs = (clip[:, t] != 0).any(0).nonzero(as_tuple=True)
+        ys, xs = box[t].nonzero(as_tuple=True)
         area = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-        assert 0.02 * 1024 * 0.8 <= area <= 1024 / 3 * 1.2                     # one box of 2-33% of the frame
-        assert (clip[:, t] != 0).sum() == 3 * area                             # every pixel of it is noise
-    assert torch.equal(data.random_erase(torch.zeros(3, 6, 32, 32), np.random.default_rng(0), prob=0.0),
-                       torch.zeros(3, 6, 32, 32))
-
+        assert 0.02 * 1024 * 0.8 <= area <= 1024 / 3 * 1.2 and box[t].sum() == area  # one filled box of 2-33%
+    noise = data.normalize(clips[0])[box[None].expand(3, -1, -1, -1)]
+    assert abs(noise.mean()) < 0.1 and 0.8 < noise.std() < 1.1                # about N(0, 1) once normalized
+    untouched = torch.zeros(3, 6, 32, 32, dtype=torch.uint8)
+    assert torch.equal(data.random_erase(untouched.clone(), np.random.default_rng(0), prob=0.0), untouched)
 
 def test_multiview_average_is_mean_of_softmax():
     logits = torch.tensor([[[10.0, 0.0], [0.0, 3.0], [0.0, 3.0]]])   # [B=1, V=3, C=2]

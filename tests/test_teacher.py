@@ -147,7 +147,7 @@ def test_demo_clip_learns_the_colors(demo_dir, tmp_path):
     path = str(tmp_path / 'tiny_clip.pt')
     demo.train_demo_clip(f'{demo_dir}/captions_train.json', demo_dir, path, steps=100)
     items = data.read_annotations(f'{demo_dir}/captions_val.json', demo_dir, 'video')  # 8 videos, 8 captions
-    frames = torch.stack([data.augment(data.read_frames(a.path, [8]), 64, 'squash')[0] for a in items])  # [8,3,1,64,64]
+    frames = data.normalize(torch.stack([data.augment(data.read_frames(a.path, [8]), 64, 'squash')[0] for a in items]))
     colors = [a.captions[0].split()[1] for a in items]
     def color_accuracy(clip):
         t = tm.CLIPTeacher(clip, align_layers=1)

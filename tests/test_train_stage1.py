@@ -14,12 +14,14 @@ import os
 import runpy
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import checkpoints
+import data
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / 'train_stage1.py')
@@ -79,8 +81,17 @@ def test_two_processes_equal_one(demo_dir, small_list, tmp_path):
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6, msg=k)  # measured: ~1e-8
 
 
-def test_resume_repeats_the_uninterrupted_run(demo_dir, small_list, tmp_path):
+@pytest.fixture(scope='module')
+def prepared_list(demo_dir, small_list, tmp_path_factory):
+    """The same 12 videos re-encoded by data.prepare (a keyframe every 4 frames): (list, root)."""
+    out = str(tmp_path_factory.mktemp('prepared'))
+    return data.prepare(small_list, demo_dir, out, workers=2)[0], out
+
+@pytest.mark.parametrize('prepared', [False, True], ids=['original', 'prepared'])
+def test_resume_repeats_the_uninterrupted_run(demo_dir, small_list, prepared_list, tmp_path, prepared):
     # Stochastic depth on, a data worker, 2 micro-steps, a checkpoint mid-epoch and a resume across the epoch end.
+    if prepared:
+        small_list, demo_dir = prepared_list
     common_settings = dict(drop_path=0.2, num_workers=1, ckpt_interval=2)
     train(demo_dir, small_list, tmp_path / 'full', **common_settings)
     killed = tmp_path / 'killed'
@@ -175,3 +186,22 @@ def test_checks_that_need_the_data_or_the_teacher(demo_dir, small_list, tmp_path
     with pytest.raises(SystemExit, match='student cuts a clip into 8x8x8 tokens but the teacher into 8x9x9.*'
                                          'TEACHER_SIZE = 64'):
         runpy.run_path(SCRIPT, run_name='__main__')
+
+
+def test_data_wait_is_logged(demo_dir, small_list, tmp_path, monkeypatch):
+    """The log's data_wait is the fraction of the step time spent waiting for the next batch: a loader made slow on
+    purpose (0.3 s more per clip, decoded in the main process) must raise it."""
+    monkeypatch.delenv('RANK', raising=False)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    load = data.VideoClassification.load
+
+    def wait(out_dir, delay):
+        monkeypatch.setattr(data.VideoClassification, 'load', lambda self, i, rng: time.sleep(delay) or load(self, i, rng))
+        monkeypatch.setattr(sys, 'argv', [SCRIPT, '--preset=demo', f'--data_list={small_list}', f'--data_root={demo_dir}',
+                                          f'--out_dir={out_dir}', '--device=cpu', '--teacher_pretrained=None',
+                                          '--total_batch=4', '--micro_batch=4', '--epochs=1', '--num_workers=0',
+                                          '--log_interval=3'])
+        runpy.run_path(SCRIPT, run_name='__main__')
+        return log(out_dir)[3]['data_wait']
+    fast, slow = wait(tmp_path / 'fast', 0.0), wait(tmp_path / 'slow', 0.3)
+    assert 0 <= fast < slow - 0.3 <= 1, (fast, slow)
