@@ -147,7 +147,8 @@ def matmul_rate(n=2048, reps=10):
 # ----------------------------------------------------------------------------------------------
 # Run
 
-print(f'device {device} ({torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"}), '
+hardware = torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'
+print(f'device {device} ({hardware}), '
       f'dtype {dtype}, compile {COMPILE}, batch {BATCH} x {FRAMES} x {IMG_SIZE}^2, mask {MASK_RATIO} '
       f'({n_vis}/{N} tokens kept), stage {STAGE}, student {MODEL}, teacher {TEACHER}')
 for _ in range(WARMUP_STEPS):

@@ -42,10 +42,10 @@ def read(path):
             raise ValueError(f'{path} is not a PyTorch checkpoint, or it is corrupt ({str(e).splitlines()[0]})') from e
         raise ValueError(f'{path} also holds pickled Python objects (official trainer checkpoints pickle their '
                          'argparse settings), which this project never loads. If you trust the file, keep only its '
-                         "weights once: torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')") from e
+                         "weights once: torch.save(torch.load(path, weights_only=False)['model'], 'w.pth')") from e
     except (RuntimeError, EOFError) as e:  # a truncated or empty file: torch's zip reader fails
-        raise ValueError(f'{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else "empty"}): '
-                         'the file is truncated or corrupt') from e
+        why = str(e).splitlines()[0] if str(e) else 'empty'
+        raise ValueError(f'{path} cannot be read ({type(e).__name__}: {why}): the file is truncated or corrupt') from e
 
 def group(keys, parts=1):
     """['clip_decoder.0.head.weight', ...] -> 'clip_decoder.* (8)': keys grouped by their first `parts` name parts
@@ -127,7 +127,8 @@ def load(source, want='auto', num_classes=None, head_rows=None, stored_table=Fal
         classes = num_classes or extra.get('num_classes') or (sd['head.weight'].shape[0] if 'head.weight' in sd else 0)
         if not classes:
             raise ValueError(f'{name} has no classifier head: say how many classes the new one has')
-        model = VideoClassifier(VideoViT(dataclasses.replace(config, align_layers=0)), classes, head_dropout, init_scale)
+        backbone = VideoViT(dataclasses.replace(config, align_layers=0))
+        model = VideoClassifier(backbone, classes, head_dropout, init_scale)
         prefix = 'backbone.'
         if kind != 'classifier':
             sd = {prefix + k: v for k, v in sd.items()}

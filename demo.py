@@ -23,79 +23,102 @@ import checkpoints
 import data
 import teacher
 
-DEMO_COLORS = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (40, 90, 230), 'yellow': (230, 200, 40)}
-DEMO_DIRECTIONS = ('up', 'down')  # vertical: the training flip (horizontal) keeps the label true
-DEMO_VIDEOS, DEMO_VAL = 15, 3     # videos per class, of which the last DEMO_VAL are held out for validation
-DEMO_T, DEMO_H, DEMO_W = 16, 96, 128
+DEMO_SHAPES = ('square', 'circle', 'triangle', 'cross')  # what the demo teacher learns from the captions and a
+                                                         # random video ViT's pooled features do not separate
+DEMO_COLORS = {'red': (225, 45, 40), 'green': (40, 185, 60), 'blue': (45, 95, 235), 'yellow': (235, 205, 40),
+               'purple': (150, 60, 200), 'orange': (240, 140, 30)}   # drawn at random: colour says nothing of the class
+DEMO_DIRECTIONS = ('up', 'down')  # vertical, so the training flip (horizontal) keeps captions and labels true
+DEMO_VIDEOS, DEMO_VAL = 20, 5     # videos per class (shape x direction), of which DEMO_VAL are held out
+DEMO_T, DEMO_SIZE = 16, 96        # frames per video (8 fps) and pixels; the models see 64 px, where an object of
+                                  # 28-40 px becomes 19-27 px: 2.4-3.3 patches of 8 px, enough to show its outline
 
-def _demo_frames(color, direction, rng, n=DEMO_T):
-    """A square crossing about half the frame height over n frames, on a gray background with fixed noise.
-    One frame shows the color; only the order of the frames shows the direction."""
-    yy, xx = np.mgrid[:DEMO_H, :DEMO_W]
-    bg = np.clip(rng.integers(80, 160) + rng.normal(0, 10, (DEMO_H, DEMO_W, 1)), 0, 255).repeat(3, 2)
-    r = int(rng.integers(18, 24))              # half size: 12-16 px after a 64-px resize (2-4 patches wide)
-    x = int(rng.integers(r, DEMO_W - r))
-    y0, y1 = (r + 2, DEMO_H - r - 3)[::1 if direction == 'down' else -1]
+def shape_mask(shape, r, yy, xx):
+    """Pixels [H, W] bool of a shape of half-size r centred at 0 (yy, xx: pixel offsets from the centre)."""
+    if shape == 'square':
+        return (abs(yy) <= r * 0.85) & (abs(xx) <= r * 0.85)         # about the area of the circle
+    if shape == 'circle':
+        return yy ** 2 + xx ** 2 <= r ** 2
+    if shape == 'triangle':                                          # pointing up; a horizontal flip keeps it
+        return (yy <= r * 0.8) & (yy >= -r) & (abs(xx) <= (yy + r) * 0.58)
+    return ((abs(yy) <= r) & (abs(xx) <= r * 0.35)) | ((abs(xx) <= r) & (abs(yy) <= r * 0.35))  # cross
+
+def demo_frames(shape, color, direction, rng, n=DEMO_T):
+    """A shape crossing about half the frame height over n frames, on a random textured background. One frame
+    shows colour and shape; only the order of the frames shows the direction."""
+    yy, xx = np.mgrid[:DEMO_SIZE, :DEMO_SIZE]
+    coarse = torch.from_numpy(rng.uniform(70, 170, (1, 3, 4, 4)))                 # smooth colour gradients ...
+    bg = F.interpolate(coarse, size=(DEMO_SIZE, DEMO_SIZE), mode='bicubic')[0].permute(1, 2, 0).numpy()
+    bg = np.clip(bg + rng.normal(0, 12, (DEMO_SIZE, DEMO_SIZE, 1)), 0, 255)       # ... and grain
+    r = int(rng.integers(14, 21))
+    x = int(rng.integers(r + 4, DEMO_SIZE - r - 4))
+    y0, y1 = (r + 4, DEMO_SIZE - r - 5)[::1 if direction == 'down' else -1]
     for t in range(n):
-        y = y0 + (y1 - y0) * t / (n - 1)
-        inside = (np.abs(yy - y) <= r) & (np.abs(xx - x) <= r)
         img = bg.copy()
-        img[inside] = DEMO_COLORS[color]
+        img[shape_mask(shape, r, yy - (y0 + (y1 - y0) * t / (n - 1)), xx - x)] = DEMO_COLORS[color]
         yield img.astype(np.uint8)
 
 def make_demo(out_dir, seed=0):
-    """DIR/videos/*.mp4, train.csv, val.csv, classes.txt, captions_{train,val}.json, images/*.jpg and
+    """DIR/videos/*.mp4 with train.csv / val.csv (class = shape x direction, 8 classes), train_shape.csv /
+    val_shape.csv (class = shape: the k-NN / linear-probe labels), captions_{train,val}.json ("a red circle moving
+    up", with the attributes as fields; val keeps one video per caption, for retrieval), images/*.jpg with
     captions_images.json. The same seed gives byte-identical files."""
     rng = np.random.default_rng(seed)
     os.makedirs(f'{out_dir}/videos', exist_ok=True)
     os.makedirs(f'{out_dir}/images', exist_ok=True)
-    classes = [(c, d) for c in DEMO_COLORS for d in DEMO_DIRECTIONS]
-    split = {'train': ([], []), 'val': ([], [])}  # (list lines, caption objects)
-    for label, (color, direction) in enumerate(classes):
-        for k in range(DEMO_VIDEOS):
-            name = f'videos/{color}_{direction}_{k:02d}.mp4'
-            data.write_video(f'{out_dir}/{name}', _demo_frames(color, direction, rng), fps=8,
-                        options={'preset': 'veryfast', 'crf': '20', 'threads': '1'})
-            lines, caps = split['val' if k >= DEMO_VIDEOS - DEMO_VAL else 'train']
-            lines.append(f'{name},{label}\n')
-            if k < DEMO_VIDEOS - DEMO_VAL or k == DEMO_VIDEOS - DEMO_VAL:  # retrieval: one val video per caption
-                caps.append({'video': name, 'caption': f'a {color} square moving {direction}'})
-    for part, (lines, caps) in split.items():
-        open(f'{out_dir}/{part}.csv', 'w').writelines(lines)
-        json.dump(caps, open(f'{out_dir}/captions_{part}.json', 'w'), indent=1)
-    open(f'{out_dir}/classes.txt', 'w').writelines(f'{c} square moving {d}\n' for c, d in classes)
-    for color in DEMO_COLORS:  # stills: the first frame of a fresh clip
-        Image.fromarray(next(_demo_frames(color, 'down', rng))).save(f'{out_dir}/images/{color}.jpg', quality=95)
-    json.dump([{'image': f'images/{c}.jpg', 'caption': f'a {c} square'} for c in DEMO_COLORS],
-              open(f'{out_dir}/captions_images.json', 'w'), indent=1)
+    classes = [(s, d) for s in DEMO_SHAPES for d in DEMO_DIRECTIONS]
+    files = {f'{part}{kind}': [] for part in ('train', 'val') for kind in ('.csv', '_shape.csv', '.json')}
+    for k in range(DEMO_VIDEOS):  # class after class within each k, so any prefix of a list covers every class
+        part = 'val' if k >= DEMO_VIDEOS - DEMO_VAL else 'train'
+        for label, (shape, direction) in enumerate(classes):
+            color = str(rng.choice(list(DEMO_COLORS)))
+            name = f'videos/{shape}_{direction}_{k:02d}.mp4'
+            data.write_video(f'{out_dir}/{name}', demo_frames(shape, color, direction, rng), fps=8,
+                             options={'preset': 'veryfast', 'crf': '20', 'threads': '1'})
+            files[f'{part}.csv'].append(f'{name},{label}\n')
+            files[f'{part}_shape.csv'].append(f'{name},{DEMO_SHAPES.index(shape)}\n')
+            caption = f'a {color} {shape} moving {direction}'
+            if part == 'train' or caption not in {c['caption'] for c in files['val.json']}:
+                files[f'{part}.json'].append({'video': name, 'caption': caption, 'color': color, 'shape': shape,
+                                              'direction': direction})
+    for name, content in files.items():
+        path = f'{out_dir}/' + (f'captions_{name[:-5]}.json' if name.endswith('.json') else name)
+        with open(path, 'w') as f:
+            json.dump(content, f, indent=1) if name.endswith('.json') else f.writelines(content)
+    with open(f'{out_dir}/classes.txt', 'w') as f:
+        f.writelines(f'{s} moving {d}\n' for s, d in classes)
+    stills = []
+    for k, shape in enumerate(DEMO_SHAPES * 2):  # stills: the first frame of a fresh clip, captioned without motion
+        color = str(rng.choice(list(DEMO_COLORS)))
+        Image.fromarray(next(demo_frames(shape, color, 'down', rng))).save(f'{out_dir}/images/{k}.jpg', quality=95)
+        stills.append({'image': f'images/{k}.jpg', 'caption': f'a {color} {shape}'})
+    with open(f'{out_dir}/captions_images.json', 'w') as f:
+        json.dump(stills, f, indent=1)
 
-def train_demo_clip(ann_file, root, out_path, steps=300, batch=64, lr=2e-3, seed=0):
-    """Trains tiny_clip() CLIP-style on single frames of the demo's training videos and their captions
-    (about 30 s on two CPU cores) and saves its weights to out_path.
+def train_demo_clip(ann_file, root, out_path, steps=400, batch=64, lr=2e-3, seed=0):
+    """Trains tiny_clip() CLIP-style on single frames of the demo's training videos and what a frame shows of
+    their captions ("a red circle"; one frame cannot show the motion), about a minute on two CPU cores, and saves
+    its weights to out_path.
 
-    A teacher with random weights has nothing to teach: its CLS attention is blind to the moving square,
-    so semantic masking hides the square most of the time and the targets carry no meaning. After this
-    training it looks at the square and its features tell the colours apart; one frame cannot show the
-    direction of motion, which is left to the video student. Every image is scored against all
-    distinct captions (softmax over them), so two videos with the same caption are never negatives."""
+    A teacher with random weights has nothing to teach: its CLS attention is blind to the moving object, so
+    semantic masking hides it most of the time, and its features do not tell the shapes apart. After this
+    training it looks at the object and knows its shape and colour. Every image is scored against all distinct
+    captions (softmax over them), so two videos with the same caption are never negatives."""
     items = data.read_annotations(ann_file, root, 'video')
     clips = [data.read_frames(a.path, np.arange) for a in items]  # [T, H, W, 3] uint8 each, decoded once
-    names = sorted({a.captions[0] for a in items})
-    label = torch.tensor([names.index(a.captions[0]) for a in items])  # [V] the caption of each video
-    text = open_clip.tokenize(names, context_length=32)  # [C, 32]
+    seen = [a.captions[0].split(' moving')[0] for a in items]     # what one frame shows: 'a red circle'
+    names = sorted(set(seen))
+    label = torch.tensor([names.index(c) for c in seen])           # [V] the caption of each video
+    text = open_clip.tokenize(names, context_length=32)            # [C, 32]
     model = teacher.tiny_clip().train()
     size = model.visual.image_size[0]
-    # ImageNet -> CLIP normalization as in CLIPTeacher.__init__, computed in float64 here; the demo's numbers were
-    # measured with exactly these values (the demo is small enough for a last-bit change to move them)
-    scale, shift = (torch.tensor(c, dtype=torch.float32).view(3, 1, 1) for c in
-                    (np.divide(teacher.IMAGENET_STD, teacher.CLIP_STD), np.subtract(teacher.IMAGENET_MEAN, teacher.CLIP_MEAN) / teacher.CLIP_STD))
+    clip_input = teacher.CLIPTeacher(teacher.tiny_clip(), 1)       # its ImageNet -> CLIP input normalization
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     rng = np.random.default_rng(seed)
     for step in range(steps):
         idx = rng.integers(len(clips), size=batch)  # a random frame of a random video, RRC + flip
         images = data.normalize(torch.stack([data.augment(clips[i][rng.integers(len(clips[i]))][None], size, 'rrc',
                                                           rng, flip=True)[0] for i in idx]))[:, :, 0]  # [B, 3, S, S]
-        img = F.normalize(model.encode_image(images * scale + shift), dim=-1)  # [B, E]
+        img = F.normalize(model.encode_image(images * clip_input.in_scale + clip_input.in_shift), dim=-1)  # [B, E]
         txt = F.normalize(model.encode_text(text), dim=-1)  # [C, E]
         loss = F.cross_entropy(model.logit_scale.exp() * img @ txt.t(), label[idx])
         opt.zero_grad(set_to_none=True)

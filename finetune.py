@@ -47,7 +47,7 @@ NUM_CLASSES = 710                  # K710: 710, K400: 400, SSv2: 174
 SAMPLER = 'kinetics'               # frame sampling: 'kinetics' (official kinetics_sparse.py) or 'ssv2' (ssv2.py)
 HEAD_ROWS = None                   # None: a new head unless INIT's head has NUM_CLASSES outputs; 'first': the first
                                    # NUM_CLASSES rows of INIT's head (K710 -> K400: K710's label order starts with
-                                   # K400's); or a JSON list of INIT head rows, one per class (official label_mixto600.json)
+                                   # K400's); or a JSON list of INIT's head rows, one per class (label_mixto600.json)
 NUM_FRAMES = 8                     # T (paper: 8; 16 for the 16-frame L/16); the sin-cos table follows T and S
 IMG_SIZE = 224                     # S (paper: 224)
 NUM_WORKERS = 10                   # decoding processes per GPU
@@ -176,8 +176,9 @@ peak_lr, warmup_lr, min_lr = BASE_LR * lr_factor, WARMUP_LR * lr_factor, MIN_LR 
 if MAKE_DEMO:
     demo.setup(DATA_ROOT, TRAIN_LIST, True, False, run.master, run.barrier)
 kw = dict(max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS, sampler=SAMPLER)
-train_set = data.RepeatedAugClassification(TRAIN_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, flip=FLIP, num_sample=NUM_SAMPLE,
-                                           rrc_scale=RRC_SCALE, rand_augment=RAND_AUGMENT, erase_prob=RANDOM_ERASE, **kw)
+train_set = data.RepeatedAugClassification(TRAIN_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, flip=FLIP, rrc_scale=RRC_SCALE,
+                                           num_sample=NUM_SAMPLE, rand_augment=RAND_AUGMENT, erase_prob=RANDOM_ERASE,
+                                           **kw)
 val_set = data.VideoClassification(VAL_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='val', **kw)
 test_set = data.VideoClassification(VAL_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='test', num_clips=TEST_CLIPS,
                                     num_crops=TEST_CROPS, **kw)
@@ -239,7 +240,7 @@ while run.step < total_steps:
     step_loss = torch.zeros((), device=device)
     for micro in range(grad_accum):
         batch = run.next_batch(batches)
-        video = data.normalize(batch['video'].to(device, non_blocking=True).flatten(0, 1))  # [b x NUM_SAMPLE, 3, T, S, S]
+        video = data.normalize(batch['video'].to(device, non_blocking=True)).flatten(0, 1)  # [b*NUM_SAMPLE, 3, T, S, S]
         label = batch['label'].to(device).repeat_interleave(NUM_SAMPLE)     # both clips of a video: its label
         # Randomness is a function of (SEED, step, micro-step, rank): mixup / cutmix here and stochastic
         # depth in the model, so a resumed run replays it exactly, with any number of processes.

@@ -74,7 +74,7 @@ class Attention(nn.Module):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])  # [3D], k bias fixed at 0
         qkv = F.linear(x, self.qkv.weight, bias)                                     # [B, N, 3D]
         qkv = qkv.view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # [3, B, heads, N, D/heads]
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])                   # [B, heads, N, D/heads], scale head_dim^-0.5
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])                   # [B, heads, N, D/heads]
         x = x.transpose(1, 2).reshape(B, N, D)                                       # [B, N, D]
         return self.proj(x)
 
@@ -156,7 +156,7 @@ class VideoViT(nn.Module):
         n = (c.num_frames // c.tubelet_size) * (c.img_size // c.patch_size) ** 2
         # Not a parameter and not saved (persistent=False): the official checkpoints do not carry it either.
         self.register_buffer('pos_embed', sincos_table(n, c.embed_dim), persistent=False)  # [N, D]
-        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear 0 -> drop_path, block 0 never dropped
+        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear 0 -> drop_path
         self.blocks = nn.ModuleList([Block(c.embed_dim, c.num_heads, c.mlp_ratio, r) for r in rates])
         self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
         self.clip_decoder = nn.ModuleList([AlignHead(c.embed_dim, c.teacher_dim) for _ in range(c.align_layers)])

@@ -52,7 +52,7 @@ DROP_PATH = 0.1                    # stochastic depth of the last block, linear 
 ALIGN_LAYERS = 6                   # K: the last K student blocks regress the last K teacher blocks (paper: 6)
 CHECKPOINT_BLOCKS = 0              # activation checkpointing of the first N blocks: less memory, ~1/3 more compute
 # teacher
-TEACHER = 'ViT-B-16-quickgelu'     # open_clip name (paper: CLIP ViT-B/16 for B, ViT-L/14 for L); 'tiny': 64-px demo CLIP
+TEACHER = 'ViT-B-16-quickgelu'     # open_clip name (paper: CLIP ViT-B/16 for B, ViT-L/14 for L); 'tiny': demo CLIP
 TEACHER_PRETRAINED = 'openai'      # open_clip tag or a local weights file; None = random; 'demo': see the demo preset
 TEACHER_SIZE = None                # teacher input px; None = CLIP's own; 196 for L/14 (14x14 patches like the student)
 # masking

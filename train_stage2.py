@@ -74,9 +74,9 @@ EMBED_DIM = None                   # E of the VTC space; None = CLIP's width: 51
 FUSION_LAYER = None                # first text block with cross-attention; None = 3/4 of the depth (9 of 12 = paper)
 CHECKPOINT_BLOCKS = 0              # activation checkpointing of the first N student blocks: less memory, more compute
 # teacher (its checkpoint's text tower also initializes the text encoder of a stage-1 INIT)
-TEACHER = 'ViT-B-16-quickgelu'     # open_clip name (paper: CLIP ViT-B/16 for B, ViT-L/14 for L); 'tiny': 64-px demo CLIP
+TEACHER = 'ViT-B-16-quickgelu'     # open_clip name (paper: CLIP ViT-B/16 for B, ViT-L/14 for L); 'tiny': demo CLIP
 TEACHER_PRETRAINED = 'openai'      # open_clip tag or a local weights file; None = random; 'demo': see the demo preset
-TEACHER_SIZE = None                # teacher input size; None = CLIP's own; 196 for L/14 (14x14 patches, like the student)
+TEACHER_SIZE = None                # teacher input px; None = CLIP's own; 196 for L/14 (14x14 patches like the student)
 # masking
 MASK_TYPE = 'semantic'             # 'semantic' (teacher attention, paper), 'tube' or 'random'
 VIDEO_MASK_RATIO = 0.8             # fraction of each frame's tokens hidden from the student (paper: 0.8)
@@ -93,7 +93,7 @@ VTC_GRAD = 'global'                # 'global': the gradient of the contrastive l
 VIDEO_BATCH = 2048                 # video-text pairs per video step over all GPUs (paper: 16 GPUs x 128)
 IMAGE_BATCH = 2048                 # image-text pairs per image step over all GPUs (paper: 16 GPUs x 128)
 LR = 1e-4                          # peak lr, not scaled with the batch (paper: 1e-4)
-MIN_LR_RATIO = 0.01                # lr = LR x max(this, warmup ramp or half-cosine), the official LambdaLR (paper: 0.01)
+MIN_LR_RATIO = 0.01                # lr = LR x max(this, warmup ramp or half-cosine): official LambdaLR (paper: 0.01)
 WARMUP_EPOCHS = 1                  # linear warmup, per iteration (paper: 1)
 EPOCHS = 10                        # paper: 10
 WEIGHT_DECAY = 0.02                # AdamW, none on biases, norms and the temperature (paper: 0.02)
@@ -130,10 +130,11 @@ PRESETS = {
     'mc_msrvtt': {'INIT': 'out/stage2/last.pt', 'VIDEO_ANN': 'data/msrvtt_ret_train7k.json', 'IMAGE_ANN': '',
                   'NUM_FRAMES': 12, 'UTA_WEIGHT': 0.0, 'MLM_WEIGHT': 0.0, 'DROP_PATH': 0.2, 'VIDEO_BATCH': 256,
                   'LR': 8e-5, 'EPOCHS': 5, 'WARMUP_EPOCHS': 0, 'OUT_DIR': 'out/mc_msrvtt'},
-    'ret_demo': {'INIT': 'out/demo_stage2/last.pt', 'VIDEO_ANN': 'demo_data/captions_train.json', 'VIDEO_ROOT': 'demo_data',
-                 'IMAGE_ANN': '', 'VAL_ANN': 'demo_data/captions_val.json', 'VAL_ROOT': 'demo_data', 'NUM_FRAMES': 12,
-                 'IMG_SIZE': 64, 'UTA_WEIGHT': 0.0, 'MLM_WEIGHT': 0.0, 'DROP_PATH': 0.0, 'VIDEO_BATCH': 16, 'LR': 1e-4,
-                 'EPOCHS': 5, 'COMPILE': False, 'NUM_WORKERS': 1, 'LOG_INTERVAL': 6, 'OUT_DIR': 'out/demo_ret'},
+    'ret_demo': {'INIT': 'out/demo_stage2/last.pt', 'VIDEO_ANN': 'demo_data/captions_train.json',
+                 'VIDEO_ROOT': 'demo_data', 'IMAGE_ANN': '', 'VAL_ANN': 'demo_data/captions_val.json',
+                 'VAL_ROOT': 'demo_data', 'NUM_FRAMES': 12, 'IMG_SIZE': 64, 'UTA_WEIGHT': 0.0, 'MLM_WEIGHT': 0.0,
+                 'DROP_PATH': 0.0, 'VIDEO_BATCH': 16, 'LR': 1e-4, 'EPOCHS': 5, 'COMPILE': False, 'NUM_WORKERS': 1,
+                 'LOG_INTERVAL': 6, 'OUT_DIR': 'out/demo_ret'},
 }
 
 config = training.configure(globals(), PRESETS, sys.argv[1:])
@@ -150,7 +151,8 @@ for name, ratio in (('VIDEO_MASK_RATIO', VIDEO_MASK_RATIO), ('IMAGE_MASK_RATIO',
     if not 0 < ratio < 1:
         fail(f'{name}={ratio} must lie strictly between 0 and 1')
 if MASK_TYPE not in ('semantic', 'tube', 'random') or VTC_GRAD not in ('global', 'official'):
-    fail(f"MASK_TYPE={MASK_TYPE!r} must be 'semantic', 'tube' or 'random', VTC_GRAD={VTC_GRAD!r} 'global' or 'official'")
+    fail(f"MASK_TYPE={MASK_TYPE!r} must be 'semantic', 'tube' or 'random'; VTC_GRAD={VTC_GRAD!r} 'global' or "
+         "'official'")
 if not os.path.exists(os.path.join(OUT_DIR, 'last.pt')) and not os.path.isfile(INIT):
     hint = ' Run `python train_stage1.py --preset=demo` first.' if INIT == PRESETS['demo']['INIT'] else \
         ' Pass --init=PATH: a train_stage1.py checkpoint (out/stage1/last.pt) or an official UMT stage-1 .pth.'

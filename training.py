@@ -328,8 +328,8 @@ class Run:
             record[name] = part[0] if value.ndim == 0 else (part if self.good_steps else None)
         record.update(lr=self.lr, grad_norm=None if self.grad_norm is None else float(self.grad_norm),
                       samples_per_s=stats[-3].item() * self.world_size / dt, ms_per_step=1000 * dt / steps,
-                      data_wait=min(1.0, stats[-1].item() / dt), skipped_samples=round(stats[-2].item() * self.world_size),
-                      skipped_steps=self.skipped_steps)
+                      data_wait=min(1.0, stats[-1].item() / dt), skipped_steps=self.skipped_steps,
+                      skipped_samples=round(stats[-2].item() * self.world_size))
         if self.device.type == 'cuda':
             record['max_memory_gib'] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         if self.master:
