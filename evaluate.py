@@ -415,8 +415,8 @@ def parse_args(argv=None):
     m.add_argument('--seed', type=int, default=0)
     a = sub.add_parser('ava-map', help='frame-mAP of AVA detections (spatiotemporal action localization)')
     a.add_argument('--labelmap', required=True, help='.pbtxt label map: the classes scored')
-    a.add_argument('--groundtruth', required=True, help='CSV: video_id, timestamp, x1, y1, x2, y2, action_id, person_id')
-    a.add_argument('--detections', required=True, help='CSV: video_id, timestamp, x1, y1, x2, y2, action_id, score')
+    a.add_argument('--groundtruth', required=True, help='CSV of video_id, timestamp, x1, y1, x2, y2, action_id, ...')
+    a.add_argument('--detections', required=True, help='CSV of video_id, timestamp, x1, y1, x2, y2, action_id, score')
     a.add_argument('--exclusions', default=None, help='CSV of video_id, timestamp: keyframes left out')
     return p.parse_args(argv)
 

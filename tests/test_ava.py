@@ -70,8 +70,9 @@ def test_frame_map_equals_hand_computed_ap(tmp_path):
     assert aps[1] == pytest.approx(5 / 9, abs=5e-4) and aps[2] == pytest.approx(2 / 3, abs=5e-4)
     assert np.isnan(aps[4]) and 3 not in aps
     assert mean == pytest.approx((5 / 9 + 2 / 3) / 2, abs=5e-4)
-    out = evaluate.main(['ava-map', '--labelmap', str(tmp_path / 'map.pbtxt'), '--groundtruth', str(tmp_path / 'gt.csv'),
-                         '--detections', str(tmp_path / 'det.csv'), '--exclusions', str(tmp_path / 'ex.csv')])
+    out = evaluate.main(['ava-map', '--labelmap', str(tmp_path / 'map.pbtxt'), '--groundtruth',
+                         str(tmp_path / 'gt.csv'), '--detections', str(tmp_path / 'det.csv'), '--exclusions',
+                         str(tmp_path / 'ex.csv')])
     assert out['mAP'] / 100 == pytest.approx((5 / 9 + 2 / 3) / 2, abs=5e-4) and out['classes_scored'] == 2
     # without the exclusions keyframe v1,0903 counts: 4 boxes of class 1, the one there found at score 0.6, so
     # precision 1, 1/2, 2/3, 3/4, 3/5 at recall 1/4, 1/4, 1/2, 3/4, 3/4; the envelope lifts recall 1/2 to 3/4
@@ -191,15 +192,16 @@ def test_bad_input_is_skipped_counted_or_refused(tmp_path):
 
 @pytest.fixture(scope='module')
 def small_run(tmp_path_factory):
-    """The demo set with 4 training and 2 test movies, and a random tiny stage-1 checkpoint."""
+    """The demo set with 8 training and 2 test movies, and a random tiny stage-1 checkpoint."""
     tmp = tmp_path_factory.mktemp('ava')
-    ava.make_demo(str(tmp / 'set'), train_movies=4, val_movies=2)
+    ava.make_demo(str(tmp / 'set'), train_movies=8, val_movies=2)
     torch.manual_seed(0)
     vit = VideoViT(get_config('tiny'))
     torch.save({'model': vit.state_dict(), 'model_config': dataclasses.asdict(vit.config)}, tmp / 'stage1.pt')
     s = tmp / 'set'
     return tmp, ['--preset=demo', f'--init={tmp / "stage1.pt"}', f'--movie_root={s / "movies"}',
-                 f'--train_csv={s / "train.csv"}', f'--val_csv={s / "val.csv"}', f'--detections={s / "val_detections.csv"}',
+                 f'--train_csv={s / "train.csv"}', f'--val_csv={s / "val.csv"}',
+                 f'--detections={s / "val_detections.csv"}',
                  f'--labelmap={s / "labelmap.pbtxt"}', f'--exclusions={s / "val_excluded.csv"}', '--make_demo=False',
                  '--num_frames=2', '--short_side=32', '--crop=32', '--total_batch=8', '--micro_batch=4', '--epochs=2',
                  '--eval_epochs=1', '--drop_path=0.1', '--log_interval=1', '--device=cpu']
@@ -228,7 +230,7 @@ def test_bad_constants_fail_fast(small_run, monkeypatch):
             run(args + [bad, f'--out_dir={tmp / "bad"}'], monkeypatch)
 
 def test_resume_is_exact_and_the_reported_map_is_the_files(small_run, monkeypatch, capsys):
-    """20 training keyframes = 2 steps of 8 per epoch, 2 accumulation steps each; frame-mAP after epoch 1 and at the
+    """16 training keyframes = 2 steps of 8 per epoch, 2 accumulation steps each; frame-mAP after epoch 1 and at the
     end. Killed after step 3 and resumed, the run must log exactly what an uninterrupted one does."""
     tmp, args = small_run
     run(args + [f'--out_dir={tmp / "a"}'], monkeypatch)
