@@ -5,12 +5,11 @@ evaluate.py ava-map` scores a detections file. Paper: the AVA v2.2 results (UMT-
 code: single_modality/action_detection/ (modeling_finetune.py: the model; data/: clips, boxes, evaluation).
 
 Files, as released by AVA (a box is x1, y1, x2, y2 normalized to [0, 1] by the keyframe's width and height):
-    ava_{train,val}_v2.2.csv    video_id, timestamp, x1, y1, x2, y2, action_id, person_id   one row per action
-    detections                  video_id, timestamp, x1, y1, x2, y2, action_id, score       person boxes (the action
-                                                                                              column is ignored) or
-                                                                                              scored actions
-    *.pbtxt label map           blocks of `name: "..."` and `id: N` (or `label_id: N`): the classes that are scored
-    excluded timestamps         video_id, timestamp: keyframes left out of the metric
+    ava_{train,val}_v2.2.csv   video_id, timestamp, x1, y1, x2, y2, action_id, person_id: one row per action
+    detections                 video_id, timestamp, x1, y1, x2, y2, action_id, score: a person detector's boxes
+                               (action_id ignored, may be empty) or, written by us, a score per box and action
+    *.pbtxt label map          blocks of `name: "..."` and `id: N` (or `label_id: N`): the classes that are scored
+    excluded timestamps        video_id, timestamp: keyframes left out of the metric
 Movies: MOVIE_ROOT/<video_id>.<any extension>, each file starting at second `movie_start` of the movie (900 for
 the usual 15-minute cuts, 0 for whole movies). Timestamp t (whole seconds of the movie; AVA labels 902 .. 1798) is
 the frame shown t - movie_start seconds into the file: frame round((t - movie_start) x fps), fps = the file's own.
@@ -23,6 +22,7 @@ batch (RoIs), M = max boxes per keyframe, C classes.
 
 import os
 import re
+import shutil
 import sys
 from collections import namedtuple
 from functools import partial
@@ -389,7 +389,8 @@ def write_detections(model, dataset, path, device, batch, workers, ctx):
     if rank == 0:
         with open(path, 'w') as out:
             for r in range(world):
-                out.write(open(f'{path}.part{r}').read())
+                with open(f'{path}.part{r}') as part:
+                    shutil.copyfileobj(part, out)       # in pieces: AVA val gives millions of rows
                 os.remove(f'{path}.part{r}')
     return unread
 
