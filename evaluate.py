@@ -10,6 +10,7 @@ Evaluation: the paper's downstream protocols, features for your own videos, and 
                 clips x crops, softmax averaged, top-1 / top-5.
     features    pooled and per-frame features of your own videos -> one .pt file.
     show-mask   one PNG: the frames, the teacher's CLS attention, and the tokens the semantic mask keeps.
+    ava-map     frame-mAP@0.5 IoU of an AVA detections CSV over the label map's classes (the metric is in ava.py).
 
 Commands (any checkpoint of this repo, or an official UMT .pth):
     python evaluate.py retrieval --ckpt out/stage2/last.pt --ann msrvtt_test1k.json --root videos/
@@ -18,6 +19,9 @@ Commands (any checkpoint of this repo, or an official UMT .pth):
     python evaluate.py classify --ckpt umt_b16_k400_ft.pth --val k400_val.csv --root k400/      # its own head, 4x3 views
     python evaluate.py features --ckpt out/stage1/last.pt a.mp4 b.mp4 --out feats.pt
     python evaluate.py show-mask video.mp4 --out mask.png      # CLIP ViT-B/16 'openai' teacher
+    python evaluate.py ava-map --labelmap ava_action_list_v2.2_for_activitynet_2019.pbtxt \
+        --groundtruth ava_val_v2.2.csv --detections out/ava_b16/detections_step*.csv \
+        --exclusions ava_val_excluded_timestamps_v2.2.csv
 Tiny CPU demo (after `python data.py --make-demo demo_data` and the demo pre-training runs):
     python evaluate.py classify --ckpt out/demo_stage1/last.pt --train demo_data/train.csv --val demo_data/val.csv \
         --root demo_data --clips 1 --crops 1
@@ -33,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import ava
 import checkpoints
 import training
 from data import BAD_ERRORS, VideoClassification, VideoText, augment, normalize, read_frames, sample_indices
@@ -417,10 +422,17 @@ def parse_args(argv=None):
     m.add_argument('--frames', type=int, default=8)
     m.add_argument('--mask_ratio', type=float, default=0.8, help='fraction of each frame hidden (paper: 0.8)')
     m.add_argument('--seed', type=int, default=0)
+    a = sub.add_parser('ava-map', help='frame-mAP of AVA detections (spatiotemporal action localization)')
+    a.add_argument('--labelmap', required=True, help='.pbtxt label map: the classes scored')
+    a.add_argument('--groundtruth', required=True, help='CSV of video_id, timestamp, x1, y1, x2, y2, action_id, ...')
+    a.add_argument('--detections', required=True, help='CSV of video_id, timestamp, x1, y1, x2, y2, action_id, score')
+    a.add_argument('--exclusions', default=None, help='CSV of video_id, timestamp: keyframes left out')
     return p.parse_args(argv)
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.command == 'ava-map':
+        return ava.evaluate_files(args.labelmap, args.groundtruth, args.detections, args.exclusions)
     if args.command == 'show-mask':
         return show_mask(args.video, args.out, args.teacher, args.pretrained, args.frames, args.mask_ratio, args.seed)
     _, _, device = training.setup_distributed(args.device)

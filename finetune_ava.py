@@ -1,0 +1,242 @@
+"""
+Spatiotemporal action localization on AVA v2.2: the UMT student fine-tuned to label person boxes with the 80 AVA
+actions, tested by frame-mAP on the 60 evaluated ones (the paper's AVA v2.2 results: UMT-B 33.5, UMT-L 39.8 mAP;
+official code: single_modality/action_detection/).
+
+Each training keyframe gives 8 frames around it and its ground-truth person boxes; the video encoder's tokens are
+normed, averaged over time, and every (jittered) box is RoI-aligned from that map, max-pooled and classified with
+a sigmoid per action. The test uses a person detector's boxes (score >= 0.8, extended a little for pooling) and
+scores each action as sigmoid x detector score; the detections are written as an AVA CSV and scored with the
+official frame-mAP (`python evaluate.py ava-map` computes the same number from the file). The recipe is the
+official one: AdamW with layer-wise lr decay, warmup + cosine per step, stochastic depth, 30 epochs (B).
+
+    # UMT-B/16 from the K710 fine-tuned classifier (finetune.py), the official route, on 8 GPUs (16 x 8 in the paper)
+    torchrun --standalone --nproc_per_node=8 finetune_ava.py --init=out/k710_b16/last.pt --movie_root=/data/ava/movies
+    torchrun --standalone --nproc_per_node=8 finetune_ava.py --preset=ava_l16 --movie_root=/data/ava/movies
+    python finetune_ava.py --init=b16_ptk710_ftk710_f8_res224.pth --micro_batch=16    # 1 GPU, an official checkpoint
+    python train_stage1.py --preset=demo && python finetune_ava.py --preset=demo      # CPU, a few minutes
+
+Launch the same command again after a crash: the run resumes from OUT_DIR/last.pt.
+"""
+
+import dataclasses
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import ava
+import checkpoints
+import data
+import training
+from model import load_strict
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: the official AVA v2.2 fine-tuning of UMT-B/16; --preset=NAME, --name=value
+
+# starting point and data (ava.py describes the files)
+INIT = 'out/k710_b16/last.pt'      # ours (classifier, stage 1 or 2) or an official .pth (paper: the K710 classifier)
+MOVIE_ROOT = 'data/ava/movies'     # <video_id>.<ext>, each the movie from second MOVIE_START on
+MOVIE_START = 900                  # the movie second where the files start: 900 for the 15-minute cuts, 0 for whole
+TRAIN_CSV = 'data/ava/ava_train_v2.2.csv'   # ground-truth boxes and actions (trained on these boxes only)
+VAL_CSV = 'data/ava/ava_val_v2.2.csv'       # the ground truth of the metric
+DETECTIONS = 'data/ava/ava_val_person_boxes.csv'  # person boxes with scores on the val keyframes: tested on these
+LABELMAP = 'data/ava/ava_action_list_v2.2_for_activitynet_2019.pbtxt'  # the classes scored (60 of the 80)
+EXCLUSIONS = 'data/ava/ava_val_excluded_timestamps_v2.2.csv'   # keyframes the metric skips; '' = none
+MAKE_DEMO = False                  # write the synthetic set next to TRAIN_CSV if it is missing (demo)
+NUM_CLASSES = 80                   # AVA action ids 1 .. 80, all trained (official; the pose classes too)
+DET_THRESHOLD = 0.8                # test on person boxes with at least this score (official: 0.8)
+MAX_BOXES = 100                    # boxes per keyframe at most; a keyframe with more is skipped (official cap: 100)
+NUM_FRAMES = 8                     # T (paper: 8)
+FRAME_STRIDE = 0.32                # seconds between the frames, centred on the keyframe (official: 8 frames of its
+                                   # 25 fps clips, i.e. 2.24 s from the first frame to the last)
+SHORT_SIDE = 256                   # frames resized to this short side, training and test (official: 256)
+CROP = 224                         # training crop; the test sees the whole resized frame (official: 224)
+FLIP = True                        # random horizontal flip in training (official: yes)
+NUM_WORKERS = 10                   # decoding processes per GPU
+DECODE_THREADS = 1                 # PyAV threads per worker
+MAX_BAD_FRACTION = 0.05            # stop when more than this fraction of the keyframes cannot be read
+# model
+DROP_PATH = 0.2                    # stochastic depth of the last block, linear from 0 (official: 0.2 B, 0.4 L)
+INIT_SCALE = 0.001                 # the new head starts at trunc-normal(0.02) x this (official)
+ROI_ALIGNED = True                 # RoIAlign pixel model: True = a box pools its own area; the official False pools
+                                   # the area half a patch (8 px) right of and below it
+# optimization
+TOTAL_BATCH = 128                  # keyframes per optimizer step over all GPUs (official: 16 GPUs x 8)
+MICRO_BATCH = 8                    # keyframes per GPU per forward; accumulation makes up the rest (official: 8)
+BASE_LR = 2.5e-4                   # peak lr = BASE_LR x TOTAL_BATCH / 256 (official: 2.5e-4 -> 1.25e-4)
+MIN_LR = 1e-6                      # cosine floor, scaled like BASE_LR (official: 1e-6 -> 5e-7)
+WARMUP_EPOCHS = 5                  # linear warmup from 0, per step (official: 5)
+EPOCHS = 30                        # official: 30 B, 25 L
+LAYER_DECAY = 0.75                 # lr x decay^(depth + 1 - layer), patch embedding = 0 (official: 0.75 B, 0.85 L)
+WEIGHT_DECAY = 0.05                # AdamW, none on biases and norms (official: 0.05)
+BETAS = (0.9, 0.999)               # AdamW betas (official)
+GRAD_CLIP = None                   # max gradient norm; None = only logged (official: None)
+MAX_BAD_STEPS = 5                  # a non-finite loss skips the step; this many in a row stop the run
+# evaluation
+EVAL_EPOCHS = 10                   # frame-mAP on the val set every this many epochs, and at the end (official: 10 B)
+TEST_BATCH = 12                    # keyframes per test forward (official: 1.5 x the training batch)
+# system
+DEVICE = 'auto'                    # 'auto' = the GPU when there is one; 'cpu' forces the CPU
+DTYPE = 'auto'                     # 'auto' = bf16 on recent GPUs, fp16 + loss scaling on older ones, fp32 on CPU
+COMPILE = True                     # torch.compile the detector (training clips are all CROP x CROP)
+SEED = 0                           # new head, data order, crops, flips, box jitter, stochastic depth (official: 0 B)
+LOG_INTERVAL = 20                  # steps between log lines
+CKPT_INTERVAL = 500                # steps between checkpoints; one is also written after every epoch
+OUT_DIR = 'out/ava_b16'            # last.pt, log.jsonl, detections_step*.csv
+
+PRESETS = {
+    'ava_b16': {},
+    'ava_l16': {'INIT': 'out/k710_l16/last.pt', 'DROP_PATH': 0.4, 'LAYER_DECAY': 0.85, 'EPOCHS': 25, 'MICRO_BATCH': 4,
+                'EVAL_EPOCHS': 20, 'TEST_BATCH': 6, 'SEED': 6666, 'OUT_DIR': 'out/ava_l16'},  # official L: also fp32
+    # CPU demo: the tiny stage-1 demo model on squares that move up, move down or stand still (ava.make_demo), 4
+    # frames 0.4 s apart at 64 px; peak lr 1e-3 for 180 steps. A 4-block model has no deep stack of general features
+    # to protect, so no layer decay, and 192 keyframes need no stochastic depth.
+    'demo': {'INIT': 'out/demo_stage1/last.pt', 'MOVIE_ROOT': 'demo_ava/movies', 'TRAIN_CSV': 'demo_ava/train.csv',
+             'VAL_CSV': 'demo_ava/val.csv', 'DETECTIONS': 'demo_ava/val_detections.csv',
+             'LABELMAP': 'demo_ava/labelmap.pbtxt', 'EXCLUSIONS': 'demo_ava/val_excluded.csv', 'MAKE_DEMO': True,
+             'NUM_CLASSES': 3, 'NUM_FRAMES': 4, 'FRAME_STRIDE': 0.4, 'SHORT_SIDE': 64, 'CROP': 64, 'DROP_PATH': 0.0,
+             'LAYER_DECAY': 1.0, 'TOTAL_BATCH': 16, 'MICRO_BATCH': 16, 'BASE_LR': 0.016, 'WARMUP_EPOCHS': 2,
+             'EPOCHS': 15, 'EVAL_EPOCHS': 1000, 'TEST_BATCH': 16, 'COMPILE': False, 'NUM_WORKERS': 0,
+             'LOG_INTERVAL': 20, 'CKPT_INTERVAL': 100, 'OUT_DIR': 'out/demo_ava'},
+}
+
+config = training.configure(globals(), PRESETS, sys.argv[1:])
+fail = training.fail
+
+# Check the constants before anything heavy happens.
+world_size = int(os.environ.get('WORLD_SIZE', 1))
+if TOTAL_BATCH % (MICRO_BATCH * world_size):
+    fail(f'TOTAL_BATCH={TOTAL_BATCH} is not divisible by MICRO_BATCH={MICRO_BATCH} x {world_size} processes')
+if not (CROP <= SHORT_SIDE and 0 <= DET_THRESHOLD <= 1 and FRAME_STRIDE > 0 and 0 < LAYER_DECAY <= 1):
+    fail(f'need CROP={CROP} <= SHORT_SIDE={SHORT_SIDE}, DET_THRESHOLD={DET_THRESHOLD} in [0, 1], FRAME_STRIDE='
+         f'{FRAME_STRIDE} > 0 seconds and LAYER_DECAY={LAYER_DECAY} in (0, 1]')
+if not os.path.exists(os.path.join(OUT_DIR, 'last.pt')) and not os.path.isfile(INIT):
+    hint = ' Run `python train_stage1.py --preset=demo` first.' if 'demo' in INIT else ''
+    fail(f'INIT {INIT!r} not found: pass --init=CHECKPOINT (ours or an official UMT .pth).{hint}')
+for name in ('TRAIN_CSV', 'VAL_CSV', 'DETECTIONS', 'LABELMAP', 'EXCLUSIONS'):
+    path = globals()[name]
+    if path and not os.path.exists(path) and not MAKE_DEMO:
+        fail(f'{name} {path!r} not found (README: the AVA v2.2 files). To try the script: --preset=demo.')
+
+# ----------------------------------------------------------------------------------------------
+# Processes, precision, OUT_DIR
+
+run = training.Run(config, OUT_DIR, DEVICE, DTYPE, GRAD_CLIP, MAX_BAD_STEPS, LOG_INTERVAL, CKPT_INTERVAL)
+rank, device, autocast = run.rank, run.device, run.autocast
+grad_accum = TOTAL_BATCH // (MICRO_BATCH * world_size)       # micro-steps per optimizer step
+peak_lr, min_lr = BASE_LR * TOTAL_BATCH / 256, MIN_LR * TOTAL_BATCH / 256
+
+# ----------------------------------------------------------------------------------------------
+# Data: training keyframes with their ground-truth boxes; test keyframes with the detector's boxes
+
+if MAKE_DEMO and run.master and not os.path.exists(TRAIN_CSV):
+    print(f'writing the synthetic AVA-style demo set to {os.path.dirname(TRAIN_CSV)}/ (a few seconds)')
+    ava.make_demo(os.path.dirname(TRAIN_CSV))
+run.barrier()
+kw = dict(num_classes=NUM_CLASSES, num_frames=NUM_FRAMES, stride=FRAME_STRIDE, short_side=SHORT_SIDE, crop=CROP,
+          flip=FLIP, movie_start=MOVIE_START, max_boxes=MAX_BOXES, max_bad_fraction=MAX_BAD_FRACTION,
+          threads=DECODE_THREADS)
+try:
+    (gt, bad_gt), (dets, bad_dets) = ava.read_csv(TRAIN_CSV), ava.read_csv(DETECTIONS, with_score=True)
+    val_videos = {r.video for r in ava.read_csv(VAL_CSV)[0]}  # the metric's movies: other detections are ignored
+    train_set = ava.Keyframes(gt, MOVIE_ROOT, 'train', **kw)
+    test_set = ava.Keyframes([r for r in dets if r.score >= DET_THRESHOLD and r.video in val_videos], MOVIE_ROOT,
+                             'test', **kw)
+    ava.read_labelmap(LABELMAP)
+except (ValueError, OSError) as e:
+    fail(str(e))
+steps_per_epoch = len(train_set) // TOTAL_BATCH
+if steps_per_epoch == 0:
+    fail(f'{len(train_set)} training keyframes with a movie, fewer than one batch of TOTAL_BATCH={TOTAL_BATCH}')
+total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_epoch
+if run.master:
+    for name, ds, bad in (('train', train_set, bad_gt), ('test', test_set, bad_dets)):
+        print(f'{name}: {len(ds)} keyframes, {sum(map(len, ds.people))} boxes; {bad} boxes outside the frame skipped'
+              + (f'; {len(ds.missing)} movies not in {MOVIE_ROOT} (e.g. {ds.missing[0]}): their keyframes left out'
+                 if ds.missing else ''))
+
+# ----------------------------------------------------------------------------------------------
+# Model: resume from OUT_DIR/last.pt, or the video encoder of INIT (checkpoints.load reports) with a new head
+
+torch.manual_seed(SEED)  # the same new head on every rank
+ckpt = run.resume()
+if ckpt is not None and ckpt['num_classes'] != NUM_CLASSES:
+    fail(f'{run.ckpt_path} has {ckpt["num_classes"]} classes but NUM_CLASSES={NUM_CLASSES}: another OUT_DIR?')
+try:  # any checkpoint gives a classifier's backbone; the sin-cos table is regenerated for NUM_FRAMES x CROP
+    encoder, report = checkpoints.load(INIT if ckpt is None else ckpt, 'classifier', NUM_CLASSES, num_frames=NUM_FRAMES,
+                                       img_size=CROP, drop_path=DROP_PATH)
+    raw_model = ava.ActionDetector(encoder.backbone, NUM_CLASSES, INIT_SCALE, ROI_ALIGNED)
+    if ckpt is not None:
+        load_strict(raw_model, ckpt['model'])
+except ValueError as e:
+    fail(str(e))
+raw_model.to(device)
+model_config = raw_model.backbone.config
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer: AdamW with layer-wise lr decay, warmup from 0 then cosine; compile, DDP
+
+decay = training.layer_decay(model_config.depth, LAYER_DECAY, prefix='backbone.')  # norm and head: full lr
+optimizer = torch.optim.AdamW(training.param_groups(raw_model, WEIGHT_DECAY, decay), lr=peak_lr, betas=BETAS, eps=1e-8,
+                              fused=device.type == 'cuda')
+run.start(optimizer, ckpt, total_steps, steps_per_epoch, ckpt_every_epoch=True, desc='ava')
+del ckpt
+model = torch.compile(raw_model) if COMPILE else raw_model
+model = training.wrap_ddp(model, device, world_size)
+if run.master:
+    print('\n'.join(report) + '\nthe detector keeps the video encoder only: its final norm and head are new')
+    print(f'world size {world_size} | {MICRO_BATCH} keyframes x {world_size} processes x {grad_accum} accumulation '
+          f'steps = {TOTAL_BATCH} per step | {run.dtype}, compile {COMPILE}, {device}\npeak lr {peak_lr:.3g} (BASE_LR '
+          f'{BASE_LR:g} x {TOTAL_BATCH} / 256), layer decay {LAYER_DECAY}, warmup {warmup_steps} of {total_steps} '
+          f'steps | {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters')
+
+def test(step):
+    """Detections for the test keyframes -> OUT_DIR/detections_step{step}.csv, and their frame-mAP (master)."""
+    path = os.path.join(OUT_DIR, f'detections_step{step}.csv')
+    unread = ava.write_detections(raw_model, test_set, path, device, TEST_BATCH, NUM_WORKERS, autocast)
+    if unread:
+        print(f'rank {rank}: {len(unread)} test keyframes could not be read and have no detections, e.g. {unread[0]}')
+    if run.master:
+        result = ava.evaluate_files(LABELMAP, VAL_CSV, path, EXCLUSIONS or None)
+        run.write({'step': step, 'epoch': step / steps_per_epoch, 'val_mAP': result['mAP'],
+                   'detections': os.path.basename(path)})
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+
+epoch, done = divmod(run.step, steps_per_epoch)
+batches = data.train_batches(train_set, MICRO_BATCH, SEED, rank, world_size, NUM_WORKERS, epoch, done * grad_accum,
+                             steps_per_epoch * grad_accum)
+model.train()
+while run.step < total_steps:
+    run.set_lr(training.lr_at(run.step, total_steps, warmup_steps, peak_lr, min_lr))
+    step_loss, step_boxes = torch.zeros((), device=device), 0
+    for micro in range(grad_accum):
+        batch = run.next_batch(batches)
+        video = batch['video'].to(device, non_blocking=True)             # [b, 3, T, CROP, CROP]
+        rois, target, _ = ava.rois(batch)                                # [R, 5] (clip, x1, y1, x2, y2), [R, C]
+        torch.manual_seed(training.seed_for(SEED, run.step, micro, rank))  # stochastic depth, replayed on resume
+        with training.no_sync(model, micro < grad_accum - 1):
+            with autocast:
+                logits = model(video, rois.to(device))                   # [R, C]
+            # official loss: BCE-with-logits averaged over the R x C terms, times R = the sum over boxes of the
+            # mean over classes; a micro-batch whose boxes all fell outside the crops adds 0
+            loss = F.binary_cross_entropy_with_logits(logits.float(), target.to(device), reduction='sum') / NUM_CLASSES
+            run.scaler.scale(loss / grad_accum).backward()               # summed micro-steps = the step's mean
+        step_loss += loss.detach() / grad_accum
+        step_boxes += len(rois)
+
+    # ---- update (or skip a non-finite step), log; frame-mAP every EVAL_EPOCHS epochs; checkpoint
+    due = run.update({'loss': step_loss, 'boxes': step_boxes / grad_accum}, raw_model)
+    if run.step % (EVAL_EPOCHS * steps_per_epoch) == 0 and run.step < total_steps:
+        test(run.step)
+    if due:
+        run.save(model=raw_model.state_dict(), model_config=dataclasses.asdict(model_config), num_classes=NUM_CLASSES)
+
+# ----------------------------------------------------------------------------------------------
+# Final test: every class of every detected person box, scored by frame-mAP@0.5 IoU
+
+test(run.step)
+run.close(f'done: {run.step} steps, {run.skipped_steps} skipped; weights in {run.ckpt_path}, log in {run.log_path}')
