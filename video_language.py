@@ -84,10 +84,10 @@ class TextBlock(nn.Module):
         if vision_dim is not None:    # new: CLIP's text tower never saw vision tokens
             self.ln_cross, self.cross_attn = nn.LayerNorm(dim), TextAttention(dim, heads, kv_dim=vision_dim)
 
-    def forward(self, x, mask, vision=None):
+    def forward(self, x, mask, vision=None, vision_mask=None):
         x = x + self.attn(self.ln_1(x), mask)
-        if vision is not None:  # every vision token is valid: no mask
-            x = x + self.cross_attn(self.ln_cross(x), context=vision)
+        if vision is not None:  # vision_mask None: every token is valid (video); QA's decoder masks question padding
+            x = x + self.cross_attn(self.ln_cross(x), vision_mask, context=vision)
         h = self.mlp.c_fc(self.ln_2(x))
         return x + self.mlp.c_proj(h * torch.sigmoid(1.702 * h) if self.quick_gelu else F.gelu(h))
 
