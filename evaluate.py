@@ -8,6 +8,9 @@ Evaluation: the paper's downstream protocols, features for your own videos, and 
     classify    action recognition on frozen features (k-NN and a linear probe) for stage-1 / stage-2
                 checkpoints; a fine-tuned classifier (ours or official) through its own head. Multi-view test:
                 clips x crops, softmax averaged, top-1 / top-5.
+    mc          multiple-choice video QA (MSRVTT-MC) with the official scoring (multi_modality/tasks/retrieval_mc.py):
+                stage-2 checkpoints, 12 middle frames, each option scored 0.7 x VTM match probability + 0.3 x VTC
+                softmax over the options (video_qa.mc_scores); accuracy.
     features    pooled and per-frame features of your own videos -> one .pt file.
     show-mask   one PNG: the frames, the teacher's CLS attention, and the tokens the semantic mask keeps.
     ava-map     frame-mAP@0.5 IoU of an AVA detections CSV over the label map's classes (the metric is in ava.py).
@@ -17,6 +20,7 @@ Commands (any checkpoint of this repo, or an official UMT .pth):
     torchrun --standalone --nproc_per_node=8 evaluate.py retrieval --ckpt out/stage2/last.pt --ann ... --root ...
     python evaluate.py classify --ckpt out/stage1/last.pt --train k400_train.csv --val k400_val.csv --root k400/
     python evaluate.py classify --ckpt umt_b16_k400_ft.pth --val k400_val.csv --root k400/      # its own head, 4x3 views
+    python evaluate.py mc --ckpt out/stage2/last.pt --ann msrvtt_mc_test.json --root videos/
     python evaluate.py features --ckpt out/stage1/last.pt a.mp4 b.mp4 --out feats.pt
     python evaluate.py show-mask video.mp4 --out mask.png      # CLIP ViT-B/16 'openai' teacher
     python evaluate.py ava-map --labelmap ava_action_list_v2.2_for_activitynet_2019.pbtxt \
@@ -26,6 +30,8 @@ Tiny CPU demo (after `python data.py --make-demo demo_data` and the demo pre-tra
     python evaluate.py classify --ckpt out/demo_stage1/last.pt --train demo_data/train.csv --val demo_data/val.csv \
         --root demo_data --clips 1 --crops 1
     python evaluate.py retrieval --ckpt out/demo_stage2/last.pt --ann demo_data/captions_val.json --root demo_data
+    python video_qa.py demo_data && python evaluate.py mc --ckpt out/demo_stage2/last.pt --ann demo_data/mc_test.json \
+        --root demo_data --frames 4
     python evaluate.py show-mask demo_data/videos/red_up_00.mp4 --teacher tiny --pretrained demo_data/tiny_clip.pt --out mask.png
 """
 import argparse
@@ -42,9 +48,11 @@ import checkpoints
 import training
 from data import BAD_ERRORS, VideoClassification, VideoText, augment, normalize, read_frames, sample_indices
 from video_language import tokenize
+from video_qa import VideoQuestions, mc_scores, read_mc
 
 K_TEST = 128          # candidates re-ranked by VTM per query, in each direction (official k_test)
 RET_FRAMES = 4        # frames per video for retrieval, middle of 4 equal segments (official zero-shot configs)
+MC_FRAMES = 12        # frames per video for multiple choice (official MSRVTT-MC: 12)
 MAX_TEXT_LEN = 32     # caption tokens (official max_txt_l: MSRVTT 32; MSVD, DiDeMo, LSMDC 64)
 PROTOCOLS = {         # the official zero-shot retrieval configs (exp/zero_shot/ret_*/b16.py): caption tokens, the
     'msrvtt': dict(max_len=32, paragraph=False, seconds=None),   # captions of a video joined into one paragraph,
@@ -295,6 +303,22 @@ def evaluate_retrieval(net, dataset, device, k_test=K_TEST, batch=BATCH, workers
         out['reranked'] = retrieval_metrics(t2v, txt2vid, v2t)
     return out
 
+def evaluate_mc(net, dataset, device, batch=BATCH, workers=WORKERS):
+    """Multiple-choice accuracy (%) of a stage-2 model on a video_qa.VideoQuestions set of MCItems: the best-scored
+    option (video_qa.mc_scores) against the answer; a question whose video cannot be read counts as wrong. Every
+    rank must call it; each scores its share of the questions."""
+    ctx = training.precision(device)[0]
+    net.eval()
+
+    def score(video, b):
+        with ctx:
+            return mc_scores(net, video, b['ids'].to(device), b['mask'].to(device)).float(), b['bad'].long().to(device)
+    (scores, bad), index = run_videos(dataset, score, device, batch, workers, 'questions')
+    scores, bad = (gather_rows(x, index.to(device), len(dataset)) for x in (scores, bad))  # [Q, O], [Q]
+    correct = (scores.argmax(1).cpu() == torch.tensor([it.answer for it in dataset.items])) & (bad.cpu() == 0)
+    return {'accuracy': 100.0 * correct.double().mean().item(), 'num_questions': len(dataset),
+            'chance': 100.0 / scores.shape[1], 'unreadable_videos': int(bad.sum())}
+
 def per_view(dataset, fn, device, batch=BATCH, workers=WORKERS, desc='views', ctx=None):
     """fn on every view (clips x crops) of every video -> ([N, V, ...], labels [N]) on every rank."""
     ctx = ctx or training.precision(device)[0]
@@ -407,6 +431,9 @@ def parse_args(argv=None):
     r.add_argument('--k_test', type=int, default=K_TEST)
     r.add_argument('--protocol', choices=sorted(PROTOCOLS), default='msrvtt', help='text length, paragraphs, seconds')
     r.add_argument('--max_len', type=int, default=None, help="caption tokens (default: the protocol's)")
+    q = sub.add_parser('mc', parents=[common_args], help='multiple-choice video QA, zero-shot (stage 2)')
+    q.add_argument('--ann', required=True, help='JSON list of {"video": path, "caption": [options], "answer": index}')
+    q.add_argument('--max_len', type=int, default=MAX_TEXT_LEN)
     c = sub.add_parser('classify', parents=[common_args], help='k-NN / linear probe / fine-tuned head')
     c.add_argument('--train', default=None, help='training list (path,label): k-NN memory and probe data')
     c.add_argument('--val', required=True, help='test list (path,label)')
@@ -452,6 +479,12 @@ def main(argv=None):
                          mode='eval', paragraph=protocol['paragraph'], max_seconds=protocol['seconds'])
         results = evaluate_retrieval(net, data, device, args.k_test, args.batch, args.workers,
                                      args.max_len or protocol['max_len'])
+    elif args.command == 'mc':
+        if kind != 'umt':
+            raise SystemExit(f'mc needs a stage-2 checkpoint of this repo (with a text side), got a {kind}')
+        data = VideoQuestions(read_mc(args.ann, args.root), args.frames or MC_FRAMES, args.size or config.img_size,
+                              'eval', args.max_len)
+        results = evaluate_mc(net, data, device, args.batch, args.workers)
     else:
         if kind != 'classifier' and not args.train:
             raise SystemExit('k-NN and the linear probe need --train (the labelled features they learn from)')
