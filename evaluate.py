@@ -31,7 +31,7 @@ Tiny CPU demo (after `python data.py --make-demo demo_data` and the demo pre-tra
         --root demo_data --clips 1 --crops 1
     python evaluate.py retrieval --ckpt out/demo_stage2/last.pt --ann demo_data/captions_val.json --root demo_data
     python video_qa.py demo_data && python evaluate.py mc --ckpt out/demo_stage2/last.pt --ann demo_data/mc_test.json \
-        --root demo_data --frames 4
+        --root demo_data
     python evaluate.py show-mask demo_data/videos/red_up_00.mp4 --teacher tiny --pretrained demo_data/tiny_clip.pt --out mask.png
 """
 import argparse
@@ -482,8 +482,11 @@ def main(argv=None):
     elif args.command == 'mc':
         if kind != 'umt':
             raise SystemExit(f'mc needs a stage-2 checkpoint of this repo (with a text side), got a {kind}')
-        data = VideoQuestions(read_mc(args.ann, args.root), args.frames or MC_FRAMES, args.size or config.img_size,
-                              'eval', args.max_len)
+        try:
+            items = read_mc(args.ann, args.root)
+        except ValueError as e:  # not the MC format: the message names the entry
+            raise SystemExit(f'evaluate.py: {e}') from e
+        data = VideoQuestions(items, args.frames or MC_FRAMES, args.size or config.img_size, 'eval', args.max_len)
         results = evaluate_mc(net, data, device, args.batch, args.workers)
     else:
         if kind != 'classifier' and not args.train:

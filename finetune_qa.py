@@ -92,7 +92,7 @@ PRESETS = {  # the official exp/finetuning/qa_{msrvtt,msvd,anet}/{b16,l16}_5m.py
     'demo': {'TRAIN_ANN': 'demo_data/qa_train.json', 'VAL_ANN': '', 'TEST_ANN': 'demo_data/qa_test.json',
              'ANSWER_LIST': 'demo_data/qa_answer_list.json', 'DATA_ROOT': 'demo_data', 'MAKE_DEMO': True,
              'INIT': 'out/demo_stage2/last.pt', 'NUM_FRAMES': 4, 'IMG_SIZE': 64, 'DROP_PATH': 0.0,
-             'TOTAL_BATCH': 16, 'MICRO_BATCH': 16, 'LR': 5e-4, 'EPOCHS': 10, 'COMPILE': False, 'NUM_WORKERS': 1,
+             'TOTAL_BATCH': 16, 'MICRO_BATCH': 16, 'LR': 1e-3, 'EPOCHS': 15, 'COMPILE': False, 'NUM_WORKERS': 1,
              'LOG_INTERVAL': 18, 'CKPT_INTERVAL': 100, 'OUT_DIR': 'out/demo_qa'},
 }
 
@@ -108,7 +108,8 @@ if K_TEST < 1 or MAX_ANSWER_LEN < 3 or MAX_QUESTION_LEN < 3:
 if not os.path.exists(os.path.join(OUT_DIR, 'last.pt')) and not os.path.isfile(INIT):
     hint = ' Run `python train_stage2.py --preset=demo` first.' if 'demo' in INIT else ''
     fail(f'INIT {INIT!r} not found: pass --init=CHECKPOINT, a stage-2 checkpoint of train_stage2.py.{hint}')
-for name, path in (('TRAIN_ANN', TRAIN_ANN), ('VAL_ANN', VAL_ANN), ('TEST_ANN', TEST_ANN), ('ANSWER_LIST', ANSWER_LIST)):
+for name, path in (('TRAIN_ANN', TRAIN_ANN), ('VAL_ANN', VAL_ANN), ('TEST_ANN', TEST_ANN),
+                   ('ANSWER_LIST', ANSWER_LIST)):
     if path and not os.path.exists(path) and not MAKE_DEMO:
         fail(f"{name} {path!r} not found (--{name.lower()}=PATH; --val_ann='' for none). To try the script: "
              '--preset=demo.')
@@ -127,12 +128,11 @@ min_lr = LR * MIN_LR_RATIO
 if MAKE_DEMO and run.master and not os.path.exists(TRAIN_ANN):
     video_qa.make_demo_qa(DATA_ROOT)  # from the demo set's captions (train_stage2.py --preset=demo wrote them)
 run.barrier()
+train_items, train_skipped = video_qa.read_qa(TRAIN_ANN, DATA_ROOT)
 try:
-    (train_items, train_skipped), answer_list = video_qa.read_qa(TRAIN_ANN, DATA_ROOT), \
-        video_qa.read_answer_list(ANSWER_LIST, MAX_ANSWER_LEN)
+    answers, answer_ids, answer_mask, answers_cut = video_qa.read_answer_list(ANSWER_LIST, MAX_ANSWER_LEN)
 except ValueError as e:  # an answer-list entry that gives no token
     fail(str(e))
-answers, answer_ids, answer_mask, answers_cut = answer_list
 answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
 kw = dict(text_len=MAX_QUESTION_LEN, answer_len=MAX_ANSWER_LEN, threads=DECODE_THREADS)
 train_set = video_qa.VideoQuestions(train_items, NUM_FRAMES, IMG_SIZE, 'train', max_bad_fraction=MAX_BAD_FRACTION, **kw)
@@ -145,28 +145,6 @@ steps_per_epoch = len(train_set) // TOTAL_BATCH  # the incomplete last global ba
 if steps_per_epoch == 0:
     fail(f'{TRAIN_ANN} has {len(train_set)} usable questions, fewer than one global batch of TOTAL_BATCH={TOTAL_BATCH}')
 total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_epoch
-
-def evaluate_qa(split):
-    """Exact-match accuracy (%) on one test set, every rank scoring its share. A question whose video cannot be read
-    counts as wrong (the official metric counts a missing prediction as wrong); entries without a video, question
-    or answer were skipped and are only counted. -> (results, predictions)."""
-    dataset, skipped = tests[split]
-    raw_model.eval()
-
-    def answer(video, b):
-        with torch.no_grad(), autocast:
-            pred = raw_model.answer(video, b['ids'].to(device), b['mask'].to(device), answer_ids, answer_mask, K_TEST,
-                                    DOUBLE_FIRST_TOKEN)
-        return pred, b['bad'].long().to(device)
-    (pred, bad), index = evaluate.run_videos(dataset, answer, device, EVAL_BATCH, NUM_WORKERS, split)
-    pred, bad = (evaluate.gather_rows(x, index.to(device), len(dataset)).tolist() for x in (pred, bad))
-    raw_model.train()
-    correct = [not b and answers[p] in it.answers for p, b, it in zip(pred, bad, dataset.items)]
-    known = sum(any(a in answers for a in it.answers) for it in dataset.items)
-    result = {'accuracy': 100 * sum(correct) / len(dataset), 'questions': len(dataset),
-              'skipped_entries': len(skipped), 'unreadable_videos': sum(bad), 'answer_in_list': known}
-    return result, [{'question_id': it.qid, 'pred': answers[p], 'answer': it.answers[0]}
-                    for p, it in zip(pred, dataset.items)]
 
 # ----------------------------------------------------------------------------------------------
 # Model: resume from OUT_DIR/last.pt, or the QA model from the stage-2 INIT (checkpoints.load, then a report)
@@ -201,9 +179,34 @@ if run.master:
     print(f'world size {world_size} | {MICRO_BATCH} questions x {world_size} processes x {grad_accum} accumulation '
           f'steps = {TOTAL_BATCH} per step | {run.dtype}, compile {COMPILE}, {device}\nlr {LR:g} after '
           f'{warmup_steps} warmup steps, floor {min_lr:g}, {total_steps} steps ({steps_per_epoch} per epoch of '
-          f'{len(train_set)} questions; {len(train_skipped)} entries without a video, question or answer skipped) | '
+          f'{len(train_set)} questions; {len(train_skipped)} skipped: no video, question or answer) | '
           f'answer list: {len(answers)} entries, {answers_cut} cut to {MAX_ANSWER_LEN} tokens | '
           f'{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters')
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: rank_answer over the answer list, exact match
+
+def evaluate_qa(split):
+    """Exact-match accuracy (%) on one test set, every rank scoring its share. A question whose video cannot be read
+    counts as wrong (the official metric counts a missing prediction as wrong); entries without a video, question
+    or answer were skipped and are only counted. -> (results, predictions)."""
+    dataset, skipped = tests[split]
+    raw_model.eval()
+
+    def answer(video, b):
+        with torch.no_grad(), autocast:
+            pred = raw_model.answer(video, b['ids'].to(device), b['mask'].to(device), answer_ids, answer_mask, K_TEST,
+                                    DOUBLE_FIRST_TOKEN)
+        return pred, b['bad'].long().to(device)
+    (pred, bad), index = evaluate.run_videos(dataset, answer, device, EVAL_BATCH, NUM_WORKERS, split)
+    pred, bad = (evaluate.gather_rows(x, index.to(device), len(dataset)).tolist() for x in (pred, bad))
+    raw_model.train()
+    correct = [not b and answers[p] in it.answers for p, b, it in zip(pred, bad, dataset.items)]
+    known = sum(any(a in answers for a in it.answers) for it in dataset.items)
+    result = {'accuracy': 100 * sum(correct) / len(dataset), 'questions': len(dataset),
+              'skipped_entries': len(skipped), 'unreadable_videos': sum(bad), 'answer_in_list': known}
+    return result, [{'question_id': it.qid, 'pred': answers[p], 'answer': it.answers[0]}
+                    for p, it in zip(pred, dataset.items)]
 
 # ----------------------------------------------------------------------------------------------
 # Training loop

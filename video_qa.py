@@ -106,7 +106,7 @@ def rank_answer(decoder, question, question_mask, answer_ids, answer_mask, k, do
     into the list. 1. p(first token | question) for every entry; keep the k best. 2. Re-score those k by their whole
     log-likelihood, log p(a | q) = -answer_nll. The official score adds the first token's log-probability once more
     (ALBEF's formula counts it twice); double_first=True reproduces that, the default scores the likelihood itself."""
-    B, A, k = len(question), len(answer_ids), min(k, len(answer_ids))
+    B, k = len(question), min(k, len(answer_ids))
     start = answer_ids[:1, :1].expand(B, 1)                                              # [B, 1] [sot]
     first = decoder(start, torch.ones_like(start, dtype=torch.bool), question, question_mask)[:, 0]  # [B, V]
     first = first.float().log_softmax(-1)[:, answer_ids[:, 1]]                            # [B, A] log p(a_1 | q)
@@ -314,15 +314,18 @@ def make_demo_qa(root, out_dir=None, seed=0):
     mc_test.json (each val video DEMO_MC_DRAWS times: its caption and 4 others, shuffled) in out_dir (root)."""
     out_dir = out_dir or root
     rng = np.random.default_rng(seed)
-    splits = {s: [(r, demo_attributes(r)) for r in json.load(open(f'{root}/captions_{s}.json'))] for s in ('train', 'val')}
-    splits = {s: [(r, a) for r, a in rs if a is not None] for s, rs in splits.items()}
+    splits = {}
+    for s in ('train', 'val'):  # (record, attributes) of every caption that fits the template
+        records = [(r, demo_attributes(r)) for r in json.load(open(f'{root}/captions_{s}.json'))]
+        splits[s] = [(r, a) for r, a in records if a is not None]
     for name, split in (('train', 'train'), ('test', 'val')):
         qa = [{'video': r['video'], 'question': q, 'answer': a[key]} for r, a in splits[split]
               for key, q in DEMO_QUESTIONS.items()]
         if name == 'test':
             qa = [dict(x, question_id=i) for i, x in enumerate(qa)]
         json.dump(qa, open(f'{out_dir}/qa_{name}.json', 'w'), indent=1)
-    json.dump(sorted({a[k] for _, a in splits['train'] for k in DEMO_QUESTIONS}), open(f'{out_dir}/qa_answer_list.json', 'w'))
+    answers = sorted({a[k] for _, a in splits['train'] for k in DEMO_QUESTIONS})
+    json.dump(answers, open(f'{out_dir}/qa_answer_list.json', 'w'))
     caption = lambda a: f"a {a['color']} {a['shape']} moving {a['direction']}"
     captions = sorted({caption(a) for rs in splits.values() for _, a in rs})
     mc = []
