@@ -220,7 +220,7 @@ while run.step < total_steps:
     step_loss = torch.zeros((), device=device)
     for micro in range(grad_accum):
         batch = run.next_batch(batches)
-        video = batch['video'].to(device, non_blocking=True)                      # [b, 3, T, S, S]
+        video = data.normalize(batch['video'].to(device, non_blocking=True))      # [b, 3, T, S, S] float
         text = [batch[k].to(device) for k in ('ids', 'mask', 'answer_ids', 'answer_mask', 'weights')]
         torch.manual_seed(training.seed_for(SEED, run.step, micro, rank))        # stochastic depth, replayed on resume
         # Gradients of the micro-steps add up; DDP averages them over ranks only on the last one.

@@ -35,13 +35,6 @@ from video_language import TextBlock, TextEncoder, text_mask, tokenize
 
 MC_ITM_WEIGHT = 0.7  # score = 0.7 VTM probability + 0.3 VTC softmax over the options (official retrieval_mc.py)
 
-def pre_text(text):
-    """The official caption cleaning (multi_modality/dataset/utils.py): lower case; , . ' ! ? " ( ) * # : ; ~
-    deleted; - and / become spaces; <person> becomes person; runs of spaces collapse. Questions and options only,
-    never answers. (Local until data.pre_text lands; the same rules.)"""
-    text = re.sub(r'[,.\'!?"()*#:;~]', '', text.lower()).replace('-', ' ').replace('/', ' ')
-    return re.sub(r'\s+', ' ', text.replace('<person>', 'person')).strip()
-
 # ----------------------------------------------------------------------------------------------
 # Multiple choice: zero-shot scoring with the stage-2 heads
 
@@ -201,7 +194,7 @@ MCItem = namedtuple('MCItem', 'path options answer')
 
 def read_qa(ann_file, root=None):
     """Official QA JSON list of {"video", "question", "answer": str or [str], "question_id" (val / test)} ->
-    ([QAItem], positions skipped). Questions are cleaned by pre_text, answers never. A list's unique answers weigh
+    ([QAItem], positions skipped). Questions are cleaned by data.pre_text, answers never. A list's unique answers weigh
     count / len (official). An entry without a video, a question or a non-empty answer is skipped and counted."""
     items, skipped = [], []
     for i, o in enumerate(json.load(open(ann_file))):
@@ -211,7 +204,7 @@ def read_qa(ann_file, root=None):
             skipped.append(i)
             continue
         counts = Counter(answers)
-        items.append(QAItem(os.path.join(root or '', o['video']), pre_text(o['question']), list(counts),
+        items.append(QAItem(os.path.join(root or '', o['video']), data.pre_text(o['question']), list(counts),
                             [c / len(answers) for c in counts.values()], o.get('question_id', i)))
     return items, skipped
 
@@ -229,22 +222,23 @@ def read_answer_list(path, max_len):
 
 def read_mc(ann_file, root=None):
     """Official MSRVTT-MC list of {"video", "caption": [options], "answer": index} -> [MCItem], options cleaned by
-    pre_text. Every question needs the same number of options (5 in MSRVTT-MC) and an answer among them."""
+    data.pre_text. Every question needs the same number of options (5 in MSRVTT-MC) and an answer among them."""
     items = []
     for i, o in enumerate(json.load(open(ann_file))):
         options, answer = o.get('caption'), o.get('answer')
         if not (isinstance(options, list) and len(options) >= 2 and isinstance(answer, int)
                 and 0 <= answer < len(options) and isinstance(o.get('video'), str)):
             raise ValueError(f'{ann_file}: entry #{i} is not {{"video": path, "caption": [options], "answer": index}}')
-        items.append(MCItem(os.path.join(root or '', o['video']), [pre_text(c) for c in options], answer))
+        items.append(MCItem(os.path.join(root or '', o['video']), [data.pre_text(c) for c in options], answer))
     if len({len(it.options) for it in items}) > 1:
         raise ValueError(f'{ann_file}: the questions have different numbers of options')
     return items
 
 class VideoQuestions(data._RobustDataset):
-    """QAItems or MCItems with their clips. 'train': TSN frames, random-resized crop + flip; an unreadable video is
-    replaced by another sample and counted (data.py). 'eval': middle frames, the whole frame resized (the official
-    test transform); an unreadable video is not replaced but flagged 'bad', and its question counts as wrong.
+    """QAItems or MCItems with their uint8 clips (data.normalize makes them model inputs). 'train': the official
+    'rand' frames, random-resized crop + flip; an unreadable video is replaced by another sample and counted
+    (data.py). 'eval': middle frames, the whole frame resized (the official test transform); an unreadable video is
+    not replaced but flagged 'bad', and its question counts as wrong.
     Text comes tokenized: question (or options) ids / mask [Lq] (or [O, L]); for training also the answers, padded
     to the most any question has: answer_ids / answer_mask [A, La] and weights [A] (0 = padding)."""
 
@@ -259,7 +253,7 @@ class VideoQuestions(data._RobustDataset):
         item, T, S = self.items[i], self.num_frames, self.size
         try:
             if self.mode == 'train':
-                frames = data.read_frames(item.path, lambda n: data.sample_indices(n, T, 'train', rng), self.threads)
+                frames = data.read_frames(item.path, lambda n: data.sample_indices(n, T, 'rand', rng), self.threads)
                 video, bad = data.augment(frames, S, 'rrc', rng, flip=True)[0], False
             else:
                 frames = data.read_frames(item.path, lambda n: data.sample_indices(n, T, 'middle'), self.threads)
@@ -267,7 +261,7 @@ class VideoQuestions(data._RobustDataset):
         except data.BAD_ERRORS:
             if self.mode == 'train':
                 raise
-            video, bad = torch.zeros(3, T, S, S), True
+            video, bad = torch.zeros(3, T, S, S, dtype=torch.uint8), True
         if isinstance(item, MCItem):
             ids, mask = tokenize(item.options, self.text_len)                          # [O, L]
             return {'video': video, 'bad': bad, 'ids': ids, 'mask': mask, 'answer': item.answer}

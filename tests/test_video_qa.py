@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
+import data
 import evaluate
 import training
 import video_qa as Q
@@ -59,7 +60,7 @@ class Oracle(torch.nn.Module):
     def __init__(self, clip_caption, captions):
         super().__init__()
         self.clip_caption, self.n = clip_caption, len(captions)
-        self.caption_of = {tuple(r.tolist()): i for i, r in enumerate(tokenize(map(Q.pre_text, captions), 32)[0])}
+        self.caption_of = {tuple(r.tolist()): i for i, r in enumerate(tokenize(map(data.pre_text, captions), 32)[0])}
         self.temp = torch.tensor(0.07)
 
     def encode_video(self, video, per_frame=True):
@@ -80,7 +81,7 @@ def key(video):
 
 
 def test_mc_oracle_scores_100_and_shuffled_answers_chance(demo_dir, tmp_path):
-    records = json.load(open(os.path.join(demo_dir, 'captions_train.json')))[::2]   # 48 videos
+    records = json.load(open(os.path.join(demo_dir, 'captions_train.json')))[::2]   # every other video
     captions = sorted({r['caption'] for r in records})
     rng = np.random.default_rng(0)
     ann = []
@@ -92,10 +93,10 @@ def test_mc_oracle_scores_100_and_shuffled_answers_chance(demo_dir, tmp_path):
     json.dump(ann, open(tmp_path / 'mc.json', 'w'))
     json.dump([dict(a, answer=int(rng.integers(5))) for a in ann], open(tmp_path / 'shuffled.json', 'w'))
     clips = Q.VideoQuestions(Q.read_mc(tmp_path / 'mc.json', demo_dir), 4, 32, 'eval', 32)
-    oracle = Oracle({key(clips[3 * j]['video']): captions.index(r['caption']) for j, r in enumerate(records)},
-                    captions)                                           # clip 3j = video j
+    oracle = Oracle({key(data.normalize(clips[3 * j]['video'])): captions.index(r['caption'])
+                     for j, r in enumerate(records)}, captions)        # clip 3j = video j, as the model sees it
     right = evaluate.evaluate_mc(oracle, clips, torch.device('cpu'), batch=16, workers=0)
-    assert right == {'accuracy': 100.0, 'num_questions': 144, 'chance': 20.0, 'unreadable_videos': 0}
+    assert right == {'accuracy': 100.0, 'num_questions': 3 * len(records), 'chance': 20.0, 'unreadable_videos': 0}
     shuffled = Q.VideoQuestions(Q.read_mc(tmp_path / 'shuffled.json', demo_dir), 4, 32, 'eval', 32)
     assert 10 < evaluate.evaluate_mc(oracle, shuffled, torch.device('cpu'), batch=16, workers=0)['accuracy'] < 30
     # the command line on a real (random) stage-2 model; a missing video counts as a wrong answer
