@@ -92,7 +92,7 @@ PRESETS = {  # the official exp/finetuning/qa_{msrvtt,msvd,anet}/{b16,l16}_5m.py
     'demo': {'TRAIN_ANN': 'demo_data/qa_train.json', 'VAL_ANN': '', 'TEST_ANN': 'demo_data/qa_test.json',
              'ANSWER_LIST': 'demo_data/qa_answer_list.json', 'DATA_ROOT': 'demo_data', 'MAKE_DEMO': True,
              'INIT': 'out/demo_stage2/last.pt', 'NUM_FRAMES': 4, 'IMG_SIZE': 64, 'DROP_PATH': 0.0,
-             'TOTAL_BATCH': 16, 'MICRO_BATCH': 16, 'LR': 1e-3, 'EPOCHS': 15, 'COMPILE': False, 'NUM_WORKERS': 1,
+             'TOTAL_BATCH': 16, 'MICRO_BATCH': 16, 'LR': 1e-3, 'EPOCHS': 20, 'COMPILE': False, 'NUM_WORKERS': 1,
              'LOG_INTERVAL': 18, 'CKPT_INTERVAL': 100, 'OUT_DIR': 'out/demo_qa'},
 }
 
