@@ -13,7 +13,7 @@ annotation. The defaults are the official UMT-B/16 recipe for MSRVTT-QA after 5M
     torchrun --standalone --nproc_per_node=8 finetune_qa.py --preset=msvd_b16 --data_root=/data/msvd
     python finetune_qa.py --preset=anet_b16 --micro_batch=8 --data_root=/data/anet     # 1 GPU, accumulation
     python train_stage1.py --preset=demo && python train_stage2.py --preset=demo && \
-        python finetune_qa.py --preset=demo                                            # CPU, a few minutes
+        python finetune_qa.py --preset=demo                                            # CPU, 5-10 minutes
 
 Launch the same command again after a crash: the run resumes from OUT_DIR/last.pt (and a finished run tests again).
 """
