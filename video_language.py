@@ -309,10 +309,17 @@ def vtm_pairs(sim, ids):
     sim [B, B] video-to-text similarities divided by the temperature (0.07 at the start: that is what makes the
     negatives hard), ids [B] or [B, K] pair keys -> (video_idx [3B], text_idx [3B], labels [3B]): the B positive
     pairs (label 1), each text with a drawn video, each video with a drawn text (label 0). Draws follow
-    softmax(sim) over the non-positives only (positives get probability exactly 0), as the official vtm_loss."""
+    softmax(sim) over the non-positives only (positives get probability exactly 0), as the official vtm_loss.
+    A row without any non-positive (every pair of the batch has its caption) draws any other item instead, where
+    the official code stops with an error."""
     B, pos = sim.shape[0], same_pair(ids, ids)                                   # [B, B]
-    neg_text = sim.float().masked_fill(pos, float('-inf')).softmax(1).multinomial(1)[:, 0]      # [B], per video
-    neg_video = sim.float().t().masked_fill(pos, float('-inf')).softmax(1).multinomial(1)[:, 0]  # [B], per text
+    others = ~torch.eye(B, dtype=torch.bool, device=sim.device)
+
+    def draw(s):  # [B, B] -> [B]: one index per row
+        p = s.float().masked_fill(pos, float('-inf')).softmax(1).nan_to_num(0.0)  # an all-positive row: all 0
+        return torch.where(p.sum(1, keepdim=True) > 0, p, others.float()).multinomial(1)[:, 0]
+
+    neg_text, neg_video = draw(sim), draw(sim.t())                               # [B] per video, [B] per text
     ar = torch.arange(B, device=sim.device)
     labels = (torch.arange(3 * B, device=sim.device) < B).long()               # 1 = matching pair
     return torch.cat([ar, neg_video, ar]), torch.cat([ar, ar, neg_text]), labels

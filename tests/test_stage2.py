@@ -172,6 +172,8 @@ def test_vtm_never_draws_a_positive_and_labels_are_right():
         assert torch.equal(labels, (ids[vi] == ids[ti]).long())        # a label is whether the ids agree
         assert torch.equal(vi[:B], torch.arange(B)) and torch.equal(ti[:B], torch.arange(B))
         assert torch.equal(ti[B:2 * B], torch.arange(B)) and torch.equal(vi[2 * B:], torch.arange(B))
+    vi, ti, labels = M.vtm_pairs(torch.randn(3, 3), torch.tensor([7, 7, 7]))  # one caption for the whole batch:
+    assert (vi != ti)[3:].all()                                          # no negative exists; another item is drawn
 
 
 def test_vtm_negatives_follow_softmax_of_similarity_over_temperature():
