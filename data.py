@@ -625,7 +625,8 @@ def prepare_video(src, dst, short_side=PREP_SHORT_SIDE, keyint=PREP_KEYINT, crf=
                     w, h = 2 * round(f.width * k / 2), 2 * round(f.height * k / 2)  # yuv420p: even sides
                     x264 = f'keyint={keyint}:min-keyint={keyint}:scenecut=0:bframes=0'
                     o = out.add_stream('libx264', rate=rate, width=w, height=h, pix_fmt='yuv420p', options={
-                        'preset': 'veryfast', 'tune': 'fastdecode', 'crf': str(crf), 'threads': '1', 'x264-params': x264})
+                        'preset': 'veryfast', 'tune': 'fastdecode', 'crf': str(crf), 'threads': '1',
+                        'x264-params': x264})
                 g = f.reformat(width=w, height=h, format='yuv420p', interpolation='AREA')
                 g.pts, g.time_base = i, 1 / Fraction(rate)  # frame i at i / rate
                 out.mux(o.encode(g))

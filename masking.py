@@ -4,7 +4,7 @@ Which tokens the student sees: random, tube and semantic (teacher-attention) mas
 Paper section 3.1: UMT hides most video tokens (80%) from the student and keeps the ones the
 frozen CLIP teacher attends to, so the few visible tokens carry the clip's meaning.
 
-Polarity convention (REFERENCE D1): every function returns `keep`, a LongTensor [B, T*n_keep] of
+Polarity convention: every function returns `keep`, a LongTensor [B, T*n_keep] of
 the KEPT token indices in (t, h, w) raster order, sorted ascending. There is no boolean mask
 anywhere, so there is no confusion about what True means (MAE, VideoMAE and UMT disagree) and
 selecting tokens is a gather with no host sync.

@@ -196,7 +196,7 @@ class UMT(nn.Module):
         video [B, 3, T, H, W], keep [B, N_vis] (None: every token, per-frame features as in the official retrieval
         fine-tuning), targets [K, B, N_vis, C] (teacher; None: no UTA), input_ids and attention_mask [B, L], ids [B]
         or [B, K] pair keys (pairs sharing a key are positives, see same_pair); mlm_prob 0: no MLM."""
-        x_vis, aligned, v = self.encode_video(video, keep, per_frame=keep is None)  # [B, N_vis, D], [K, ...], [B, (t,) E]
+        x_vis, aligned, v = self.encode_video(video, keep, per_frame=keep is None)  # [B, N_vis, D], [K, ..], [B, t?, E]
         text_hidden, t = self.encode_text(input_ids, attention_mask)    # [B, L, Dt], [B, E]
         # UTA: L_uta = mean over layers and visible tokens of 2 - 2 cos(student, teacher)
         loss_uta = uta_loss(aligned, targets) if targets is not None else v.new_zeros(())
@@ -257,7 +257,8 @@ class _GatherWithGrad(torch.autograd.Function):
     Rank r's loss uses every rank's features, so d(sum of losses)/d(x_r) needs every rank's share;
     DDP then averages parameter gradients, which makes the result equal the one-process gradient of
     the mean loss over the global batch. The official backward returns the local slice without the
-    sum (multi_modality/models/criterions.py): with its full-matrix loss on every rank that scales the VTC gradient by 1/W."""
+    sum (multi_modality/models/criterions.py): with its full-matrix loss on every rank that scales the VTC gradient
+    by 1/W."""
 
     @staticmethod
     def forward(ctx, x):

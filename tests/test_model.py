@@ -79,12 +79,12 @@ def test_paper_parameter_counts():
     with torch.device('meta'):
         b, l = VideoViT(CONFIGS['vit_b16']), VideoViT(CONFIGS['vit_l16'])
     count = lambda m, skip='clip_decoder': sum(p.numel() for n, p in m.named_parameters() if not n.startswith(skip))
-    assert (count(b), count(b, 'none')) == (85_637_376, 88_005_888)   # REFERENCE 1.1
+    assert (count(b), count(b, 'none')) == (85_637_376, 88_005_888)   # the paper's UMT-B size
     assert (count(l), count(l, 'none')) == (303_074_304, 307_806_720)
 
 
 def official_stage1_keys(D, depth, K, C, patch=8):
-    """The official stage-1 key layout (REFERENCE 5.1), written out independently of model.py."""
+    """The official stage-1 key layout, written out independently of model.py."""
     sd = {'encoder.patch_embed.proj.weight': (D, 3, 1, patch, patch), 'encoder.patch_embed.proj.bias': (D,)}
     for i in range(depth):
         p = f'encoder.blocks.{i}.'
