@@ -2,11 +2,12 @@
 Evaluation: the paper's downstream protocols, features for your own videos, and a picture of the semantic mask.
 
     retrieval   zero-shot video-text retrieval with the official protocol (multi_modality/tasks/retrieval_utils.py):
-                stage-2 checkpoints, 4 middle frames, no mask, VTC scores (mean over frames of the per-frame cosine), then VTM
-                re-ranking of the top K_TEST in both directions. Both are reported, as t2v (text -> video) and
-                v2t (video -> text). The official logs call these img_r* (t2v) and txt_r* (v2t).
+                stage-2 checkpoints, 4 middle frames, no mask, VTC scores (mean over frames of the per-frame
+                cosine), then VTM re-ranking of the top K_TEST in both directions. Both are reported, as t2v
+                (text -> video) and v2t (video -> text). The official logs call these img_r* (t2v) and txt_r* (v2t).
     classify    action recognition on frozen features (k-NN and a linear probe) for stage-1 / stage-2
-                checkpoints; a fine-tuned classifier (ours or official) through its own head. Multi-view test:
+                checkpoints or a CLIP teacher (--teacher); a fine-tuned classifier (ours or official) through its
+                own head. Multi-view test:
                 clips x crops, softmax averaged, top-1 / top-5.
     mc          multiple-choice video QA (MSRVTT-MC) with the official scoring (multi_modality/tasks/retrieval_mc.py):
                 stage-2 checkpoints, 12 middle frames, each option scored 0.7 x VTM match probability + 0.3 x VTC
@@ -19,23 +20,26 @@ Commands (any checkpoint of this repo, or an official UMT .pth):
     python evaluate.py retrieval --ckpt out/stage2/last.pt --ann msrvtt_test1k.json --root videos/
     torchrun --standalone --nproc_per_node=8 evaluate.py retrieval --ckpt out/stage2/last.pt --ann ... --root ...
     python evaluate.py classify --ckpt out/stage1/last.pt --train k400_train.csv --val k400_val.csv --root k400/
-    python evaluate.py classify --ckpt umt_b16_k400_ft.pth --val k400_val.csv --root k400/      # its own head, 4x3 views
+    python evaluate.py classify --ckpt umt_b16_k400_ft.pth --val k400_val.csv --root k400/  # its own head, 4x3 views
     python evaluate.py mc --ckpt out/stage2/last.pt --ann msrvtt_mc_test.json --root videos/
     python evaluate.py features --ckpt out/stage1/last.pt a.mp4 b.mp4 --out feats.pt
     python evaluate.py show-mask video.mp4 --out mask.png      # CLIP ViT-B/16 'openai' teacher
     python evaluate.py ava-map --labelmap ava_action_list_v2.2_for_activitynet_2019.pbtxt \
         --groundtruth ava_val_v2.2.csv --detections out/ava_b16/detections_step*.csv \
         --exclusions ava_val_excluded_timestamps_v2.2.csv
-Tiny CPU demo (after `python data.py --make-demo demo_data` and the demo pre-training runs):
-    python evaluate.py classify --ckpt out/demo_stage1/last.pt --train demo_data/train.csv --val demo_data/val.csv \
-        --root demo_data --clips 1 --crops 1
+Tiny CPU demo (after the demo runs of train_stage1.py, train_stage2.py and finetune.py; demo.py for the floor):
+    python evaluate.py classify --ckpt out/demo_stage1/last.pt --train demo_data/train_color.csv \
+        --val demo_data/val_color.csv --root demo_data --clips 1 --crops 1       # the squares' colour, k-NN + probe
+    python evaluate.py classify --teacher tiny --pretrained demo_data/tiny_clip.pt --frames 4 --train ... # ceiling
     python evaluate.py retrieval --ckpt out/demo_stage2/last.pt --ann demo_data/captions_val.json --root demo_data
     python video_qa.py demo_data && python evaluate.py mc --ckpt out/demo_stage2/last.pt --ann demo_data/mc_test.json \
         --root demo_data
-    python evaluate.py show-mask demo_data/videos/red_up_00.mp4 --teacher tiny --pretrained demo_data/tiny_clip.pt --out mask.png
+    python evaluate.py show-mask demo_data/videos/red_up_00.mp4 --teacher tiny --pretrained demo_data/tiny_clip.pt \
+        --out docs/mask.png
 """
 import argparse
 import json
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -47,6 +51,7 @@ import ava
 import checkpoints
 import training
 from data import BAD_ERRORS, VideoClassification, VideoText, augment, normalize, read_frames, sample_indices
+from teacher import build_teacher
 from video_language import tokenize
 from video_qa import VideoQuestions, mc_scores, read_mc
 
@@ -149,7 +154,8 @@ def train_linear_probe(feats, labels, num_classes, epochs=PROBE_EPOCHS, lr=PROBE
     steps_per_epoch = -(-len(x) // batch)
     for epoch in range(epochs):
         for i, idx in enumerate(torch.randperm(len(x), generator=g).split(batch)):
-            opt.param_groups[0]['lr'] = training.lr_at(epoch * steps_per_epoch + i, epochs * steps_per_epoch, 0, lr, 0.0)
+            step = epoch * steps_per_epoch + i
+            opt.param_groups[0]['lr'] = training.lr_at(step, epochs * steps_per_epoch, 0, lr, 0.0)
             loss = F.cross_entropy(probe(x[idx]), labels[idx])
             opt.zero_grad()
             loss.backward()
@@ -199,14 +205,18 @@ def load_model(path, num_frames=None, img_size=None):
         raise SystemExit(f'evaluate.py: {e}') from e
     kind = 'umt' if hasattr(net, 'text_encoder') else 'classifier' if hasattr(net, 'head') else 'vit'
     print('\n'.join(report))
-    return net.eval(), kind, (net.vision_encoder if kind == 'umt' else net.backbone if kind == 'classifier' else net).config
+    encoder = net.vision_encoder if kind == 'umt' else net.backbone if kind == 'classifier' else net
+    return net.eval(), kind, encoder.config
 
 def pooled_features(net, kind, config, video):
     """video [B, 3, T, H, W] -> (pooled [B, D], per_frame [B, t, D]): means of the encoder's output tokens over
     the whole clip and over each time step (t = T / tubelet). The student has no CLS token, so pooling is a mean
-    (the official models pool by a mean too). A fine-tuned classifier applies its fc_norm, i.e. these are the inputs of its head."""
+    (the official models pool by a mean too). A fine-tuned classifier applies its fc_norm, i.e. these are the inputs
+    of its head."""
     if kind == 'umt':
         x = net.encode_video(video)[0]                                          # [B, N, D], final-normed, no mask
+    elif kind == 'teacher':
+        x = net(video)[0][-1]                                                # [B, N, C], the last block's targets
     elif kind == 'classifier':
         x = net.backbone(video)[0]                                           # [B, N, D], its norm is Identity
     else:
@@ -348,8 +358,8 @@ def evaluate_classification(net, kind, config, args, device):
     train = VideoClassification(args.train, args.root, T, S, mode='val')     # 1 clip, center crop, no augmentation
     num_classes = max(train.num_classes, test.num_classes)
     feats = lambda video: pooled_features(net, kind, config, video)[0]
-    train_x, train_y = per_view(train, feats, device, args.batch, args.workers, 'train features')              # [Ntrain, 1, D], [Ntrain]
-    test_x, test_y = per_view(test, feats, device, args.batch, args.workers, 'test features')                  # [N, V, D], [N]
+    train_x, train_y = per_view(train, feats, device, args.batch, args.workers, 'train features')  # [Ntrain, 1, D]
+    test_x, test_y = per_view(test, feats, device, args.batch, args.workers, 'test features')     # [N, V, D]
     votes = knn_predict(train_x[:, 0], train_y, test_x.flatten(0, 1), num_classes)  # [N*V, C]
     probe = train_linear_probe(train_x[:, 0], train_y, num_classes)
     return {'knn': topk_accuracy(votes.unflatten(0, test_x.shape[:2]).mean(1), test_y),  # vote shares averaged
@@ -368,7 +378,8 @@ def extract_features(net, kind, config, paths, device, frames=None, size=None):
         except BAD_ERRORS as e:  # missing, empty, truncated, not a video
             skipped[path] = f'{type(e).__name__}: {e}'
             continue
-        video = normalize(augment(clip, S, 'squash' if kind == 'umt' else 'center')[0][None].to(device))  # [1, 3, T, S, S]
+        crop = 'squash' if kind == 'umt' else 'center'
+        video = normalize(augment(clip, S, crop)[0][None].to(device))  # [1, 3, T, S, S]
         with torch.no_grad():
             for key, value in zip(out, pooled_features(net, kind, config, video)):
                 out[key].append(value.cpu())
@@ -389,7 +400,7 @@ def mask_picture(video, attn, keep):
     up = lambda m: m.view(T, g, g).repeat_interleave(S // g, 1).repeat_interleave(S // g, 2)  # [T, S, S]
     rgb = video.float().permute(1, 2, 3, 0) / 255                            # [T, S, S, 3]
     heat = up(attn / attn.amax(1, keepdim=True))                             # [T, S, S], 1 = most attended
-    heat = torch.stack([(1.5 - (4 * heat - c).abs()).clamp(0, 1) for c in (3, 2, 1)], -1)  # blue-green-red, [T, S, S, 3]
+    heat = torch.stack([(1.5 - (4 * heat - c).abs()).clamp(0, 1) for c in (3, 2, 1)], -1)  # blue-red, [T, S, S, 3]
     kept = torch.zeros(T * g * g)
     kept[keep] = 1.0
     rows = [rgb, 0.4 * rgb + 0.6 * heat, rgb * (0.15 + 0.85 * up(kept))[..., None]]  # 3 x [T, S, S, 3]
@@ -400,7 +411,6 @@ def show_mask(video_path, out, teacher_name, pretrained, frames, mask_ratio, see
     """Teacher attention and the semantic mask (masking.semantic_mask, as in training) for one video -> PNG."""
     from PIL import Image
     from masking import semantic_mask
-    from teacher import build_teacher
     teacher = build_teacher(teacher_name, pretrained, align_layers=1)
     S = teacher.image_size
     clip = read_frames(video_path, lambda n: sample_indices(n, frames, 'middle'))
@@ -418,8 +428,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='command', required=True)
     common_args = argparse.ArgumentParser(add_help=False)
-    common_args.add_argument('--ckpt', required=True, help='checkpoint of this repo or an official UMT .pth')
-    common_args.add_argument('--root', default=None, help='folder the paths in the list / annotation file are relative to')
+    common_args.add_argument('--ckpt', default=None, help='checkpoint of this repo or an official UMT .pth')
+    common_args.add_argument('--root', default=None, help='folder the paths in the list / annotation file start from')
     common_args.add_argument('--frames', type=int, default=None, help='frames per clip (default: the model config)')
     common_args.add_argument('--size', type=int, default=None, help='resolution (default: the model config)')
     common_args.add_argument('--batch', type=int, default=BATCH)
@@ -439,12 +449,14 @@ def parse_args(argv=None):
     c.add_argument('--val', required=True, help='test list (path,label)')
     c.add_argument('--clips', type=int, default=TEST_CLIPS)
     c.add_argument('--crops', type=int, default=TEST_CROPS, choices=(1, 3))
+    c.add_argument('--teacher', default=None, help="instead of --ckpt: a CLIP teacher's pooled tokens (the ceiling)")
+    c.add_argument('--pretrained', default='openai', help="the teacher's weights: open_clip tag or a local file")
     f = sub.add_parser('features', parents=[common_args], help='features of your own videos')
     f.add_argument('videos', nargs='+')
     m = sub.add_parser('show-mask', help='PNG of the teacher attention and the semantic mask of one video')
     m.add_argument('video')
     m.add_argument('--out', default='mask.png')
-    m.add_argument('--teacher', default='ViT-B-16-quickgelu', help="open_clip model name, or 'tiny' (random)")
+    m.add_argument('--teacher', default='ViT-B-16-quickgelu', help="open_clip model name, or 'tiny' (the demo CLIP)")
     m.add_argument('--pretrained', default='openai', help='open_clip tag or a local weights file')
     m.add_argument('--frames', type=int, default=8)
     m.add_argument('--mask_ratio', type=float, default=0.8, help='fraction of each frame hidden (paper: 0.8)')
@@ -463,7 +475,13 @@ def main(argv=None):
     if args.command == 'show-mask':
         return show_mask(args.video, args.out, args.teacher, args.pretrained, args.frames, args.mask_ratio, args.seed)
     _, _, device = training.setup_distributed(args.device)
-    net, kind, config = load_model(args.ckpt, args.frames, args.size)
+    if getattr(args, 'teacher', None):  # classify the teacher's own features: what the student is taught
+        net = build_teacher(args.teacher, args.pretrained, align_layers=1)
+        kind, config = 'teacher', SimpleNamespace(num_frames=args.frames or 8, img_size=net.image_size, tubelet_size=1)
+    elif args.ckpt:
+        net, kind, config = load_model(args.ckpt, args.frames, args.size)
+    else:
+        raise SystemExit(f'evaluate.py {args.command}: --ckpt is required')
     net.to(device)
     if args.command == 'features':  # one process: a few videos of your own
         feats = extract_features(net, kind, config, args.videos, device, args.frames, args.size)

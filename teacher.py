@@ -47,14 +47,14 @@ WEIGHTS_HINT = (
     "timm/vit_base_patch16_clip_224.openai, together with a '-quickgelu' model name such as "
     "'ViT-B-16-quickgelu'.")
 
-def tiny_clip(quick_gelu=True):
+def tiny_clip(quick_gelu=True, seed=0):
     """A 64-px open_clip.CLIP for tests and the CPU demo. Its random weights are seeded: a teacher is never
     saved in a checkpoint, so a resumed run must rebuild exactly the same one (the demo trains it once
-    with train_demo_clip and loads the file)."""
+    with train_demo_clip, from its own seed, and loads the file)."""
     vision = open_clip.model.CLIPVisionCfg(image_size=64, patch_size=8, width=64, layers=4, head_width=32)
     text = open_clip.model.CLIPTextCfg(context_length=32, vocab_size=49408, width=64, heads=2, layers=4)
-    with torch.random.fork_rng(devices=[]):  # seed 0 without disturbing the caller's RNG stream
-        torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG stream
+        torch.manual_seed(seed)
         return open_clip.CLIP(embed_dim=64, vision_cfg=vision, text_cfg=text, quick_gelu=quick_gelu)
 
 def check_quickgelu(model):
