@@ -83,9 +83,9 @@ PRESETS = {
     'paper_l16': {'MODEL': 'vit_l16', 'TEACHER': 'ViT-L-14-quickgelu', 'TEACHER_SIZE': 196, 'DROP_PATH': 0.2,
                   'OUT_DIR': 'out/stage1_l16'},  # lower MICRO_BATCH if it does not fit: accumulation keeps the recipe
     'demo': {'DATA_LIST': 'demo_data/train.csv', 'DATA_ROOT': 'demo_data', 'MAKE_DEMO': True,
-             'MODEL': 'tiny', 'TEACHER': 'tiny', 'TEACHER_PRETRAINED': 'demo', 'IMG_SIZE': 64, 'ALIGN_LAYERS': 2,
-             'TOTAL_BATCH': 16, 'MICRO_BATCH': 16, 'BASE_LR': 1e-2, 'MIN_LR': 1e-4, 'WARMUP_EPOCHS': 3,
-             'EPOCHS': 20, 'DROP_PATH': 0.0, 'COMPILE': False, 'NUM_WORKERS': 1, 'LOG_INTERVAL': 10,
+             'MODEL': 'tiny', 'TEACHER': 'tiny', 'TEACHER_PRETRAINED': 'demo', 'NUM_FRAMES': 4, 'IMG_SIZE': 64,
+             'ALIGN_LAYERS': 2, 'TOTAL_BATCH': 16, 'MICRO_BATCH': 16, 'BASE_LR': 1e-2, 'MIN_LR': 1e-4,
+             'WARMUP_EPOCHS': 3, 'EPOCHS': 20, 'DROP_PATH': 0.0, 'COMPILE': False, 'NUM_WORKERS': 1, 'LOG_INTERVAL': 10,
              'CKPT_INTERVAL': 100, 'OUT_DIR': 'out/demo_stage1'},
 }
 
@@ -131,7 +131,8 @@ min_lr = MIN_LR * TOTAL_BATCH / 256
 # Data: TSN-sparse frames, multi-scale crop and flip, ImageNet normalization (paper section 4.1)
 
 if MAKE_DEMO or TEACHER_PRETRAINED == 'demo':  # the demo set and its stand-in for OpenAI CLIP, made once
-    demo_teacher = demo.setup(DATA_ROOT, DATA_LIST, MAKE_DEMO, TEACHER_PRETRAINED == 'demo', run.master, run.barrier)
+    demo_teacher = demo.setup(DATA_ROOT, DATA_LIST, MAKE_DEMO, TEACHER_PRETRAINED == 'demo', run.master, run.barrier,
+                              SEED)
     TEACHER_PRETRAINED = demo_teacher if TEACHER_PRETRAINED == 'demo' else TEACHER_PRETRAINED
 dataset = data.VideoClassification(DATA_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='train', aug='multiscale',
                                    flip=True, max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS)

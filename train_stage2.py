@@ -114,12 +114,12 @@ PRESETS = {
     'paper_l16': {'INIT': 'out/stage1_l16/last.pt', 'TEACHER': 'ViT-L-14-quickgelu', 'TEACHER_SIZE': 196,
                   'DROP_PATH': 0.2, 'VIDEO_BATCH': 4096, 'IMAGE_BATCH': 4096,  # paper: 32 GPUs x 128
                   'OUT_DIR': 'out/stage2_l16'},
-    # After `python train_stage1.py --preset=demo`. The demo has 96 training videos and 4 images.
+    # After `python train_stage1.py --preset=demo`. The demo has 180 training videos and 6 images.
     'demo': {'VIDEO_ANN': 'demo_data/captions_train.json', 'VIDEO_ROOT': 'demo_data', 'MAKE_DEMO': True,
              'IMAGE_ANN': 'demo_data/captions_images.json', 'IMAGE_ROOT': 'demo_data',
              'VAL_ANN': 'demo_data/captions_val.json', 'VAL_ROOT': 'demo_data', 'INIT': 'out/demo_stage1/last.pt',
              'TEACHER': 'tiny', 'TEACHER_PRETRAINED': 'demo', 'IMG_SIZE': 64, 'DROP_PATH': 0.0, 'VIDEO_BATCH': 16,
-             'IMAGE_BATCH': 4, 'LR': 1e-3, 'EPOCHS': 80, 'COMPILE': False, 'NUM_WORKERS': 1, 'LOG_INTERVAL': 10,
+             'IMAGE_BATCH': 4, 'LR': 1e-3, 'EPOCHS': 30, 'COMPILE': False, 'NUM_WORKERS': 1, 'LOG_INTERVAL': 10,
              'CKPT_INTERVAL': 100, 'OUT_DIR': 'out/demo_stage2'},
     # Retrieval fine-tuning from a stage-2 model (official exp/finetuning/ret_msrvtt/b16_25m.py): VTC + VTM only, no
     # teacher and no masking, 12 frames, 8 GPUs x 32 pairs. mc_msrvtt is the training inside the official MSRVTT-MC
@@ -172,7 +172,8 @@ rank, device, autocast = run.rank, run.device, run.autocast
 # Data: one loader per media, each batch all-video or all-image; the schedule interleaves them
 
 if MAKE_DEMO or TEACHER_PRETRAINED == 'demo':  # the demo set and its stand-in for OpenAI CLIP, made once
-    demo_teacher = demo.setup(VIDEO_ROOT, VIDEO_ANN, MAKE_DEMO, TEACHER_PRETRAINED == 'demo', run.master, run.barrier)
+    demo_teacher = demo.setup(VIDEO_ROOT, VIDEO_ANN, MAKE_DEMO, TEACHER_PRETRAINED == 'demo', run.master, run.barrier,
+                              SEED)
     TEACHER_PRETRAINED = demo_teacher if TEACHER_PRETRAINED == 'demo' else TEACHER_PRETRAINED
 sets = {'video': data.VideoText(VIDEO_ANN, VIDEO_ROOT, NUM_FRAMES, IMG_SIZE, 'train', media='video',
                                 max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS)}

@@ -305,20 +305,22 @@ def demo_attributes(record):
 
 def make_demo_qa(root, out_dir=None, seed=0):
     """root/captions_{train,val}.json -> qa_train.json, qa_test.json, qa_answer_list.json (the training answers) and
-    mc_test.json (each val video DEMO_MC_DRAWS times: its caption and 4 others, shuffled) in out_dir (root)."""
+    mc_test.json (each val video DEMO_MC_DRAWS times: its caption and 4 others, shuffled) in out_dir (root).
+    An attribute with a single value in the training captions (the demo's shape) is not asked about."""
     out_dir = out_dir or root
     rng = np.random.default_rng(seed)
     splits = {}
     for s in ('train', 'val'):  # (record, attributes) of every caption that fits the template
         records = [(r, demo_attributes(r)) for r in json.load(open(f'{root}/captions_{s}.json'))]
         splits[s] = [(r, a) for r, a in records if a is not None]
+    asked = {k: q for k, q in DEMO_QUESTIONS.items() if len({a[k] for _, a in splits['train']}) > 1}  # not 1 answer
     for name, split in (('train', 'train'), ('test', 'val')):
         qa = [{'video': r['video'], 'question': q, 'answer': a[key]} for r, a in splits[split]
-              for key, q in DEMO_QUESTIONS.items()]
+              for key, q in asked.items()]
         if name == 'test':
             qa = [dict(x, question_id=i) for i, x in enumerate(qa)]
         json.dump(qa, open(f'{out_dir}/qa_{name}.json', 'w'), indent=1)
-    answers = sorted({a[k] for _, a in splits['train'] for k in DEMO_QUESTIONS})
+    answers = sorted({a[k] for _, a in splits['train'] for k in asked})
     json.dump(answers, open(f'{out_dir}/qa_answer_list.json', 'w'))
     caption = lambda a: f"a {a['color']} {a['shape']} moving {a['direction']}"
     captions = sorted({caption(a) for rs in splits.values() for _, a in rs})
@@ -330,7 +332,8 @@ def make_demo_qa(root, out_dir=None, seed=0):
             order = rng.permutation(5)
             mc.append({'video': r['video'], 'caption': [options[j] for j in order], 'answer': int(np.argmin(order))})
     json.dump(mc, open(f'{out_dir}/mc_test.json', 'w'), indent=1)
-    print(f'{out_dir}/: qa_train.json ({len(splits["train"]) * 3} questions), qa_test.json ({len(splits["val"]) * 3}), '
+    print(f'{out_dir}/: qa_train.json ({len(splits["train"]) * len(asked)} questions), '
+          f'qa_test.json ({len(splits["val"]) * len(asked)}), '
           f'qa_answer_list.json, mc_test.json ({len(mc)} questions, 5 options)')
 
 if __name__ == '__main__':

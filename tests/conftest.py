@@ -10,8 +10,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 @pytest.fixture(scope='session')
 def demo_dir(tmp_path_factory):
-    """Folder made by demo.make_demo (8 classes = color x direction, 12 train + 3 val videos each,
-    96x128 px, 16 frames): videos/, train.csv, val.csv, classes.txt, captions_{train,val,images}.json, images/."""
+    """Folder made by demo.make_demo (12 classes = colour x direction, 15 train + 5 val videos each, 96 x 96 px,
+    16 frames): videos/, {train,val}.csv, {train,val}_color.csv, classes.txt, captions_{train,val,images}.json,
+    images/."""
     import demo
     out = tmp_path_factory.mktemp('demo')
     demo.make_demo(str(out))

@@ -150,7 +150,7 @@ def test_multiview_average_is_mean_of_softmax():
 
 
 def official_finetuned_keys(depth):
-    """The key names of an official fine-tuned model (REFERENCE 5.2), written out independently of model.py."""
+    """The key names of an official fine-tuned model, written out independently of model.py."""
     block = ['norm1.weight', 'norm1.bias', 'attn.q_bias', 'attn.v_bias', 'attn.qkv.weight', 'attn.proj.weight',
              'attn.proj.bias', 'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight',
              'mlp.fc2.bias']
@@ -242,7 +242,7 @@ def small_run(tmp_path_factory, demo_dir):
     torch.save({'model': vit.state_dict(), 'model_config': dataclasses.asdict(vit.config)}, tmp / 'stage1.pt')
     train = open(os.path.join(demo_dir, 'train.csv')).read().splitlines()
     val = open(os.path.join(demo_dir, 'val.csv')).read().splitlines()
-    (tmp / 'train.csv').write_text('\n'.join(train[::6]) + '\n')      # 16 videos, every class
+    (tmp / 'train.csv').write_text('\n'.join(train[:16]) + '\n')      # 16 videos, every class (12)
     (tmp / 'val.csv').write_text('\n'.join(val[::3][:7]) + '\n')     # 7 videos: 2 ranks need a padding repeat
     return tmp, ['--preset=demo', f'--init={tmp / "stage1.pt"}', f'--train_list={tmp / "train.csv"}',
                  f'--val_list={tmp / "val.csv"}', f'--data_root={demo_dir}', '--num_frames=4', '--img_size=32',
@@ -277,7 +277,7 @@ def test_bad_constants_fail_fast(small_run, monkeypatch):
                          ('--test_crops=2', 'TEST_CROPS=2 must be 1 or 3'),
                          ('--random_erase=1.5', 'RANDOM_ERASE=1.5 must lie in'),
                          ('--rand_augment=(4,12,0.5)', 'RAND_AUGMENT=.* be None or'),
-                         ('--num_classes=5', 'has label 7, but NUM_CLASSES=5')):
+                         ('--num_classes=5', 'has label 11, but NUM_CLASSES=5')):
         monkeypatch.setattr(sys, 'argv', [SCRIPT, *map(str, args), bad, f'--out_dir={tmp / "bad"}'])
         with pytest.raises(SystemExit, match=message):
             runpy.run_path(SCRIPT, run_name='__main__')
@@ -308,7 +308,7 @@ def test_resume_is_exact(small_run):
     assert [x['step'] for x in a if 'loss' in x] == [1, 2, 3, 4]
     assert a == b                                                      # losses, lr, grad norms, val and test: exact
     wa, wb = checkpoints.read(tmp / 'a' / 'last.pt'), checkpoints.read(tmp / 'b' / 'last.pt')
-    assert wa['num_classes'] == 8 and wa['step'] == 4
+    assert wa['num_classes'] == 12 and wa['step'] == 4
     assert all(torch.equal(wa['model'][k], wb['model'][k]) for k in wa['model'])
 
 

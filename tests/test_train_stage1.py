@@ -29,8 +29,8 @@ SCRIPT = str(ROOT / 'train_stage1.py')
 
 @pytest.fixture(scope='module')
 def small_list(demo_dir, tmp_path_factory):
-    """12 demo videos (every 8th line: all 8 classes) -> 3 steps per epoch at 4 clips per step."""
-    lines = open(os.path.join(demo_dir, 'train.csv')).readlines()[::8]
+    """12 demo videos (the first 12 lines: one per class) -> 3 steps per epoch at 4 clips per step."""
+    lines = open(os.path.join(demo_dir, 'train.csv')).readlines()[:12]
     path = tmp_path_factory.mktemp('lists') / 'small.csv'
     path.write_text(''.join(lines))
     return str(path)
@@ -143,8 +143,8 @@ def test_demo_teacher_says_what_it_needs(small_list, tmp_path, monkeypatch):
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     monkeypatch.setattr(sys, 'argv', [SCRIPT, '--preset=demo', f'--data_list={small_list}', '--device=cpu',
                                       f'--data_root={tmp_path / "my_videos"}', f'--out_dir={tmp_path / "out"}'])
-    with pytest.raises(SystemExit, match="TEACHER_PRETRAINED='demo' is a tiny CLIP trained on the demo set's "
-                                         r"captions .*captions_train.json.*--teacher_pretrained=None"):
+    with pytest.raises(SystemExit, match="TEACHER_PRETRAINED='demo' is a tiny CLIP that knows only the demo's "
+                                         r"coloured squares.*captions_train.json.*--teacher_pretrained=None"):
         runpy.run_path(SCRIPT, run_name='__main__')
 
 
@@ -183,7 +183,7 @@ def test_checks_that_need_the_data_or_the_teacher(demo_dir, small_list, tmp_path
     # The tiny teacher at 72 px cuts frames into 9x9 patches, the student at 64 px into 8x8: UTA pairs tokens
     # by position, so this must stop and name the size that fits.
     monkeypatch.setattr(sys, 'argv', base + ['--total_batch=4', '--micro_batch=4', '--teacher_size=72'])
-    with pytest.raises(SystemExit, match='student cuts a clip into 8x8x8 tokens but the teacher into 8x9x9.*'
+    with pytest.raises(SystemExit, match='student cuts a clip into 4x8x8 tokens but the teacher into 4x9x9.*'
                                          'TEACHER_SIZE = 64'):
         runpy.run_path(SCRIPT, run_name='__main__')
 

@@ -1,0 +1,111 @@
+"""The demo set and what the demo is built to show: its labels and captions say what is drawn (and stay true under
+the training flip); the demo CLIP learns the squares' colours from the captions; and the README's evaluation of a
+representation (k-NN on the held-out videos, evaluate.py classify) tells that teacher from a random student."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import demo
+import evaluate
+import teacher as tm
+
+
+def square_pixels(frame, rgb, tol=25):
+    """uint8 [H, W, 3] -> (count, mean row) of the pixels within `tol` of the colour rgb."""
+    close = np.linalg.norm(frame.astype(float) - np.array(rgb), axis=-1) < tol
+    return int(close.sum()), np.nonzero(close)[0].mean() if close.any() else None
+
+
+def test_make_demo_is_deterministic(demo_dir, tmp_path):
+    demo.make_demo(str(tmp_path))
+    def digest(folder):
+        return {os.path.relpath(os.path.join(d, f), folder): hashlib.sha256(open(os.path.join(d, f), 'rb').read())
+                .hexdigest() for d, _, files in os.walk(folder) for f in files}
+    assert digest(demo_dir) == digest(str(tmp_path))  # byte for byte
+    classes = len(demo.DEMO_COLORS) * len(demo.DEMO_DIRECTIONS)
+    for split, per_class in (('train', demo.DEMO_VIDEOS - demo.DEMO_VAL), ('val', demo.DEMO_VAL)):
+        for suffix in ('', '_color'):
+            assert len(open(os.path.join(demo_dir, f'{split}{suffix}.csv')).readlines()) == classes * per_class
+    few = open(os.path.join(demo_dir, 'train_few.csv')).readlines()        # the fine-tuning demo's labelled videos
+    assert few == open(os.path.join(demo_dir, 'train.csv')).readlines()[:classes * demo.DEMO_FEW]
+    assert sorted(int(line.split(',')[1]) for line in few) == sorted(list(range(classes)) * demo.DEMO_FEW)
+    captions = json.load(open(os.path.join(demo_dir, 'captions_val.json')))
+    assert len(captions) == classes == len({c['caption'] for c in captions})  # retrieval: one video per caption
+
+
+class AlwaysFlip:
+    def random(self):
+        return 0.0
+
+
+@pytest.mark.parametrize('split', ['train', 'val'])
+def test_labels_and_captions_say_what_is_drawn_even_after_a_flip(demo_dir, split):
+    classes = [line.split() for line in open(os.path.join(demo_dir, 'classes.txt'))]    # 'red square moving up'
+    colors = list(demo.DEMO_COLORS)
+    captions = {c['video']: c for c in json.load(open(os.path.join(demo_dir, f'captions_{split}.json')))}
+    rows = [line.strip().split(',') for line in open(os.path.join(demo_dir, f'{split}.csv'))]
+    color_rows = [line.strip().split(',') for line in open(os.path.join(demo_dir, f'{split}_color.csv'))]
+    checked = 0
+    for (path, label), (path2, color_label) in list(zip(rows, color_rows))[::5]:
+        color, direction = classes[int(label)][0], classes[int(label)][-1]
+        assert path == path2 and colors[int(color_label)] == color
+        if path in captions:
+            c = captions[path]
+            assert c['caption'] == f'a {color} square moving {direction}'
+            assert (c['color'], c['shape'], c['direction']) == (color, 'square', direction)
+        frames = data.read_frames(os.path.join(demo_dir, path), [0, demo.DEMO_T - 1])   # uint8 [2, H, W, 3]
+        flipped = data.augment(frames, demo.DEMO_SIZE, 'center', AlwaysFlip(), flip=True)[0].permute(1, 2, 3, 0)
+        assert not torch.equal(flipped, torch.from_numpy(frames))                       # it did flip
+        for clip in (frames, flipped.numpy()):
+            (n0, y0), (n1, y1) = (square_pixels(f, demo.DEMO_COLORS[color]) for f in clip)
+            assert min(n0, n1) > 0.6 * (2 * 12) ** 2                                   # the square, whole
+            assert (y1 - y0) * (1 if direction == 'down' else -1) > 30                  # moving as the caption says
+            others = [square_pixels(clip[0], demo.DEMO_COLORS[c])[0] for c in colors if c != color]
+            assert max(others) < 0.6 * n0                                # the background has no square's worth
+        checked += 1
+    assert checked >= 10
+
+
+@pytest.fixture(scope='module')
+def demo_clip(demo_dir, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('clip') / 'tiny_clip.pt')
+    demo.train_demo_clip(path, steps=100)
+    return path
+
+
+def test_demo_clip_learns_the_colors(demo_dir, demo_clip, tmp_path):
+    """The demo teacher (a tiny CLIP trained for 100 steps here) names the squares' colours; random weights do not."""
+    items = data.read_annotations(f'{demo_dir}/captions_val.json', demo_dir, 'video')   # 12 videos, 12 captions
+    frames = data.normalize(torch.stack([data.augment(data.read_frames(a.path, [8]), 64, 'center')[0] for a in items]))
+    colors = [a.captions[0].split()[1] for a in items]
+    names = list(demo.DEMO_COLORS)
+    def color_accuracy(clip):
+        t = tm.CLIPTeacher(clip, align_layers=1)
+        images = frames[:, :, 0] * t.in_scale + t.in_shift  # ImageNet -> CLIP normalization, as encode
+        txt = F.normalize(clip.encode_text(open_clip.tokenize([f'a {c} square' for c in names], 32)), dim=-1)
+        with torch.no_grad():
+            pred = (F.normalize(clip.encode_image(images), dim=-1) @ txt.t()).argmax(1)
+        return sum(names[p] == c for p, c in zip(pred, colors)) / len(colors)
+    assert color_accuracy(tm.build_clip('tiny', demo_clip)) >= 10 / 12
+    assert color_accuracy(tm.build_clip('tiny', None)) <= 5 / 12
+    with pytest.raises(FileNotFoundError, match='train_demo_clip'):
+        tm.build_clip('tiny', str(tmp_path / 'missing.pt'))
+
+
+def test_representation_eval_tells_the_teacher_from_a_random_student(demo_dir, demo_clip, tmp_path):
+    """The README's k-NN on the squares' colour, small: 2 frames, one view. The teacher's pooled tokens find the
+    colour; a random student's are mostly about the background."""
+    lists = ['--train', f'{demo_dir}/train_color.csv', '--val', f'{demo_dir}/val_color.csv', '--root', demo_dir,
+             '--frames', '2', '--clips', '1', '--crops', '1', '--device', 'cpu', '--workers', '0']
+    ceiling = evaluate.main(['classify', '--teacher', 'tiny', '--pretrained', demo_clip, *lists])
+    demo.random_student(str(tmp_path / 'random.pt'))
+    floor = evaluate.main(['classify', '--ckpt', str(tmp_path / 'random.pt'), *lists])
+    assert ceiling['knn']['top1'] >= floor['knn']['top1'] + 25, (ceiling, floor)
+    assert floor['knn']['top1'] < 60 and ceiling['chance_top1'] == pytest.approx(100 / 6)
