@@ -259,17 +259,17 @@ def read_log(out_dir):
 
 @pytest.fixture(scope='module')
 def stage2_files(demo_dir, tmp_path_factory):
-    """8 training videos (one per class), the 4 images, 8 validation videos, and a random tiny stage-1
+    """8 training videos (of 8 classes), 4 of the images, the 12 validation videos, and a random tiny stage-1
     checkpoint in our format -> 4 video + 2 image steps per epoch at 2 pairs per step."""
     folder = tmp_path_factory.mktemp('stage2')
-    for name, step in (('captions_train.json', 12), ('captions_val.json', 1)):
-        items = json.load(open(os.path.join(demo_dir, name)))[::step]
+    for name, count in (('captions_train.json', 8), ('captions_images.json', 4), ('captions_val.json', None)):
+        items = json.load(open(os.path.join(demo_dir, name)))[:count]
         json.dump(items, open(folder / name, 'w'))
     torch.manual_seed(0)
     config = model.get_config('tiny')
     torch.save({'model': model.VideoViT(config).state_dict(), 'model_config': dataclasses.asdict(config)}, folder / 's1.pt')
     return dict(video_ann=folder / 'captions_train.json', video_root=demo_dir, val_ann=folder / 'captions_val.json',
-                val_root=demo_dir, image_ann=os.path.join(demo_dir, 'captions_images.json'), image_root=demo_dir,
+                val_root=demo_dir, image_ann=folder / 'captions_images.json', image_root=demo_dir,
                 init=folder / 's1.pt')
 
 
