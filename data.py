@@ -10,7 +10,7 @@ and repeated augmentation, and is tested on C clips x 3 crops. A clip is an Imag
 
     python data.py --check train.csv --root videos    # decode every entry -> train.csv.clean / train.csv.bad
     python data.py --prepare train.csv --root videos --out videos_prepared   # re-encode once for fast sampling
-    python data.py --bench /tmp/bench                 # loader throughput per core, before / after --prepare
+    python data.py --bench bench_clips               # loader throughput per core, before / after --prepare
 """
 
 import argparse
