@@ -388,9 +388,9 @@ def test_prepare_keeps_the_frames_reports_failures_and_resumes(demo_dir, tmp_pat
         dist = np.abs(ours[:, None] - ref[None]).mean(axis=(2, 3, 4))       # [16, 16] frame-to-frame distances
         assert (dist.argmin(1) == np.arange(16)).all() and dist.diagonal().max() < 4  # frame i is frame i, up to
         #                                                                      re-encoding loss (crf 26: ~2 / 255)
-        with av.open(dst) as c:                                              # a keyframe every 4 frames, no B-frames
+        with av.open(dst) as c:                                              # a keyframe every 8 frames, no B-frames
             keys = [p.is_keyframe for p in c.demux(video=0) if p.size]
-        assert keys == [k % 4 == 0 for k in range(16)]
+        assert keys == [k % data.PREP_KEYINT == 0 for k in range(16)] and data.PREP_KEYINT == 8
     stamp = os.path.getmtime(tmp_path / 'out' / lines[0].split(',')[0])
     data.prepare(str(tmp_path / 'list.csv'), demo_dir, str(tmp_path / 'out'), workers=1)  # a second run ...
     assert os.path.getmtime(tmp_path / 'out' / lines[0].split(',')[0]) == stamp           # ... skips finished files
