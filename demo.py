@@ -7,11 +7,11 @@ The CPU demo: a tiny synthetic video world, and a tiny CLIP trained on stills of
 Videos of a coloured square moving up or down over a background of tinted greys, with captions such as "a red
 square moving up", and still images. What the demo asks about is the colour of the *square*: the background fills
 nine tenths of the frame with colours of its own, so the pooled features of a randomly initialized video ViT are
-mostly about the background (a k-NN on them finds the square's colour 32-48% of the time, chance 17%). The
-demo CLIP learns from captions which thing they talk about; the stage-1 student learns it from the CLIP's features
-alone (k-NN 78-93%; README, three seeds). The demo presets of train_stage1.py and train_stage2.py (TEACHER_PRETRAINED='demo') train
-the CLIP once, on stills drawn afresh at every step (its own corpus, as OpenAI's CLIP had its own), and use it as
-the teacher.
+mostly about the background (a k-NN on them finds the square's colour 32-48% of the time, chance 17%). The demo
+CLIP learns from captions which thing they talk about; the stage-1 student learns it from the CLIP's features alone
+(k-NN 78-93%; README, three seeds). The demo presets of train_stage1.py and train_stage2.py
+(TEACHER_PRETRAINED='demo') train the CLIP once, on stills drawn afresh at every step (its own corpus, as OpenAI's
+CLIP had its own), and use it as the teacher.
 """
 
 import dataclasses
@@ -61,7 +61,8 @@ def make_demo(out_dir, seed=0):
     """DIR/videos/*.mp4 with train.csv / val.csv (class = colour x direction, 12 classes), train_few.csv (the first
     DEMO_FEW training videos of each class), train_color.csv / val_color.csv (class = the square's colour: the k-NN /
     linear-probe labels), captions_{train,val}.json ("a red square moving up", with the attributes as fields; val
-    keeps one video per caption, for retrieval), images/*.jpg with captions_images.json. The same seed gives byte-identical files."""
+    keeps one video per caption, for retrieval), images/*.jpg with captions_images.json. The same seed gives
+    byte-identical files."""
     rng = np.random.default_rng(seed)
     os.makedirs(f'{out_dir}/videos', exist_ok=True)
     os.makedirs(f'{out_dir}/images', exist_ok=True)
