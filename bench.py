@@ -65,7 +65,7 @@ model = (student if STAGE == 1 else build_umt(student, clip_model)).to(device).t
 if COMPILE:  # in place, so the stage-2 model's vision encoder is compiled too
     student.compile()
 encode = torch.compile(teacher.encode) if COMPILE else teacher.encode
-optimizer = torch.optim.AdamW(training.param_groups(model, 0.05), lr=1e-4, fused=device.type == 'cuda')
+optimizer = training.adamw(model, 1e-4, 0.05, (0.9, 0.999))
 video = torch.randn(BATCH, 3, FRAMES, IMG_SIZE, IMG_SIZE, device=device)
 captions = [f'a person is doing something unusual in clip number {i}' for i in range(BATCH)]
 input_ids, attention_mask = (x.to(device) for x in tokenize(captions))  # [B, 32] each, 12 real tokens

@@ -17,7 +17,7 @@ erasing. Every epoch is validated on 1 clip x 1 crop; the final test averages th
     python finetune.py --preset=ssv2_b16 --init=umt_b16_stage1.pth     # one GPU, from an official checkpoint
     python train_stage1.py --preset=demo && python finetune.py --preset=demo     # CPU, a few minutes
 
-Launch the same command again after a crash: the run resumes from OUT_DIR/last.pt.
+After a crash, the same command resumes from OUT_DIR/last.pt.
 """
 
 import dataclasses
@@ -136,10 +136,7 @@ config = training.configure(globals(), PRESETS, sys.argv[1:])
 fail = training.fail
 
 # Check the constants before anything heavy happens, so a typo costs seconds, not a queue slot.
-world_size = int(os.environ.get('WORLD_SIZE', 1))  # torchrun sets it; init_process_group comes later
-if TOTAL_BATCH % (MICRO_BATCH * world_size):
-    fail(f'TOTAL_BATCH={TOTAL_BATCH} is not divisible by MICRO_BATCH={MICRO_BATCH} x {world_size} processes: '
-         f'choose TOTAL_BATCH as a multiple of {MICRO_BATCH * world_size}, or change MICRO_BATCH')
+world_size, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)  # grad_accum: micro-steps per step
 if TEST_CROPS not in (1, 3) or TEST_CLIPS < 1 or NUM_SAMPLE < 1:
     fail(f'TEST_CROPS={TEST_CROPS} must be 1 or 3, TEST_CLIPS={TEST_CLIPS} and NUM_SAMPLE={NUM_SAMPLE} >= 1')
 if not (0 <= LABEL_SMOOTHING < 1 and MIXUP >= 0 and CUTMIX >= 0 and 0 <= MIX_SWITCH_PROB <= 1):
@@ -152,14 +149,11 @@ if not (0 <= RANDOM_ERASE <= 1 and (RAND_AUGMENT is None or (len(RAND_AUGMENT) =
          f'(ops >= 1, magnitude in [0, 10], magnitude std), e.g. (4, 7, 0.5) for rand-m7-n4-mstd0.5')
 if SAMPLER not in ('kinetics', 'ssv2') or HEAD_ROWS not in (None, 'first') and not os.path.isfile(HEAD_ROWS):
     fail(f"SAMPLER={SAMPLER!r} must be 'kinetics' or 'ssv2', HEAD_ROWS={HEAD_ROWS!r} None, 'first' or a JSON file")
-if not os.path.exists(os.path.join(OUT_DIR, 'last.pt')) and not os.path.isfile(INIT):
-    hint = ' Run `python train_stage1.py --preset=demo` first.' if 'demo' in INIT else ''
-    fail(f'INIT {INIT!r} not found: pass --init=CHECKPOINT, ours (train_stage1.py, train_stage2.py, '
-         f'finetune.py) or an official UMT .pth.{hint}')
-for name, path in (('TRAIN_LIST', TRAIN_LIST), ('VAL_LIST', VAL_LIST)):
-    if not os.path.exists(path) and not MAKE_DEMO:
-        fail(f'{name} {path!r} not found. It lists one video per line as `path,label` (or `path label`), '
-             f'paths relative to DATA_ROOT, labels 0 .. NUM_CLASSES-1. To try the script: --preset=demo.')
+training.need_init(INIT, OUT_DIR, 'ours (train_stage1.py, train_stage2.py, finetune.py) or an official UMT .pth',
+                   'python train_stage1.py --preset=demo')
+training.need_files({'TRAIN_LIST': TRAIN_LIST, 'VAL_LIST': VAL_LIST}, 'it lists one video per line as `path,label` (or '
+                    '`path label`), paths relative to DATA_ROOT, labels 0 .. NUM_CLASSES-1. To try the script: '
+                    '--preset=demo.', MAKE_DEMO)
 
 # ----------------------------------------------------------------------------------------------
 # Processes (torchrun's environment: one per GPU, or gloo processes on CPU), precision, OUT_DIR
@@ -167,7 +161,6 @@ for name, path in (('TRAIN_LIST', TRAIN_LIST), ('VAL_LIST', VAL_LIST)):
 run = training.Run(config, OUT_DIR, DEVICE, DTYPE, GRAD_CLIP, MAX_BAD_STEPS, LOG_INTERVAL, CKPT_INTERVAL)
 rank, device, autocast = run.rank, run.device, run.autocast
 best_path = os.path.join(OUT_DIR, 'best.pt')
-grad_accum = TOTAL_BATCH // (MICRO_BATCH * world_size)          # micro-steps per optimizer step
 # The official rule scales the lr with the clips per step, which repeated augmentation multiplies.
 lr_factor = TOTAL_BATCH * NUM_SAMPLE / 256
 peak_lr, warmup_lr, min_lr = BASE_LR * lr_factor, WARMUP_LR * lr_factor, MIN_LR * lr_factor
@@ -187,9 +180,7 @@ test_set = data.VideoClassification(VAL_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, m
 for name, ds in (('TRAIN_LIST', train_set), ('VAL_LIST', val_set)):
     if ds.num_classes > NUM_CLASSES:
         fail(f'{name} has label {ds.num_classes - 1}, but NUM_CLASSES={NUM_CLASSES}')
-steps_per_epoch = len(train_set) // TOTAL_BATCH  # the incomplete last global batch of an epoch is dropped
-if steps_per_epoch == 0:
-    fail(f'{TRAIN_LIST} has {len(train_set)} videos, fewer than one global batch of TOTAL_BATCH={TOTAL_BATCH}')
+steps_per_epoch = training.epoch_steps(len(train_set), TOTAL_BATCH, TRAIN_LIST, 'videos')
 total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_epoch
 
 # ----------------------------------------------------------------------------------------------
@@ -215,33 +206,22 @@ model_config = raw_model.backbone.config
 # Optimizer: AdamW with layer-wise lr decay (warmup from WARMUP_LR, then cosine); compile, DDP
 
 decay = training.layer_decay(model_config.depth, LAYER_DECAY, prefix='backbone.')
-optimizer = torch.optim.AdamW(training.param_groups(raw_model, WEIGHT_DECAY, decay), lr=peak_lr, betas=BETAS, eps=1e-8,
-                              fused=device.type == 'cuda')
-run.start(optimizer, ckpt, total_steps, steps_per_epoch, ckpt_every_epoch=True, desc='fine-tune')
-del ckpt
-model = torch.compile(raw_model) if COMPILE else raw_model
-model = training.wrap_ddp(model, device, world_size)
-if run.master:
-    print('\n'.join(report))
-    print(f'world size {world_size} | {MICRO_BATCH} videos x {NUM_SAMPLE} clips x {world_size} processes x '
-          f'{grad_accum} accumulation steps = {TOTAL_BATCH} videos per step | {run.dtype}, compile {COMPILE}, '
-          f'{device}\npeak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH} x {NUM_SAMPLE} / 256), layer '
-          f'decay {LAYER_DECAY}, warmup {warmup_steps} of {total_steps} steps ({steps_per_epoch} per epoch of '
-          f'{len(train_set)} videos) | {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters')
+optimizer = training.adamw(raw_model, peak_lr, WEIGHT_DECAY, BETAS, decay)
+report.append(f'{MICRO_BATCH} videos x {NUM_SAMPLE} clips x {world_size} processes x {grad_accum} accumulation steps = '
+              f'{TOTAL_BATCH} videos per step | peak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH} x '
+              f'{NUM_SAMPLE} / 256), layer decay {LAYER_DECAY}, warmup {warmup_steps} steps | {len(train_set)} videos')
+model = run.start(raw_model, optimizer, ckpt, total_steps, steps_per_epoch, report, COMPILE, ckpt_every_epoch=True,
+                  desc='fine-tune')
 
 # ----------------------------------------------------------------------------------------------
 # Training loop
 
 state = dict(model_config=dataclasses.asdict(model_config), num_classes=NUM_CLASSES)  # what a checkpoint describes
-epoch, done = divmod(run.step, steps_per_epoch)
-batches = data.train_batches(train_set, MICRO_BATCH, SEED, rank, world_size, NUM_WORKERS, epoch, done * grad_accum,
-                             steps_per_epoch * grad_accum)
-model.train()
+batches = run.batches(train_set, MICRO_BATCH, grad_accum, SEED, NUM_WORKERS)
 while run.step < total_steps:
     run.set_lr(training.lr_at(run.step, total_steps, warmup_steps, peak_lr, min_lr, start=warmup_lr))
     step_loss = torch.zeros((), device=device)
-    for micro in range(grad_accum):
-        batch = run.next_batch(batches)
+    for micro, batch in run.micro_batches(batches, grad_accum):
         video = data.normalize(batch['video'].to(device, non_blocking=True)).flatten(0, 1)  # [b*NUM_SAMPLE, 3, T, S, S]
         label = batch['label'].to(device).repeat_interleave(NUM_SAMPLE)     # both clips of a video: its label
         # Randomness is a function of (SEED, step, micro-step, rank): mixup / cutmix here and stochastic
@@ -292,4 +272,4 @@ if run.master:
           f'x {TEST_CROPS} crops, {len(test_set)} videos; chance {100 / NUM_CLASSES:.1f})')
     run.write({'step': run.step, 'test_top1': test['top1'], 'test_top5': test['top5'], 'views': views,
                'epoch': tested['epoch']})
-run.close(f'done: {run.step} steps, {run.skipped_steps} skipped; weights in {run.ckpt_path}, log in {run.log_path}')
+run.close()

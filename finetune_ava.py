@@ -16,7 +16,7 @@ official one: AdamW with layer-wise lr decay, warmup + cosine per step, stochast
     python finetune_ava.py --init=b16_ptk710_ftk710_f8_res224.pth --micro_batch=16    # 1 GPU, an official checkpoint
     python train_stage1.py --preset=demo && python finetune_ava.py --preset=demo      # CPU, a few minutes
 
-Launch the same command again after a crash: the run resumes from OUT_DIR/last.pt.
+After a crash, the same command resumes from OUT_DIR/last.pt.
 """
 
 import dataclasses
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 import ava
 import checkpoints
-import data
 import training
 from model import load_strict
 
@@ -106,26 +105,19 @@ config = training.configure(globals(), PRESETS, sys.argv[1:])
 fail = training.fail
 
 # Check the constants before anything heavy happens.
-world_size = int(os.environ.get('WORLD_SIZE', 1))
-if TOTAL_BATCH % (MICRO_BATCH * world_size):
-    fail(f'TOTAL_BATCH={TOTAL_BATCH} is not divisible by MICRO_BATCH={MICRO_BATCH} x {world_size} processes')
+world_size, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)  # grad_accum: micro-steps per step
 if not (CROP <= SHORT_SIDE and 0 <= DET_THRESHOLD <= 1 and FRAME_STRIDE > 0 and 0 < LAYER_DECAY <= 1):
     fail(f'need CROP={CROP} <= SHORT_SIDE={SHORT_SIDE}, DET_THRESHOLD={DET_THRESHOLD} in [0, 1], FRAME_STRIDE='
          f'{FRAME_STRIDE} > 0 seconds and LAYER_DECAY={LAYER_DECAY} in (0, 1]')
-if not os.path.exists(os.path.join(OUT_DIR, 'last.pt')) and not os.path.isfile(INIT):
-    hint = ' Run `python train_stage1.py --preset=demo` first.' if 'demo' in INIT else ''
-    fail(f'INIT {INIT!r} not found: pass --init=CHECKPOINT (ours or an official UMT .pth).{hint}')
-for name in ('TRAIN_CSV', 'VAL_CSV', 'DETECTIONS', 'LABELMAP', 'EXCLUSIONS'):
-    path = globals()[name]
-    if path and not os.path.exists(path) and not MAKE_DEMO:
-        fail(f'{name} {path!r} not found (README: the AVA v2.2 files). To try the script: --preset=demo.')
+training.need_init(INIT, OUT_DIR, 'ours or an official UMT .pth', 'python train_stage1.py --preset=demo')
+training.need_files({'TRAIN_CSV': TRAIN_CSV, 'VAL_CSV': VAL_CSV, 'DETECTIONS': DETECTIONS, 'LABELMAP': LABELMAP,
+                     'EXCLUSIONS': EXCLUSIONS}, 'one of the AVA v2.2 files (README). To try: --preset=demo.', MAKE_DEMO)
 
 # ----------------------------------------------------------------------------------------------
 # Processes, precision, OUT_DIR
 
 run = training.Run(config, OUT_DIR, DEVICE, DTYPE, GRAD_CLIP, MAX_BAD_STEPS, LOG_INTERVAL, CKPT_INTERVAL)
 rank, device, autocast = run.rank, run.device, run.autocast
-grad_accum = TOTAL_BATCH // (MICRO_BATCH * world_size)       # micro-steps per optimizer step
 peak_lr, min_lr = BASE_LR * TOTAL_BATCH / 256, MIN_LR * TOTAL_BATCH / 256
 
 # ----------------------------------------------------------------------------------------------
@@ -147,9 +139,7 @@ try:
     ava.read_labelmap(LABELMAP)
 except (ValueError, OSError) as e:
     fail(str(e))
-steps_per_epoch = len(train_set) // TOTAL_BATCH
-if steps_per_epoch == 0:
-    fail(f'{len(train_set)} training keyframes with a movie, fewer than one batch of TOTAL_BATCH={TOTAL_BATCH}')
+steps_per_epoch = training.epoch_steps(len(train_set), TOTAL_BATCH, TRAIN_CSV, 'keyframes with a movie')
 total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_epoch
 if run.master:
     for name, ds, bad in (('train', train_set, bad_gt), ('test', test_set, bad_dets)):
@@ -179,18 +169,13 @@ model_config = raw_model.backbone.config
 # Optimizer: AdamW with layer-wise lr decay, warmup from 0 then cosine; compile, DDP
 
 decay = training.layer_decay(model_config.depth, LAYER_DECAY, prefix='backbone.')  # norm and head: full lr
-optimizer = torch.optim.AdamW(training.param_groups(raw_model, WEIGHT_DECAY, decay), lr=peak_lr, betas=BETAS, eps=1e-8,
-                              fused=device.type == 'cuda')
-run.start(optimizer, ckpt, total_steps, steps_per_epoch, ckpt_every_epoch=True, desc='ava')
-del ckpt
-model = torch.compile(raw_model) if COMPILE else raw_model
-model = training.wrap_ddp(model, device, world_size)
-if run.master:
-    print('\n'.join(report) + '\nthe detector keeps the video encoder only: its final norm and head are new')
-    print(f'world size {world_size} | {MICRO_BATCH} keyframes x {world_size} processes x {grad_accum} accumulation '
-          f'steps = {TOTAL_BATCH} per step | {run.dtype}, compile {COMPILE}, {device}\npeak lr {peak_lr:.3g} (BASE_LR '
-          f'{BASE_LR:g} x {TOTAL_BATCH} / 256), layer decay {LAYER_DECAY}, warmup {warmup_steps} of {total_steps} '
-          f'steps | {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters')
+optimizer = training.adamw(raw_model, peak_lr, WEIGHT_DECAY, BETAS, decay)
+report += ['the detector keeps the video encoder only: its final norm and head are new',
+           f'{MICRO_BATCH} keyframes x {world_size} processes x {grad_accum} accumulation steps = {TOTAL_BATCH} per '
+           f'step | peak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH} / 256), layer decay {LAYER_DECAY}, '
+           f'warmup {warmup_steps} steps']
+model = run.start(raw_model, optimizer, ckpt, total_steps, steps_per_epoch, report, COMPILE, ckpt_every_epoch=True,
+                  desc='ava')
 
 def test(step):
     """Detections for the test keyframes -> OUT_DIR/detections_step{step}.csv, and their frame-mAP (master)."""
@@ -206,15 +191,11 @@ def test(step):
 # ----------------------------------------------------------------------------------------------
 # Training loop
 
-epoch, done = divmod(run.step, steps_per_epoch)
-batches = data.train_batches(train_set, MICRO_BATCH, SEED, rank, world_size, NUM_WORKERS, epoch, done * grad_accum,
-                             steps_per_epoch * grad_accum)
-model.train()
+batches = run.batches(train_set, MICRO_BATCH, grad_accum, SEED, NUM_WORKERS)
 while run.step < total_steps:
     run.set_lr(training.lr_at(run.step, total_steps, warmup_steps, peak_lr, min_lr))
     step_loss, step_boxes = torch.zeros((), device=device), 0
-    for micro in range(grad_accum):
-        batch = run.next_batch(batches)
+    for micro, batch in run.micro_batches(batches, grad_accum):
         video = batch['video'].to(device, non_blocking=True)             # [b, 3, T, CROP, CROP]
         rois, target, _ = ava.rois(batch)                                # [R, 5] (clip, x1, y1, x2, y2), [R, C]
         torch.manual_seed(training.seed_for(SEED, run.step, micro, rank))  # stochastic depth, replayed on resume
@@ -239,4 +220,4 @@ while run.step < total_steps:
 # Final test: every class of every detected person box, scored by frame-mAP@0.5 IoU
 
 test(run.step)
-run.close(f'done: {run.step} steps, {run.skipped_steps} skipped; weights in {run.ckpt_path}, log in {run.log_path}')
+run.close()

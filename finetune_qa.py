@@ -15,10 +15,9 @@ annotation. The defaults are the official UMT-B/16 recipe for MSRVTT-QA after 5M
     python train_stage1.py --preset=demo && python train_stage2.py --preset=demo && \
         python finetune_qa.py --preset=demo                                            # CPU, 5-10 minutes
 
-Launch the same command again after a crash: the run resumes from OUT_DIR/last.pt (and a finished run tests again).
+After a crash, the same command resumes from OUT_DIR/last.pt (and a finished run tests again).
 """
 
-import dataclasses
 import json
 import os
 import sys
@@ -100,26 +99,18 @@ config = training.configure(globals(), PRESETS, sys.argv[1:])
 fail = training.fail
 
 # Check the constants before anything heavy happens, so a typo costs seconds, not a queue slot.
-world_size = int(os.environ.get('WORLD_SIZE', 1))  # torchrun sets it; init_process_group comes later
-if TOTAL_BATCH % (MICRO_BATCH * world_size):
-    fail(f'TOTAL_BATCH={TOTAL_BATCH} is not divisible by MICRO_BATCH={MICRO_BATCH} x {world_size} processes')
+world_size, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)  # grad_accum: micro-steps per step
 if K_TEST < 1 or MAX_ANSWER_LEN < 3 or MAX_QUESTION_LEN < 3:
     fail(f'K_TEST={K_TEST} must be >= 1, MAX_ANSWER_LEN and MAX_QUESTION_LEN >= 3 ([sot], a token, [eot])')
-if not os.path.exists(os.path.join(OUT_DIR, 'last.pt')) and not os.path.isfile(INIT):
-    hint = ' Run `python train_stage2.py --preset=demo` first.' if 'demo' in INIT else ''
-    fail(f'INIT {INIT!r} not found: pass --init=CHECKPOINT, a stage-2 checkpoint of train_stage2.py.{hint}')
-for name, path in (('TRAIN_ANN', TRAIN_ANN), ('VAL_ANN', VAL_ANN), ('TEST_ANN', TEST_ANN),
-                   ('ANSWER_LIST', ANSWER_LIST)):
-    if path and not os.path.exists(path) and not MAKE_DEMO:
-        fail(f"{name} {path!r} not found (--{name.lower()}=PATH; --val_ann='' for none). To try the script: "
-             '--preset=demo.')
+training.need_init(INIT, OUT_DIR, 'a stage-2 checkpoint of train_stage2.py', 'python train_stage2.py --preset=demo')
+training.need_files({'TRAIN_ANN': TRAIN_ANN, 'VAL_ANN': VAL_ANN, 'TEST_ANN': TEST_ANN, 'ANSWER_LIST': ANSWER_LIST},
+                    "pass --NAME=PATH (--val_ann='' for none). To try the script: --preset=demo.", MAKE_DEMO)
 
 # ----------------------------------------------------------------------------------------------
 # Processes (torchrun's environment: one per GPU, or gloo processes on CPU), precision, OUT_DIR
 
 run = training.Run(config, OUT_DIR, DEVICE, DTYPE, GRAD_CLIP, MAX_BAD_STEPS, LOG_INTERVAL, CKPT_INTERVAL)
 rank, device, autocast = run.rank, run.device, run.autocast
-grad_accum = TOTAL_BATCH // (MICRO_BATCH * world_size)          # micro-steps per optimizer step
 min_lr = LR * MIN_LR_RATIO
 
 # ----------------------------------------------------------------------------------------------
@@ -141,9 +132,7 @@ for split, path in (('val', VAL_ANN), ('test', TEST_ANN)):
     if path:
         items, skipped = video_qa.read_qa(path, DATA_ROOT)
         tests[split] = video_qa.VideoQuestions(items, NUM_FRAMES, IMG_SIZE, 'eval', **kw), skipped
-steps_per_epoch = len(train_set) // TOTAL_BATCH  # the incomplete last global batch of an epoch is dropped
-if steps_per_epoch == 0:
-    fail(f'{TRAIN_ANN} has {len(train_set)} usable questions, fewer than one global batch of TOTAL_BATCH={TOTAL_BATCH}')
+steps_per_epoch = training.epoch_steps(len(train_set), TOTAL_BATCH, TRAIN_ANN, 'usable questions')
 total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_epoch
 
 # ----------------------------------------------------------------------------------------------
@@ -167,21 +156,14 @@ raw_model.to(device)  # unwrapped and uncompiled: what is saved and evaluated
 # ----------------------------------------------------------------------------------------------
 # Optimizer (AdamW, no decay on 1-D parameters, one lr for everything as the official), compile, DDP
 
-optimizer = torch.optim.AdamW(training.param_groups(raw_model, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=1e-8,
-                              fused=device.type == 'cuda')
-run.start(optimizer, ckpt, total_steps, steps_per_epoch, ckpt_every_epoch=True, desc='QA')
-del ckpt
+optimizer = training.adamw(raw_model, LR, WEIGHT_DECAY, BETAS)
 if COMPILE:  # in place: the state_dict keys stay the same
     raw_model.vision_encoder.compile(dynamic=False)
-model = training.wrap_ddp(raw_model, device, world_size)
-if run.master:
-    print('\n'.join(report))
-    print(f'world size {world_size} | {MICRO_BATCH} questions x {world_size} processes x {grad_accum} accumulation '
-          f'steps = {TOTAL_BATCH} per step | {run.dtype}, compile {COMPILE}, {device}\nlr {LR:g} after '
-          f'{warmup_steps} warmup steps, floor {min_lr:g}, {total_steps} steps ({steps_per_epoch} per epoch of '
-          f'{len(train_set)} questions; {len(train_skipped)} skipped: no video, question or answer) | '
-          f'answer list: {len(answers)} entries, {answers_cut} cut to {MAX_ANSWER_LEN} tokens | '
-          f'{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters')
+report.append(f'{MICRO_BATCH} questions x {world_size} processes x {grad_accum} accumulation steps = {TOTAL_BATCH} per '
+              f'step | lr {LR:g} after {warmup_steps} warmup steps, floor {min_lr:g} | {len(train_set)} questions, '
+              f'{len(train_skipped)} skipped: no video, question or answer | answer list: {len(answers)} entries, '
+              f'{answers_cut} cut to {MAX_ANSWER_LEN} tokens')
+model = run.start(raw_model, optimizer, ckpt, total_steps, steps_per_epoch, report, ckpt_every_epoch=True, desc='QA')
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation: rank_answer over the answer list, exact match
@@ -211,15 +193,11 @@ def evaluate_qa(split):
 # ----------------------------------------------------------------------------------------------
 # Training loop
 
-epoch, done = divmod(run.step, steps_per_epoch)
-batches = data.train_batches(train_set, MICRO_BATCH, SEED, rank, world_size, NUM_WORKERS, epoch, done * grad_accum,
-                             steps_per_epoch * grad_accum)
-model.train()
+batches = run.batches(train_set, MICRO_BATCH, grad_accum, SEED, NUM_WORKERS)
 while run.step < total_steps:
     run.set_lr(training.lr_at(run.step, total_steps, warmup_steps, LR, min_lr, start=min_lr))
     step_loss = torch.zeros((), device=device)
-    for micro in range(grad_accum):
-        batch = run.next_batch(batches)
+    for micro, batch in run.micro_batches(batches, grad_accum):
         video = data.normalize(batch['video'].to(device, non_blocking=True))      # [b, 3, T, S, S] float
         text = [batch[k].to(device) for k in ('ids', 'mask', 'answer_ids', 'answer_mask', 'weights')]
         torch.manual_seed(training.seed_for(SEED, run.step, micro, rank))        # stochastic depth, replayed on resume
@@ -254,4 +232,4 @@ if 'test' in tests:
               f'{prior["question_prior"]:.2f}')
         run.write({'step': run.step, 'test': test, 'prior': prior})
         json.dump(predictions, open(os.path.join(OUT_DIR, 'test_predictions.json'), 'w'), indent=1)
-run.close(f'done: {run.step} steps, {run.skipped_steps} skipped; weights in {run.ckpt_path}, log in {run.log_path}')
+run.close()

@@ -18,7 +18,7 @@ single_modality/exp/pretraining/b16_ptk710_f8_res224.sh).
     python train_stage1.py --preset=demo                            # CPU, ~2 min: tiny models, synthetic videos
     python train_stage1.py --mask_type=tube --mask_ratio=0.9        # any constant below, as --name=value
 
-Launch the same command again after a crash: the run resumes from OUT_DIR/last.pt.
+After a crash, the same command resumes from OUT_DIR/last.pt.
 """
 
 import dataclasses
@@ -93,14 +93,11 @@ config = training.configure(globals(), PRESETS, sys.argv[1:])
 fail = training.fail
 
 # Check the constants before anything heavy happens, so a typo costs seconds, not a queue slot.
-world_size = int(os.environ.get('WORLD_SIZE', 1))  # torchrun sets it; init_process_group comes later
+world_size, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)  # grad_accum: micro-steps per step
 try:
     base_config = get_config(MODEL)
 except ValueError as e:  # an unknown preset: the message lists the valid ones
     fail(str(e))
-if TOTAL_BATCH % (MICRO_BATCH * world_size):
-    fail(f'TOTAL_BATCH={TOTAL_BATCH} is not divisible by MICRO_BATCH={MICRO_BATCH} x {world_size} processes: '
-         f'choose TOTAL_BATCH as a multiple of {MICRO_BATCH * world_size}, or change MICRO_BATCH')
 if not 0 < MASK_RATIO < 1:
     fail(f'MASK_RATIO={MASK_RATIO} must lie strictly between 0 and 1 (the fraction of tokens hidden; paper: 0.8)')
 if MASK_TYPE not in ('semantic', 'tube', 'random'):
@@ -112,18 +109,15 @@ if TEACHER_PRETRAINED and TEACHER_PRETRAINED.endswith(('.bin', '.pt', '.pth', '.
         and not os.path.isfile(TEACHER_PRETRAINED):
     fail(f'teacher weights file {TEACHER_PRETRAINED!r} not found. Pass an existing file, or the open_clip tag '
          f"'openai' (downloaded once into the Hugging Face cache; needs the network the first time).")
-if not os.path.exists(DATA_LIST) and not MAKE_DEMO:
-    fail(f'data list {DATA_LIST!r} not found. It lists one training video per line as `path,label` (or '
-         f'`path label`), paths relative to DATA_ROOT, e.g. `abseiling/xyz.mp4,0`; labels are not used in '
-         f'stage 1. To try the script first: `python train_stage1.py --preset=demo` (it makes a synthetic set).')
+training.need_files({'DATA_LIST': DATA_LIST}, 'it lists one training video per line as `path,label` (or `path label`), '
+                    'paths relative to DATA_ROOT, e.g. `abseiling/xyz.mp4,0`; labels are not used in stage 1. To try '
+                    'the script first: `python train_stage1.py --preset=demo` (it makes a synthetic set).', MAKE_DEMO)
 
 # ----------------------------------------------------------------------------------------------
 # Processes (torchrun's environment: one per GPU, or gloo processes on CPU), precision, OUT_DIR
 
 run = training.Run(config, OUT_DIR, DEVICE, DTYPE, GRAD_CLIP, MAX_BAD_STEPS, LOG_INTERVAL, CKPT_INTERVAL)
 rank, device, autocast = run.rank, run.device, run.autocast
-grad_accum = TOTAL_BATCH // (MICRO_BATCH * world_size)       # micro-steps per optimizer step
-assert grad_accum * MICRO_BATCH * world_size == TOTAL_BATCH
 peak_lr = BASE_LR * TOTAL_BATCH / 256                         # linear scaling rule, as the official scripts
 min_lr = MIN_LR * TOTAL_BATCH / 256
 
@@ -136,9 +130,7 @@ if MAKE_DEMO or TEACHER_PRETRAINED == 'demo':  # the demo set and its stand-in f
     TEACHER_PRETRAINED = demo_teacher if TEACHER_PRETRAINED == 'demo' else TEACHER_PRETRAINED
 dataset = data.VideoClassification(DATA_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='train', aug='multiscale',
                                    flip=True, max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS)
-steps_per_epoch = len(dataset) // TOTAL_BATCH  # the incomplete last global batch of an epoch is dropped
-if steps_per_epoch == 0:
-    fail(f'{DATA_LIST} has {len(dataset)} videos, fewer than one global batch of TOTAL_BATCH={TOTAL_BATCH}')
+steps_per_epoch = training.epoch_steps(len(dataset), TOTAL_BATCH, DATA_LIST, 'videos')
 total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_epoch
 
 # ----------------------------------------------------------------------------------------------
@@ -171,20 +163,15 @@ n_keep = masking.num_keep(h * w, MASK_RATIO)  # visible tokens per frame (40 of 
 # ----------------------------------------------------------------------------------------------
 # Optimizer (AdamW, no decay on 1-D parameters), compile, DDP
 
-optimizer = torch.optim.AdamW(training.param_groups(raw_model, WEIGHT_DECAY), lr=peak_lr, betas=BETAS, eps=1e-8,
-                              fused=device.type == 'cuda')
-run.start(optimizer, ckpt, total_steps, steps_per_epoch, desc='stage 1')
-del ckpt
-model = torch.compile(raw_model) if COMPILE else raw_model  # shapes are static: every frame keeps n_keep tokens
-model = training.wrap_ddp(model, device, world_size)  # DDP around the student only: the teacher has no gradients
-if run.master:
-    print(f'world size {world_size} | {MICRO_BATCH} clips x {world_size} processes x {grad_accum} accumulation '
-          f'steps = {TOTAL_BATCH} clips per step | {run.dtype}, compile {COMPILE}, {device}\n'
-          f'peak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH}/256), floor {min_lr:.3g}, warmup '
-          f'{warmup_steps} of {total_steps} steps ({steps_per_epoch} steps per epoch of {len(dataset)} videos)\n'
-          f'student {MODEL}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters, sees '
-          f'{t * n_keep} of {t * h * w} tokens per clip ({MASK_TYPE} mask, ratio {MASK_RATIO}), aligns its last '
-          f'{ALIGN_LAYERS} blocks\nteacher {TEACHER} ({TEACHER_PRETRAINED}) at {teacher.image_size} px, frozen')
+optimizer = training.adamw(raw_model, peak_lr, WEIGHT_DECAY, BETAS)
+summary = [f'{MICRO_BATCH} clips x {world_size} processes x {grad_accum} accumulation steps = {TOTAL_BATCH} clips per '
+           f'step | peak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH}/256), floor {min_lr:.3g}, warmup '
+           f'{warmup_steps} steps | {len(dataset)} videos',
+           f'student {MODEL} sees {t * n_keep} of {t * h * w} tokens per clip ({MASK_TYPE} mask, ratio {MASK_RATIO}), '
+           f'aligns its last {ALIGN_LAYERS} blocks | teacher {TEACHER} ({TEACHER_PRETRAINED}) at {teacher.image_size} '
+           'px, frozen']
+# Compiled (shapes are static: every frame keeps n_keep tokens), in DDP: the student only, the teacher has no gradients.
+model = run.start(raw_model, optimizer, ckpt, total_steps, steps_per_epoch, summary, COMPILE, desc='stage 1')
 
 # ----------------------------------------------------------------------------------------------
 # Training loop
@@ -193,18 +180,15 @@ if run.master:
 # r, r + W, r + 2W, ..., so row i of micro-step m is position (m * MICRO_BATCH + i) * W + r.
 rows = torch.arange(MICRO_BATCH, device=device) * world_size + rank            # [B] for micro-step 0
 mask_gen = torch.Generator(device=device)
-epoch, done = divmod(run.step, steps_per_epoch)
-batches = data.train_batches(dataset, MICRO_BATCH, SEED, rank, world_size, NUM_WORKERS, epoch, done * grad_accum,
-                             steps_per_epoch * grad_accum)
-model.train()
+batches = run.batches(dataset, MICRO_BATCH, grad_accum, SEED, NUM_WORKERS)
 while run.step < total_steps:
     # Randomness is a function of the step number, so a resumed run replays it exactly: the masks from
     # (SEED, step), identical on every rank; stochastic depth from (SEED, step, rank), different per rank.
     torch.manual_seed(training.seed_for(SEED, run.step, rank))
     run.set_lr(training.lr_at(run.step, total_steps, warmup_steps, peak_lr, min_lr))
     losses = torch.zeros(ALIGN_LAYERS + 1, device=device)  # L_uta, then per aligned layer
-    for micro in range(grad_accum):
-        video = data.normalize(run.next_batch(batches)['video'].to(device, non_blocking=True))  # [B, 3, T, H, W]
+    for micro, batch in run.micro_batches(batches, grad_accum):
+        video = data.normalize(batch['video'].to(device, non_blocking=True))           # [B, 3, T, H, W]
         with torch.no_grad(), autocast:
             # The teacher sees the full clip: its features are the targets of every token, visible or not.
             hidden, attn = teacher.encode(video)                                # [K, B, N, E], [B, T, h*w]
@@ -231,4 +215,4 @@ while run.step < total_steps:
     if run.update({'loss': losses[0], 'loss_layers': losses[1:]}, raw_model):
         run.save(model=raw_model.state_dict(), model_config=dataclasses.asdict(student_config))
 
-run.close(f'done: {run.step} steps, {run.skipped_steps} skipped; weights in {run.ckpt_path}, log in {run.log_path}')
+run.close()

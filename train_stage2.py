@@ -26,7 +26,7 @@ stage-1 (or stage-2) file gives the vision encoder only.
     python train_stage2.py --preset=paper_l16                       # UMT-L/16, CLIP-L/14 teacher and text
     python train_stage1.py --preset=demo && python train_stage2.py --preset=demo   # CPU, a few minutes
 
-Launch the same command again after a crash: the run resumes from OUT_DIR/last.pt.
+After a crash, the same command resumes from OUT_DIR/last.pt.
 """
 
 import dataclasses
@@ -153,14 +153,11 @@ for name, ratio in (('VIDEO_MASK_RATIO', VIDEO_MASK_RATIO), ('IMAGE_MASK_RATIO',
 if MASK_TYPE not in ('semantic', 'tube', 'random') or VTC_GRAD not in ('global', 'official'):
     fail(f"MASK_TYPE={MASK_TYPE!r} must be 'semantic', 'tube' or 'random'; VTC_GRAD={VTC_GRAD!r} 'global' or "
          "'official'")
-if not os.path.exists(os.path.join(OUT_DIR, 'last.pt')) and not os.path.isfile(INIT):
-    hint = ' Run `python train_stage1.py --preset=demo` first.' if INIT == PRESETS['demo']['INIT'] else \
-        ' Pass --init=PATH: a train_stage1.py checkpoint (out/stage1/last.pt) or an official UMT stage-1 .pth.'
-    fail(f'checkpoint INIT={INIT!r} not found.{hint}')
-for name, path in (('VIDEO_ANN', VIDEO_ANN), ('IMAGE_ANN', IMAGE_ANN), ('VAL_ANN', VAL_ANN)):
-    if path and not os.path.exists(path) and not MAKE_DEMO:
-        fail(f'{name} {path!r} not found: a JSON list (or JSONL) of {{"video" or "image": path, "caption": text '
-             f'or [texts]}}, paths relative to the matching *_ROOT. Try `--preset=demo` first.')
+training.need_init(INIT, OUT_DIR, 'a train_stage1.py checkpoint (out/stage1/last.pt), an official UMT stage-1 .pth '
+                   'or our stage-2 model', 'python train_stage1.py --preset=demo')
+training.need_files({'VIDEO_ANN': VIDEO_ANN, 'IMAGE_ANN': IMAGE_ANN, 'VAL_ANN': VAL_ANN}, 'a JSON list (or JSONL) of '
+                    '{"video" or "image": path, "caption": text or [texts]}, paths relative to the matching *_ROOT. '
+                    'Try `--preset=demo` first.', MAKE_DEMO)
 
 # ----------------------------------------------------------------------------------------------
 # Processes (torchrun's environment: one per GPU, or gloo processes on CPU), precision, OUT_DIR
@@ -248,21 +245,16 @@ clip_model = None  # the text tower was copied into raw_model; the teacher keeps
 # ----------------------------------------------------------------------------------------------
 # Optimizer (AdamW, no decay on 1-D / 0-D parameters), compile, DDP
 
-optimizer = torch.optim.AdamW(training.param_groups(raw_model, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=1e-8,
-                              fused=device.type == 'cuda')
-run.start(optimizer, ckpt, total_steps, steps_per_epoch, desc='stage 2')
-del ckpt
+optimizer = training.adamw(raw_model, LR, WEIGHT_DECAY, BETAS)
 if COMPILE:  # in place: the state_dict keys stay the same. Videos and images give two static graphs.
     raw_model.vision_encoder.compile(dynamic=False)
-model = training.wrap_ddp(raw_model, device, world_size)  # UMT.forward computes the four losses: one DDP forward
-if run.master:
-    print('\n'.join(report))
-    print(f'world size {world_size} | {VIDEO_BATCH} video / {IMAGE_BATCH if IMAGE_ANN else 0} image pairs per step, '
-          f'{", ".join(f"{n} {m}" for m, n in steps_of.items())} steps per epoch | {run.dtype}, compile {COMPILE}, '
-          f'{device}\nlr {LR:g} after {warmup_steps} warmup steps, floor {LR * MIN_LR_RATIO:g}, {total_steps} steps | '
-          f'{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters | text fusion from block '
-          f'{raw_model.text_encoder.fusion_layer} | teacher ' + (f'{TEACHER} ({TEACHER_PRETRAINED}), frozen' if
-                                                                use_teacher else 'off: every token, no masking'))
+report.append(f'{VIDEO_BATCH} video / {IMAGE_BATCH if IMAGE_ANN else 0} image pairs per step, '
+              f'{", ".join(f"{n} {m}" for m, n in steps_of.items())} steps per epoch | lr {LR:g} after {warmup_steps} '
+              f'warmup steps, floor {LR * MIN_LR_RATIO:g} | text fusion from block '
+              f'{raw_model.text_encoder.fusion_layer} | teacher '
+              + (f'{TEACHER} ({TEACHER_PRETRAINED}), frozen' if use_teacher else 'off: every token'))
+# In DDP as a whole: UMT's forward computes the four losses, one DDP forward per step.
+model = run.start(raw_model, optimizer, ckpt, total_steps, steps_per_epoch, report, desc='stage 2')
 val_set = data.VideoText(VAL_ANN, VAL_ROOT, NUM_FRAMES, IMG_SIZE, 'eval', media='video') if VAL_ANN else None
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +267,6 @@ streams = {m: data.train_batches(ds, global_batch[m] // world_size, training.see
 # The official all-gather keeps only this rank's share of the contrastive gradient: 1/world_size of ours.
 vtc_weight = VTC_WEIGHT / world_size if VTC_GRAD == 'official' else VTC_WEIGHT
 loss_weights = torch.tensor([vtc_weight, VTM_WEIGHT, MLM_WEIGHT, UTA_WEIGHT], device=device)
-model.train()
 while run.step < total_steps:
     epoch, position = divmod(run.step, steps_per_epoch)
     # Randomness is a function of the step number, so a resumed run replays it exactly: masks, MLM
@@ -320,4 +311,4 @@ while run.step < total_steps:
                   f'(VTC, chance {100 / len(val_set):.1f}%)')
             run.write({'step': run.step, 'epoch': run.step // steps_per_epoch, 'val_t2v_r1': r1})
 
-run.close(f'done: {run.step} steps, {run.skipped_steps} skipped; weights in {run.ckpt_path}, log in {run.log_path}')
+run.close()

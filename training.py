@@ -1,12 +1,10 @@
 """
-The plumbing that every training script shares, written once so that the scripts cannot drift apart:
-settings (module constants, presets, --name=value), processes and devices, precision, the learning-rate
-schedule and parameter groups, and `Run`, which does a run's bookkeeping: resume from OUT_DIR/last.pt,
-the update-or-skip decision on a non-finite loss, the log and the checkpoints.
+The plumbing every training script shares, written once so that the scripts cannot drift apart: settings
+(constants, presets, --name=value), start-up checks, processes, precision, the lr schedule and AdamW groups,
+and `Run`: resume from OUT_DIR/last.pt, update-or-skip on a non-finite loss, the log, the checkpoints.
 
-The method stays in the scripts: each training loop (train_stage1.py, train_stage2.py, finetune.py and
-the downstream scripts) computes its own losses and calls run.update(...) once per optimizer step.
-No trainer class owns the loop and nothing is called back.
+The method stays in the scripts: each loop computes its own losses and calls run.update(...) once per
+optimizer step. No trainer class owns the loop and nothing is called back.
 """
 
 import ast
@@ -24,6 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoints
+import data
 
 # Fault injection for the tests, unset in real runs: these steps (numbered from 1, as in the log) get a NaN
 # loss and NaN gradients, and the process stops after step KILL_AFTER as if it had been killed.
@@ -87,6 +86,36 @@ def configure(constants, presets, argv):
     return config
 
 # ----------------------------------------------------------------------------------------------
+# Start-up checks, run before anything heavy so that a typo costs seconds, not a queue slot
+
+def split_batch(total_batch, micro_batch):
+    """-> (world_size, grad_accum) with TOTAL_BATCH = MICRO_BATCH x processes x accumulation steps. Called before
+    the process group exists: torchrun sets WORLD_SIZE."""
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    if total_batch % (micro_batch * world_size):
+        fail(f'TOTAL_BATCH={total_batch} is not divisible by MICRO_BATCH={micro_batch} x {world_size} processes: '
+             f'choose TOTAL_BATCH as a multiple of {micro_batch * world_size}, or change MICRO_BATCH')
+    return world_size, total_batch // (micro_batch * world_size)
+
+def need_files(paths, what, skip=False):
+    """Stop when a path of {NAME: path} is set but missing; `what` says what the file holds and how to start."""
+    for name, path in paths.items():
+        if path and not skip and not os.path.exists(path):
+            fail(f'{name} {path!r} not found: {what}')
+
+def need_init(init, out_dir, what, demo_command):
+    """INIT must exist, unless the run resumes from OUT_DIR/last.pt."""
+    if not os.path.exists(os.path.join(out_dir, 'last.pt')) and not os.path.isfile(init):
+        hint = f' Run `{demo_command}` first.' if 'demo' in init else ''
+        fail(f'INIT {init!r} not found: pass --init=CHECKPOINT, {what}.{hint}')
+
+def epoch_steps(num_items, total_batch, source, unit):
+    """Optimizer steps per epoch: the incomplete last global batch of an epoch is dropped."""
+    if num_items < total_batch:
+        fail(f'{source} has {num_items} {unit}, fewer than one global batch of TOTAL_BATCH={total_batch}')
+    return num_items // total_batch
+
+# ----------------------------------------------------------------------------------------------
 # Processes, devices and precision
 
 def setup_distributed(device_name='auto'):
@@ -125,13 +154,6 @@ def all_reduce_mean(t):
         t /= dist.get_world_size()
     return t
 
-def wrap_ddp(model, device, world_size):
-    """DDP around the trained module when there are several processes; the module itself otherwise."""
-    if world_size == 1:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda'
-                                                     else None, broadcast_buffers=False)
-
 def no_sync(model, skip):
     """Gradient accumulation: DDP all-reduces the gradients only on the last micro-step (skip=False)."""
     return model.no_sync() if skip and hasattr(model, 'no_sync') else nullcontext()
@@ -153,17 +175,18 @@ def lr_at(step, total_steps, warmup_steps, peak, floor, start=0.0):
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
-def param_groups(model, weight_decay, lr_scale=None):
-    """AdamW groups: no weight decay on 1-D parameters (norms, q/v biases, the temperature) and biases.
-    lr_scale(name) -> a per-parameter lr multiplier (layer_decay); Run.set_lr applies each group's 'lr_scale'."""
+def adamw(model, lr, weight_decay, betas, lr_scale=None):
+    """AdamW (eps 1e-8, as the official scripts; fused on a GPU) with no weight decay on 1-D parameters (norms, q/v
+    biases, the temperature) and biases. lr_scale(name) -> a per-parameter lr multiplier (layer_decay); each group
+    keeps its 'lr_scale' for Run.set_lr."""
     groups = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        wd = 0.0 if p.ndim <= 1 or name.endswith('.bias') else weight_decay
-        scale = lr_scale(name) if lr_scale else 1.0
-        groups.setdefault((wd, scale), {'params': [], 'weight_decay': wd, 'lr_scale': scale})['params'].append(p)
-    return list(groups.values())
+        if p.requires_grad:
+            wd = 0.0 if p.ndim <= 1 or name.endswith('.bias') else weight_decay
+            scale = lr_scale(name) if lr_scale else 1.0
+            groups.setdefault((wd, scale), {'params': [], 'weight_decay': wd, 'lr_scale': scale})['params'].append(p)
+    return torch.optim.AdamW(list(groups.values()), lr=lr, betas=betas, eps=1e-8,
+                             fused=next(model.parameters()).is_cuda)
 
 def layer_decay(depth, decay, prefix=''):
     """name -> lr multiplier decay^(depth + 1 - layer) (BEiT's layer-wise decay, used by the official fine-tuning):
@@ -184,14 +207,15 @@ class Run:
 
         run = training.Run(config, OUT_DIR, DEVICE, DTYPE, GRAD_CLIP, MAX_BAD_STEPS, LOG_INTERVAL, CKPT_INTERVAL)
         ckpt = run.resume()                          # OUT_DIR/last.pt, or None for a new run
-        ...                                          # build the model (from ckpt or the init) and the optimizer
-        run.start(optimizer, ckpt, total_steps, steps_per_epoch)
+        ...                                          # build raw_model (from ckpt or the init) and the optimizer
+        model = run.start(raw_model, optimizer, ckpt, total_steps, steps_per_epoch, report, COMPILE)
+        batches = run.batches(dataset, MICRO_BATCH, grad_accum, SEED, NUM_WORKERS)
         while run.step < total_steps:
             run.set_lr(schedule(run.step))
-            batch = run.next_batch(batches)          # times the wait for data
-            ... forward, backward ...
-            if run.update({'loss': loss, ...}, model):   # True when a checkpoint is due
-                run.save(model=model.state_dict(), ...)
+            for micro, batch in run.micro_batches(batches, grad_accum):  # times the wait for data
+                ... forward, backward ...
+            if run.update({'loss': loss, ...}, raw_model):   # True when a checkpoint is due
+                run.save(model=raw_model.state_dict(), ...)
         run.close()
     """
 
@@ -229,25 +253,49 @@ class Run:
         except ValueError as e:
             fail(f'{e}\nMove it aside to start this run over (or restore a copy), then launch again.')
 
-    def start(self, optimizer, ckpt, total_steps, steps_per_epoch, ckpt_every_epoch=False, desc='train'):
-        """Restore the optimizer, loss scaler and step from ckpt (None: a new run), open the log and the bar."""
+    def start(self, model, optimizer, ckpt, total_steps, steps_per_epoch, report=(), compile=False,
+              ckpt_every_epoch=False, desc='train'):
+        """Restore the optimizer, loss scaler and step from ckpt (None: a new run) and empty it (its tensors would
+        stay in memory for the whole run), print `report` (where the model comes from) and a summary, open the log
+        and the bar. -> the module to train: `model` compiled (compile=True) and in DDP when there are several
+        processes, in train mode; save and evaluate `model` itself."""
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.optimizer, self.ckpt_every_epoch = optimizer, ckpt_every_epoch
         if ckpt is not None:
             optimizer.load_state_dict(ckpt['optimizer'])
             self.scaler.load_state_dict(ckpt['scaler'])
             self.step = self.last_ckpt_step = ckpt['step']
-            if self.master:
-                diff = ', '.join(f'{k}: {ckpt["config"].get(k)!r} -> {v!r}' for k, v in self.config.items()
-                                 if ckpt['config'].get(k) != v)
-                print(f'resumed from {self.ckpt_path} at step {self.step} (epoch {self.step // steps_per_epoch})'
-                      + (f'; settings changed since: {diff}' if diff else ''))
+            diff = ', '.join(f'{k}: {ckpt["config"].get(k)!r} -> {v!r}' for k, v in self.config.items()
+                             if ckpt['config'].get(k) != v)
+            report = [*report, f'resumed from {self.ckpt_path} at step {self.step} (epoch '
+                      f'{self.step // steps_per_epoch})' + (f'; settings changed since: {diff}' if diff else '')]
+            ckpt.clear()
         if self.master:
+            trained = sum(p.numel() for g in optimizer.param_groups for p in g['params'])
+            print('\n'.join([*report, f'{self.world_size} processes | {self.dtype} on {self.device}, compile '
+                              f'{compile} | {total_steps} steps, {steps_per_epoch} per epoch | {trained / 1e6:.2f}M '
+                              'trained parameters']))
             self.write({'config': self.config, 'world_size': self.world_size, 'start_step': self.step})
         self.sums, self.good_steps, self.skipped_steps, self.bad_in_a_row = None, 0, 0, 0
         self.skipped_samples, self.samples, self.wait, self.grad_norm, self.hinted = 0, 0, 0.0, None, False
         self.t_log, self.step_log = time.perf_counter(), self.step
         self.pbar = tqdm(total=total_steps, initial=self.step, disable=not self.master, desc=desc, dynamic_ncols=True)
+        model = torch.compile(model) if compile else model
+        if self.world_size > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == 'cuda' else None, broadcast_buffers=False)
+        return model.train()
+
+    def batches(self, dataset, micro_batch, grad_accum, seed, num_workers):
+        """This rank's micro-batches from the current step on: a resumed run continues where it stopped."""
+        epoch, done = divmod(self.step, self.steps_per_epoch)
+        return data.train_batches(dataset, micro_batch, seed, self.rank, self.world_size, num_workers, epoch,
+                                  done * grad_accum, self.steps_per_epoch * grad_accum)
+
+    def micro_batches(self, batches, grad_accum):
+        """(micro-step, batch) for each of the grad_accum micro-steps of one optimizer step."""
+        for micro in range(grad_accum):
+            yield micro, self.next_batch(batches)
 
     def set_lr(self, lr):
         """The learning rate of this step, times each parameter group's lr_scale (called first in every step)."""
@@ -360,11 +408,12 @@ class Run:
         if path is None:
             self.last_ckpt_step = self.step
 
-    def close(self, message=None):
-        """The end of the run: close the bar, print `message` (master), leave the process group together."""
+    def close(self):
+        """The end of the run: close the bar, say where the results are, leave the process group together."""
         self.pbar.close()
-        if self.master and message:
-            print(message)
+        if self.master:
+            print(f'done: {self.step} steps, {self.skipped_steps} skipped; weights in {self.ckpt_path}, '
+                  f'log in {self.log_path}')
         if self.world_size > 1:
             dist.barrier()  # tear the group down together: a rank that leaves first makes gloo abort the others
             dist.destroy_process_group()

@@ -4,7 +4,6 @@ extension, bad input (boxes outside the frame, unknown actions, missing movies, 
 boxes, malformed lines), and a tiny run of the script that is killed, resumed and must match an uninterrupted one."""
 import copy
 import dataclasses
-import json
 import os
 import runpy
 import sys
@@ -20,6 +19,7 @@ import data
 import evaluate
 import training
 from model import VideoViT, get_config
+from conftest import log_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'finetune_ava.py')
@@ -216,10 +216,6 @@ def run(args, monkeypatch, kill_after=0):
     with pytest.raises(SystemExit) if kill_after else nullcontext():
         runpy.run_path(SCRIPT, run_name='__main__')
 
-def records(out_dir):
-    lines = [json.loads(line) for line in open(out_dir / 'log.jsonl')]
-    return [{k: v for k, v in r.items() if k not in ('ms_per_step', 'samples_per_s', 'data_wait')}
-            for r in lines if 'config' not in r]
 
 def test_bad_constants_fail_fast(small_run, monkeypatch):
     tmp, args = small_run
@@ -236,11 +232,11 @@ def test_resume_is_exact_and_the_reported_map_is_the_files(small_run, monkeypatc
     tmp, args = small_run
     run(args + [f'--out_dir={tmp / "a"}'], monkeypatch)
     run(args + [f'--out_dir={tmp / "b"}', '--ckpt_interval=1'], monkeypatch, kill_after=3)
-    assert not any('val_mAP' in x and x['step'] == 4 for x in records(tmp / 'b'))
+    assert not any('val_mAP' in x and x['step'] == 4 for x in log_records(tmp / 'b'))
     capsys.readouterr()
     run(args + [f'--out_dir={tmp / "b"}'], monkeypatch)
     assert 'resumed from' in capsys.readouterr().out
-    a, b = records(tmp / 'a'), records(tmp / 'b')
+    a, b = log_records(tmp / 'a'), log_records(tmp / 'b')
     assert [x['step'] for x in a if 'loss' in x] == [1, 2, 3, 4] and [x['step'] for x in a if 'val_mAP' in x] == [2, 4]
     assert a == b and a[-2]['loss'] > 0 and a[-2]['boxes'] > 0   # losses, lr, grad norms, box counts, mAP: exact
     s = tmp / 'set'

@@ -3,7 +3,6 @@
 stage-1 / stage-2 checkpoints (checkpoints.py), and finetune.py itself: bad constants, NaN skips, exact resume of a
 short run (with the whole augmentation recipe on) and 2 processes = 1."""
 import dataclasses
-import json
 import os
 import runpy
 import subprocess
@@ -18,6 +17,7 @@ import data
 import evaluate
 import training
 from model import VideoClassifier, VideoViT, get_config, sincos_table
+from conftest import log_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'finetune.py')
@@ -43,7 +43,8 @@ def randomize(module):
 
 def test_layer_decay_scales():
     model = VideoClassifier(tiny_vit(align_layers=0), num_classes=5)  # depth 4
-    groups = training.param_groups(model, 0.05, training.layer_decay(4, 0.75, prefix='backbone.'))
+    decay_of = training.layer_decay(4, 0.75, prefix='backbone.')
+    groups = training.adamw(model, 1e-3, 0.05, (0.9, 0.999), decay_of).param_groups
     scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
     decay = {id(p): g['weight_decay'] for g in groups for p in g['params']}
     assert len(scale) == sum(1 for _ in model.parameters())          # every parameter in exactly one group
@@ -261,13 +262,6 @@ def run(args, nproc=1, **env):
                           text=True, timeout=300)
 
 
-def records(out_dir):
-    """log.jsonl without the start-up lines and the timings (which differ between runs)."""
-    lines = [json.loads(line) for line in open(out_dir / 'log.jsonl')]
-    return [{k: v for k, v in r.items() if k not in ('ms_per_step', 'samples_per_s', 'data_wait')}
-            for r in lines if 'config' not in r]
-
-
 def test_bad_constants_fail_fast(small_run, monkeypatch):
     tmp, args = small_run
     monkeypatch.delenv('RANK', raising=False)
@@ -287,9 +281,9 @@ def test_nan_loss_skips_the_update(small_run):
     tmp, args = small_run
     r = run(args + [f'--out_dir={tmp / "nan"}', '--epochs=1'], UMT_NAN_STEPS='2')
     assert r.returncode == 0, r.stderr
-    log = {x['step']: x for x in records(tmp / 'nan') if 'loss' in x}
+    log = {x['step']: x for x in log_records(tmp / 'nan') if 'loss' in x}
     assert log[1]['loss'] is not None and log[2]['loss'] is None and log[2]['skipped_steps'] == 1
-    assert any('test_top1' in x for x in records(tmp / 'nan'))         # the run went on to the end
+    assert any('test_top1' in x for x in log_records(tmp / 'nan'))         # the run went on to the end
     r = run(args + [f'--out_dir={tmp / "nan2"}', '--max_bad_steps=2'], UMT_NAN_STEPS='1,2')
     assert r.returncode != 0 and '2 non-finite losses in a row (steps 1-2)' in r.stderr
 
@@ -304,13 +298,12 @@ def test_resume_is_exact(small_run):
     r = run(args + [f'--out_dir={tmp / "b"}'])                        # ... and resumed from b/last.pt
     assert r.returncode == 0, r.stderr
     assert 'resumed from' in r.stdout
-    a, b = records(tmp / 'a'), records(tmp / 'b')
+    a, b = log_records(tmp / 'a'), log_records(tmp / 'b')
     assert [x['step'] for x in a if 'loss' in x] == [1, 2, 3, 4]
     assert a == b                                                      # losses, lr, grad norms, val and test: exact
     wa, wb = checkpoints.read(tmp / 'a' / 'last.pt'), checkpoints.read(tmp / 'b' / 'last.pt')
     assert wa['num_classes'] == 12 and wa['step'] == 4
     assert all(torch.equal(wa['model'][k], wb['model'][k]) for k in wa['model'])
-
 
 
 def test_two_processes_match_one(small_run):
@@ -325,7 +318,7 @@ def test_two_processes_match_one(small_run):
     assert r.returncode == 0, r.stderr
     w1, w2 = (checkpoints.read(tmp / name / 'last.pt')['model'] for name in ('one', 'two'))
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
-    one, two = records(tmp / 'one'), records(tmp / 'two')
+    one, two = log_records(tmp / 'one'), log_records(tmp / 'two')
     assert [x['loss'] for x in one if 'loss' in x] == pytest.approx([x['loss'] for x in two if 'loss' in x], abs=1e-5)
     evals = lambda log: [{k: v for k, v in x.items() if k.startswith(('val', 'test'))} for x in log if 'loss' not in x]
     assert evals(one) == evals(two) and len(evals(one)) == 2
@@ -350,4 +343,4 @@ def test_the_test_uses_the_best_epoch(small_run, monkeypatch):
     assert all(torch.equal(tested[k], epoch1[k]) for k in tested)              # the best epoch's weights ...
     assert not all(torch.equal(tested[k], epoch2[k]) for k in tested)          # ... not the last epoch's
     assert checkpoints.read(tmp / 'best' / 'best.pt')['epoch'] == 1
-    assert records(tmp / 'best')[-1]['epoch'] == 1 and checkpoints.read(tmp / 'best' / 'last.pt')['best_top1'] == 60
+    assert log_records(tmp / 'best')[-1]['epoch'] == 1 and checkpoints.read(tmp / 'best' / 'last.pt')['best_top1'] == 60

@@ -297,7 +297,7 @@ def test_resume_repeats_the_uninterrupted_run(stage2_files, tmp_path):
 
 
 @pytest.mark.parametrize('overrides, world_size, message', [
-    (['--init=no/such.pt'], 1, "INIT='no/such.pt' not found. Pass --init=PATH"),
+    (['--init=no/such.pt'], 1, "INIT 'no/such.pt' not found: pass --init=CHECKPOINT"),
     (['--video_batch=6'], 4, 'VIDEO_BATCH=6 must be divisible by 4 processes'),
     (['--image_batch=2'], 2, 'at least 2 pairs per process'),
     (['--video_mask_ratio=1.0'], 1, 'VIDEO_MASK_RATIO=1.0 must lie strictly between 0 and 1'),

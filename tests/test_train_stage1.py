@@ -156,7 +156,7 @@ def test_demo_teacher_says_what_it_needs(small_list, tmp_path, monkeypatch):
     (['--preset=demo', '--mask_type=block'], 1, "MASK_TYPE='block'"),
     (['--preset=demo', '--img_size=60'], 1, 'IMG_SIZE=60 must be a multiple of the patch size 8'),
     (['--preset=demo', '--model=vit_s16'], 1, "unknown model preset 'vit_s16'"),
-    (['--data_list=missing.csv'], 1, "data list 'missing.csv' not found.*path,label.*--preset=demo"),
+    (['--data_list=missing.csv'], 1, "DATA_LIST 'missing.csv' not found.*path,label.*--preset=demo"),
     (['--teacher_pretrained=no/such/clip.bin', '--data_list=missing.csv'], 1, "teacher weights file .* not found"),
 ])
 def test_invalid_settings_fail_fast(overrides, world_size, message, monkeypatch):

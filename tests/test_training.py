@@ -35,7 +35,8 @@ def test_lr_schedule():
 def test_param_groups_no_decay_on_1d_and_bias():
     m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     m.register_parameter('temp', torch.nn.Parameter(torch.tensor(0.07)))
-    groups = training.param_groups(m, 0.05, lr_scale=lambda n: 0.5 if n.startswith('0.') else 1.0)
+    scale = lambda n: 0.5 if n.startswith('0.') else 1.0
+    groups = training.adamw(m, 1e-3, 0.05, (0.9, 0.999), lr_scale=scale).param_groups
     decayed = {id(p) for g in groups if g['weight_decay'] > 0 for p in g['params']}
     assert decayed == {id(m[0].weight)}
     assert {(g['weight_decay'], g['lr_scale']) for g in groups} == {(0.05, 0.5), (0.0, 0.5), (0.0, 1.0)}

@@ -22,6 +22,7 @@ import training
 import video_qa as Q
 from model import VideoViT, get_config
 from video_language import build_umt, tokenize
+from conftest import log_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'finetune_qa.py')
@@ -269,12 +270,6 @@ def run_here(args, monkeypatch, kill_after=0):
             raise
 
 
-def records(out_dir):
-    lines = [json.loads(line) for line in open(out_dir / 'log.jsonl')]
-    return [{k: v for k, v in r.items() if k not in ('ms_per_step', 'samples_per_s', 'data_wait')}
-            for r in lines if 'config' not in r]
-
-
 @pytest.mark.parametrize('bad, message', [('--total_batch=5', 'TOTAL_BATCH=5 is not divisible by MICRO_BATCH=2'),
                                           ('--init=missing.pt', "INIT 'missing.pt' not found"),
                                           ('--test_ann=missing.json', "TEST_ANN 'missing.json' not found")])
@@ -291,10 +286,10 @@ def test_resume_is_exact_and_two_processes_match_one(qa_run, monkeypatch, capsys
     assert 'new: decoder.blocks.*.cross_attn.kv_proj.* (2)' in out and '1 skipped: no video, question or answer' in out
     assert 'without the video: always' in out
     run_here(args + [f'--out_dir={tmp / "b"}', '--ckpt_interval=1'], monkeypatch, kill_after=2)  # killed after step 2
-    assert not any('test' in r for r in records(tmp / 'b'))
+    assert not any('test' in r for r in log_records(tmp / 'b'))
     run_here(args + [f'--out_dir={tmp / "b"}'], monkeypatch)             # ... and resumed
     assert 'resumed from' in capsys.readouterr().out
-    ra, rb = records(tmp / 'a'), records(tmp / 'b')
+    ra, rb = log_records(tmp / 'a'), log_records(tmp / 'b')
     assert [r['step'] for r in ra if 'loss' in r] == [1, 2, 3] and ra == rb     # losses, grad norms, val, test
     wa, wb = (checkpoints.read(tmp / d / 'last.pt')['model'] for d in ('a', 'b'))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -305,7 +300,7 @@ def test_resume_is_exact_and_two_processes_match_one(qa_run, monkeypatch, capsys
                         *args, f'--out_dir={tmp / "two"}'], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    two, w2 = records(tmp / 'two'), checkpoints.read(tmp / 'two' / 'last.pt')['model']
+    two, w2 = log_records(tmp / 'two'), checkpoints.read(tmp / 'two' / 'last.pt')['model']
     for k in wa:
         a, b = wa[k].clone(), w2[k].clone()
         if k.endswith('attn.in_proj.bias'):  # the key bias has a zero gradient in exact arithmetic (softmax ignores
