@@ -1,5 +1,5 @@
 """
-Speed, memory and FLOPs of one complete UMT training step, with random weights.
+Speed, memory and FLOPs of one complete UMT training step, with random weights; and the data loader's speed.
 
 A stage-1 step is: teacher forward on the full clip -> semantic mask from its CLS attention ->
 student forward on the kept tokens -> UTA loss -> backward -> AdamW step. bench.py times each
@@ -10,14 +10,18 @@ the bf16 peak of the GPU (MFU), or on CPU a dense fp32 matmul measured in the sa
     python bench.py --preset=gpu                      # batch 64, bf16, compiled student (one GPU)
     python bench.py --frames=16 --mask_ratio=0.9      # any constant below can be overridden
     python bench.py --stage=2                         # one stage-2 step (VTC + VTM + MLM + UTA)
+    python bench.py --loader_dir=bench_clips          # loader clips/s per core, before / after data.py --prepare
 """
 
+import os
 import resource
 import sys
 import time
 
+import numpy as np
 import torch
 
+import data
 import model as M
 import training
 from masking import make_mask
@@ -40,6 +44,7 @@ CHECKPOINT_BLOCKS = 0         # activation checkpointing of the first N student 
 WARMUP_STEPS = 2              # untimed steps (allocator, compile, oneDNN kernel selection)
 STEPS = 5                     # timed steps; medians are reported
 DEVICE = 'auto'
+LOADER_DIR = ''               # if set: benchmark the stage-1 data loader instead, on clips written to this folder
 PRESETS = {
     'cpu': {},
     'gpu': {'BATCH': 64, 'DTYPE': 'auto', 'COMPILE': True, 'STEPS': 10, 'WARMUP_STEPS': 3},
@@ -49,6 +54,47 @@ PRESETS = {
     'stage2': {'STAGE': 2, 'FRAMES': 4},  # the paper's stage-2 video step: 4 frames, plus text
 }
 config = training.configure(globals(), PRESETS, sys.argv[1:])
+
+# ----------------------------------------------------------------------------------------------
+# The data loader (LOADER_DIR)
+
+def bench_loader(out_dir, n=4, clips=96, keyints=(2, 4, 8)):
+    """Loader throughput per core of the stage-1 pipeline (8 TSN frames, multi-scale crop to 224 and flip, uint8,
+    collate): one DataLoader worker with one decoder thread, before and after data.prepare, on n Kinetics-like clips:
+    10 s, 340 x 256, 25 fps, H.264 with x264's default GOP (one keyframe per clip) and B-frames; a panning texture
+    with per-frame noise, so that it is not trivially compressible."""
+    os.makedirs(out_dir, exist_ok=True)
+    for k in range(n):
+        rng = np.random.default_rng(k)
+        blobs = np.kron(rng.integers(0, 255, (32, 56, 3)), np.ones((8, 8, 1)))  # 256 x 448 texture
+        texture = np.clip(blobs + rng.normal(0, 20, blobs.shape), 0, 255).astype(np.int16)
+        frames = (np.clip(np.roll(texture, 2 * t, axis=1)[:, :340] + rng.integers(-16, 17, (256, 340, 3)), 0, 255)
+                  .astype(np.uint8) for t in range(250))
+        data.write_video(f'{out_dir}/clip{k}.mp4', frames, options={'preset': 'veryfast'})
+    with open(f'{out_dir}/list.csv', 'w') as f:
+        f.writelines(f'clip{k % n}.mp4,0\n' for k in range(8 * n))
+    size = lambda folder: sum(os.path.getsize(f'{folder}/clip{k}.mp4') for k in range(n))
+    rows = [('original (x264 default GOP, B-frames)', f'{out_dir}/list.csv', out_dir)]
+    for k in keyints:
+        prepared, _ = data.prepare(f'{out_dir}/list.csv', out_dir, f'{out_dir}/keyint{k}', workers=1, keyint=k)
+        rows.append((f'prepared, keyframe every {k}', prepared, f'{out_dir}/keyint{k}'))
+    print(f'{"":40s} {"clips/s per core":>17s} {"ms per clip":>12s} {"file size":>10s}')
+    for name, file, root in rows:
+        ds = data.VideoClassification(file, root, 8, 224, mode='train', aug='multiscale', flip=True)
+        loader, _ = data.make_loader(ds, 8, True, 0, 0, 1, num_workers=1)
+        batches, done = iter(loader), 0
+        next(batches)  # the worker starts, the first batch is not timed
+        t0 = time.perf_counter()
+        for b in batches:
+            done += len(b['index'])
+            if done >= clips:
+                break
+        rate = done / (time.perf_counter() - t0)
+        print(f'{name:40s} {rate:17.1f} {1000 / rate:12.1f} {size(root) / size(out_dir):9.2f}x')
+
+if LOADER_DIR:
+    bench_loader(LOADER_DIR)
+    sys.exit()
 
 # ----------------------------------------------------------------------------------------------
 # Models and a random batch

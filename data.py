@@ -1,16 +1,15 @@
 """
-Video data for UMT: frame-accurate sparse decoding with PyAV, the official sampling and augmentation rules,
-datasets that survive broken files, and a sampler whose order a resumed run replays exactly.
+Video data for UMT: frame-accurate sparse decoding with PyAV, the official sampling and augmentation rules, datasets
+that survive broken files, and a sampler whose order a resumed run replays exactly.
 
-As the official code (single_modality/datasets/, multi_modality/dataset/): stage-1 pre-training takes 8
-TSN-sparse frames, a multi-scale corner crop and a flip; stage 2 takes 4 frames, RandomResizedCrop(scale
-0.5-1, bicubic) and a flip; action-recognition fine-tuning adds RandAugment, random erasing, mixup / cutmix
-and repeated augmentation, and is tested on C clips x 3 crops. A clip is an ImageNet-normalized float tensor
-[3, T, S, S] (T frames, S pixels). The synthetic demo set is in demo.py.
+As the official code (single_modality/datasets/, multi_modality/dataset/): stage-1 pre-training takes 8 TSN-sparse
+frames, a multi-scale corner crop and a flip; stage 2 takes 4 frames, RandomResizedCrop(scale 0.5-1, bicubic) and a
+flip; action-recognition fine-tuning adds RandAugment, random erasing, mixup / cutmix and repeated augmentation, and is
+tested on C clips x 3 crops. A clip is uint8 [3, T, S, S] (T frames, S pixels) until `normalize` on the device. The
+synthetic demo set is in demo.py; `python bench.py --loader_dir=DIR` measures the loader.
 
     python data.py --check train.csv --root videos    # decode every entry -> train.csv.clean / train.csv.bad
     python data.py --prepare train.csv --root videos --out videos_prepared   # re-encode once for fast sampling
-    python data.py --bench bench_clips               # loader throughput per core, before / after --prepare
 """
 
 import argparse
@@ -20,7 +19,6 @@ import json
 import math
 import os
 import re
-import time
 import warnings
 from collections import namedtuple
 from fractions import Fraction
@@ -145,20 +143,19 @@ def write_video(path, frames, fps=25, codec='libx264', pix_fmt='yuv420p', option
 # Frame sampling (the official rules)
 
 def sample_indices(n, num_frames, mode, rng=None, clip=0, num_clips=1):
-    """Frame indices [num_frames] of a video of n frames, by the official samplers. Short videos repeat frames.
-    tsn:    stage-1 pre-training and SSv2 fine-tuning (single_modality/datasets/mae.py, ssv2.py): num_frames
-            segments of n // num_frames frames, a random frame in each. (For n < num_frames the official code
-            repeats frame 0; we draw sorted random frames, so that the clip still moves.)
-    sparse: Kinetics fine-tuning (datasets/kinetics_sparse.py): seg = (n-1)/T, frame i drawn from
-            [round(seg i), round(seg (i+1))], both ends included.
-    test:   Kinetics test clip `clip` of C = num_clips (kinetics_sparse.py): frame i at
-            round(seg i) + int(seg / (C+1) (clip+1)).
-    ssv2:   SSv2 test clip `clip` of C (datasets/ssv2.py): tick = n/T; the 2 official clips take the segment starts
-            int(tick i) and middles int(tick/2 + tick i); other C spread the offsets evenly over a segment.
-    rand:   stage-2 training (multi_modality/dataset/video_utils.py): k = min(T, n) segments cut at
-            linspace(0, n, k+1); a random frame of segment [s, e) except its last one (an official quirk kept), and
-            a sorted random draw when a segment has no such frame; padded with the last index up to T.
-    middle: stage-2 evaluation: the middle frame (s + e - 1) // 2 of the same segments, padded the same way."""
+    """Frame indices [num_frames] of a video of n frames, by the official samplers; short videos repeat frames.
+    tsn: stage 1, SSv2 fine-tuning (single_modality/datasets/mae.py, ssv2.py): a random frame in each of T segments
+        of n // T frames; n < T: sorted random frames (the official code repeats frame 0; ours still moves).
+    sparse: Kinetics fine-tuning (datasets/kinetics_sparse.py): seg = (n-1)/T, frame i in [round(seg i),
+        round(seg (i+1))].
+    test: Kinetics test clip `clip` of C = num_clips (kinetics_sparse.py): frame i at round(seg i) + int(seg / (C+1)
+        (clip+1)).
+    ssv2: SSv2 test clip `clip` of C (datasets/ssv2.py): int(tick i + tick clip / C), tick = n/T (C = 2: the official
+        segment starts and middles).
+    rand: stage-2 training (multi_modality/dataset/video_utils.py): k = min(T, n) segments [s, e) cut at
+        linspace(0, n, k+1), a random frame of each but its last (an official quirk kept), or k sorted distinct random
+        frames if a segment is too short; padded with the last index up to T.
+    middle: stage-2 evaluation: frame (s + e - 1) // 2 of each segment, padded the same way."""
     i = np.arange(num_frames)
     if mode == 'tsn':
         avg = n // num_frames
@@ -203,8 +200,7 @@ def multiscale_box(h, w, size, rng):
     return gy * ((h - ch) // 4), gx * ((w - cw) // 4), ch, cw
 
 def rrc_box(h, w, rng, scale=RRC_SCALE):
-    """RandomResizedCrop box: area fraction in `scale`, log-uniform aspect in [3/4, 4/3], 10 tries, else the
-    central square."""
+    """RandomResizedCrop box: area fraction in `scale`, log-uniform aspect in [3/4, 4/3], 10 tries."""
     for _ in range(10):
         area = h * w * rng.uniform(*scale)
         ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
@@ -250,8 +246,7 @@ def augment(frames, size, kind, rng=None, flip=False, num_crops=1, scale=RRC_SCA
 
 def normalize(video):
     """uint8 clips [..., 3, T, S, S] (on the device) -> float, ImageNet mean / std: the model input."""
-    mean, std = MEAN.to(video.device), STD.to(video.device)
-    return (video.float() / 255 - mean) / std
+    return (video.float() / 255 - MEAN.to(video.device)) / STD.to(video.device)
 
 # Fine-tuning only: RandAugment 'rand-m7-n4-mstd0.5-inc1' and random erasing (pixel mode, 1 box), with timm's
 # semantics written out over torchvision's functional ops. RandAugment draws its ops once per clip, so every frame
@@ -329,12 +324,9 @@ def smooth_one_hot(label, num_classes, smoothing):
 
 def mixup_cutmix(video, target, rng, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5):
     """Batch-mode mixup / cutmix (timm's Mixup): video [B, 3, T, H, W], soft target [B, C] -> both mixed.
-
-    One coin flip picks cutmix (probability switch_prob) or mixup for the whole batch, one
-    lam ~ Beta(alpha, alpha) for the whole batch, and sample b is mixed with sample B-1-b (the batch
-    reversed, as timm). Cutmix pastes one box, the same on every frame, and lam becomes the exact
-    kept area. Targets mix with the same lam, so rows still sum to 1. rng: np.random.Generator.
-    """
+    One coin flip picks cutmix (probability switch_prob) or mixup and one lam ~ Beta(alpha, alpha) for the whole batch;
+    sample b is mixed with sample B-1-b (the batch reversed, as timm). Cutmix pastes one box, the same on every frame,
+    and lam becomes the exact kept area. Targets mix with the same lam, so rows still sum to 1."""
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return video, target
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
@@ -460,10 +452,9 @@ class VideoClassification(_RobustDataset):
         return {'video': torch.stack(views) if len(views) > 1 else views[0], 'label': label}
 
 class RepeatedAugClassification(VideoClassification):
-    """The fine-tuning training set with repeated augmentation (the official num_sample): each video is decoded
-    once (one set of TSN frames) and gives num_sample clips, each with its own RandAugment, random-resized crop,
-    flip and random erasing, in this order as the official pipeline -> video [num_sample, 3, T, S, S]. Decoding
-    is the expensive part, so this multiplies the clips per second of I/O."""
+    """Fine-tuning training set with repeated augmentation (the official num_sample): each video is decoded once and
+    gives num_sample clips, each with its own RandAugment, random-resized crop, flip and random erasing (the official
+    order) -> video [num_sample, 3, T, S, S]. Decoding is the expensive part: this multiplies the clips per second."""
     def __init__(self, *args, num_sample=2, rrc_scale=(0.08, 1.0), rand_augment=None, erase_prob=0.0, **kw):
         super().__init__(*args, mode='train', **kw)
         self.num_sample, self.rrc_scale = num_sample, rrc_scale
@@ -564,14 +555,21 @@ def train_batches(dataset, batch_size, seed, rank, world_size, num_workers, epoc
         epoch, start = epoch + 1, 0
 
 # ----------------------------------------------------------------------------------------------
-# Checking a dataset, and a decoding benchmark
+# Checking a dataset
+
+def _read_records(file, root=None):
+    """A classification list or a JSON annotation file -> (is_json, its records: lines or dicts, their media paths)."""
+    if open(file).read().lstrip()[:1] in ('[', '{'):
+        records = _load_json(file)
+        return True, records, [_join(root, o['image'] if 'image' in o else o['video']) for o in records]
+    records = [line for line in open(file) if line.strip() and not line.lstrip().startswith('#')]
+    return False, records, [path for path, _ in read_list(file, root)]
 
 def check_file(path):
     """None if every frame of `path` decodes, else the reason."""
     try:
         if path.lower().endswith(IMAGE_EXTS):
-            with Image.open(path) as im:
-                im.load()
+            read_frames(path, [0])  # decodes the whole image
             return None
         with av.open(path) as c:
             s = _video_stream(c, 1)
@@ -583,13 +581,7 @@ def check_file(path):
 def check(file, root=None):
     """Decode every entry of a list or annotation file; write FILE.clean (same format) and FILE.bad (reasons)."""
     from tqdm import tqdm
-    is_json = open(file).read().lstrip()[:1] in ('[', '{')
-    if is_json:
-        records = _load_json(file)
-        paths = [_join(root, o['image'] if 'image' in o else o['video']) for o in records]
-    else:
-        records = [line for line in open(file) if line.strip() and not line.lstrip().startswith('#')]
-        paths = [p for p, _ in read_list(file, root)]
+    is_json, records, paths = _read_records(file, root)
     reasons = [check_file(p) for p in tqdm(paths, desc=f'checking {file}')]
     good = [r for r, why in zip(records, reasons) if why is None]
     with open(f'{file}.clean', 'w') as f:
@@ -600,12 +592,12 @@ def check(file, root=None):
     return len(good), len(paths) - len(good)
 
 # ----------------------------------------------------------------------------------------------
-# Preparing a dataset for fast sparse sampling, and the loader benchmark
+# Preparing a dataset for fast sparse sampling
 
 PREP_SHORT_SIDE = 256  # short side of prepared videos (no upscaling): every crop of the recipe is a fraction of the
                        # short side resized to 224 (multi-scale 1 - 0.66, RRC, test crops), as on Kinetics' 256-px files
 PREP_KEYINT = 8        # a keyframe every 8 frames, no B-frames: a sampled frame costs at most 8 decoded frames
-                       # (data.py --bench: as fast as every 4, at 2.2x instead of 3.5x the original size)
+                       # (bench.py --loader_dir: as fast as every 4, at 2.2x instead of 3.5x the original size)
 PREP_CRF = 26          # x264 quality (its default is 23; with crf 26 the prepared files stay within 3x the originals)
 
 def prepare_video(src, dst, short_side=PREP_SHORT_SIDE, keyint=PREP_KEYINT, crf=PREP_CRF):
@@ -638,14 +630,13 @@ def prepare_video(src, dst, short_side=PREP_SHORT_SIDE, keyint=PREP_KEYINT, crf=
 
 def _prepare_one(job):
     src, dst, options = job
-    if os.path.exists(dst):  # done by an earlier run (files appear only when complete)
-        return src, None
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    try:
-        prepare_video(src, dst, **options)
-        return src, None
-    except BAD_ERRORS as e:
-        return src, f'{type(e).__name__}: {e}'
+    if not os.path.exists(dst):  # else done by an earlier run (files appear only when complete)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            prepare_video(src, dst, **options)
+        except BAD_ERRORS as e:
+            return src, f'{type(e).__name__}: {e}'
+    return src, None
 
 def prepare(file, root, out_dir, workers=os.cpu_count(), **options):
     """Re-encode every video of a list or annotation file into out_dir (same relative paths, .mp4) in parallel
@@ -653,19 +644,16 @@ def prepare(file, root, out_dir, workers=os.cpu_count(), **options):
     files that cannot be read are reported and left out of the new list, never fatal. Images are kept as they are."""
     import multiprocessing
     from tqdm import tqdm
-    is_json = open(file).read().lstrip()[:1] in ('[', '{')
-    records = _load_json(file) if is_json else [line for line in open(file) if line.strip() and line[0] != '#']
-    rels = [o.get('video') for o in records] if is_json else [line.strip().rsplit(',', 1)[0] if ',' in line else
-                                                              line.strip().rsplit(None, 1)[0] for line in records]
+    is_json, records, rels = _read_records(file)
     jobs = {rel: (_join(root, rel), os.path.join(out_dir, os.path.splitext(rel)[0] + '.mp4'), options)
-            for rel in rels if rel is not None}
+            for rec, rel in zip(records, rels) if not (is_json and 'image' in rec)}
     with multiprocessing.Pool(workers) as pool:
         failed = dict(r for r in tqdm(pool.imap_unordered(_prepare_one, jobs.values()), total=len(jobs),
                                       desc=f'preparing {file}') if r[1] is not None)
     kept = []
     for rec, rel in zip(records, rels):
-        if rel is None:                                              # an image: its original file, absolute
-            kept.append({**rec, 'image': os.path.abspath(_join(root, rec['image']))})
+        if is_json and 'image' in rec:  # an image: its original file, absolute
+            kept.append({**rec, 'image': os.path.abspath(_join(root, rel))})
         elif jobs[rel][0] not in failed:
             new = os.path.splitext(rel)[0] + '.mp4'
             kept.append({**rec, 'video': new} if is_json else rec.replace(rel, new, 1))
@@ -677,44 +665,6 @@ def prepare(file, root, out_dir, workers=os.cpu_count(), **options):
     print(f'{len(jobs) - len(failed)} videos prepared in {out_dir}, {len(failed)} failed -> {new_file}')
     return new_file, failed
 
-def make_bench_clips(out_dir, n=4):
-    """Kinetics-like clips: 10 s, 340 x 256, 25 fps, H.264 with x264's default GOP (one keyframe per clip) and
-    B-frames; a panning texture with per-frame noise, so that it is not trivially compressible."""
-    os.makedirs(out_dir, exist_ok=True)
-    for k in range(n):
-        rng = np.random.default_rng(k)
-        blobs = np.kron(rng.integers(0, 255, (32, 56, 3)), np.ones((8, 8, 1)))  # 256 x 448 texture
-        texture = np.clip(blobs + rng.normal(0, 20, blobs.shape), 0, 255).astype(np.int16)
-        frames = (np.clip(np.roll(texture, 2 * t, axis=1)[:, :340] + rng.integers(-16, 17, (256, 340, 3)), 0, 255)
-                  .astype(np.uint8) for t in range(250))
-        write_video(f'{out_dir}/clip{k}.mp4', frames, options={'preset': 'veryfast'})
-    with open(f'{out_dir}/list.csv', 'w') as f:
-        f.writelines(f'clip{k % n}.mp4,0\n' for k in range(8 * n))
-
-def bench(out_dir, clips=96, keyints=(2, 4, 8)):
-    """Loader throughput per core of the stage-1 pipeline (8 TSN frames, multi-scale crop to 224 and flip, uint8,
-    collate): one DataLoader worker with one decoder thread, on the Kinetics-like clips, before and after prepare."""
-    make_bench_clips(out_dir)
-    size = sum(os.path.getsize(f'{out_dir}/clip{k}.mp4') for k in range(4))
-    rows = [('original (x264 default GOP, B-frames)', f'{out_dir}/list.csv', out_dir, size)]
-    for k in keyints:
-        prepared, _ = prepare(f'{out_dir}/list.csv', out_dir, f'{out_dir}/keyint{k}', workers=1, keyint=k)
-        rows.append((f'prepared, keyframe every {k}', prepared, f'{out_dir}/keyint{k}',
-                     sum(os.path.getsize(f'{out_dir}/keyint{k}/clip{i}.mp4') for i in range(4))))
-    print(f'{"":40s} {"clips/s per core":>17s} {"ms per clip":>12s} {"file size":>10s}')
-    for name, file, root, nbytes in rows:
-        ds = VideoClassification(file, root, 8, 224, mode='train', aug='multiscale', flip=True)
-        loader, sampler = make_loader(ds, 8, True, 0, 0, 1, num_workers=1)
-        batches, n = iter(loader), 0
-        next(batches)  # the worker starts, the first batch is not timed
-        t = time.perf_counter()
-        for b in batches:
-            n += len(b['index'])
-            if n >= clips:
-                break
-        rate = n / (time.perf_counter() - t)
-        print(f'{name:40s} {rate:17.1f} {1000 / rate:12.1f} {nbytes / size:9.2f}x')
-
 if __name__ == '__main__':
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--check', metavar='FILE', help='classification list or caption annotation to verify')
@@ -722,11 +672,8 @@ if __name__ == '__main__':
     ap.add_argument('--prepare', metavar='FILE', help='list or annotation file to re-encode for fast sampling')
     ap.add_argument('--out', metavar='DIR', help='where --prepare writes the videos and the new list')
     ap.add_argument('--workers', type=int, default=os.cpu_count(), help='parallel processes for --prepare')
-    ap.add_argument('--bench', metavar='DIR', help='loader throughput on clips written to DIR, before / after prepare')
     args = ap.parse_args()
     if args.check:
         check(args.check, args.root)
     if args.prepare:
         prepare(args.prepare, args.root, args.out, args.workers)
-    if args.bench:
-        bench(args.bench)

@@ -1,7 +1,6 @@
 """Guards data.py: frame-accurate sparse decoding across containers/codecs/pixel formats, the official sampling
 rules, one crop per clip in every augmentation, skip-and-replace of bad files with a loud threshold, the
 resumable sampler (rank slices, resume, worker-count independence), the demo set and the --check tool."""
-import hashlib
 import json
 import os
 import subprocess
