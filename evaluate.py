@@ -1,44 +1,33 @@
 """
 Evaluation: the paper's downstream protocols, features for your own videos, and a picture of the semantic mask.
 
-    retrieval   zero-shot video-text retrieval with the official protocol (multi_modality/tasks/retrieval_utils.py):
-                stage-2 checkpoints, 4 middle frames, no mask, VTC scores (mean over frames of the per-frame
-                cosine), then VTM re-ranking of the top K_TEST in both directions. Both are reported, as t2v
-                (text -> video) and v2t (video -> text). The official logs call these img_r* (t2v) and txt_r* (v2t).
-    classify    action recognition on frozen features (k-NN and a linear probe) for stage-1 / stage-2
-                checkpoints or a CLIP teacher (--teacher); a fine-tuned classifier (ours or official) through its
-                own head. Multi-view test:
-                clips x crops, softmax averaged, top-1 / top-5.
-    mc          multiple-choice video QA (MSRVTT-MC) with the official scoring (multi_modality/tasks/retrieval_mc.py):
-                stage-2 checkpoints, 12 middle frames, each option scored 0.7 x VTM match probability + 0.3 x VTC
-                softmax over the options (video_qa.mc_scores); accuracy.
+    retrieval   zero-shot video-text retrieval, official protocol (multi_modality/tasks/retrieval_utils.py): stage-2
+                model, 4 middle frames, VTC scores (mean over frames of the per-frame cosine), then VTM re-ranking of
+                the top K_TEST in both directions: t2v and v2t (the official logs' img_r* and txt_r*).
+    classify    action recognition: k-NN and a linear probe on frozen features (stage 1 / 2, or a CLIP --teacher), or
+                a fine-tuned classifier's own head. Multi-view test: clips x crops, softmax averaged, top-1 / top-5
+                (single_modality/engines/engine_for_finetuning.py).
+    mc          multiple-choice video QA (MSRVTT-MC), official scoring (multi_modality/tasks/retrieval_mc.py): stage-2
+                model, 12 middle frames, each option 0.7 x VTM match probability + 0.3 x VTC softmax over the options.
     features    pooled and per-frame features of your own videos -> one .pt file.
     show-mask   one PNG: the frames, the teacher's CLS attention, and the tokens the semantic mask keeps.
     ava-map     frame-mAP@0.5 IoU of an AVA detections CSV over the label map's classes (the metric is in ava.py).
 
 Commands (any checkpoint of this repo, or an official UMT .pth):
     python evaluate.py retrieval --ckpt out/stage2/last.pt --ann msrvtt_test1k.json --root videos/
-    torchrun --standalone --nproc_per_node=8 evaluate.py retrieval --ckpt out/stage2/last.pt --ann ... --root ...
+    torchrun --standalone --nproc_per_node=8 evaluate.py retrieval ...   # also classify, mc: each GPU takes a share
     python evaluate.py classify --ckpt out/stage1/last.pt --train k400_train.csv --val k400_val.csv --root k400/
-    python evaluate.py classify --ckpt umt_b16_k400_ft.pth --val k400_val.csv --root k400/  # its own head, 4x3 views
     python evaluate.py mc --ckpt out/stage2/last.pt --ann msrvtt_mc_test.json --root videos/
     python evaluate.py features --ckpt out/stage1/last.pt a.mp4 b.mp4 --out feats.pt
     python evaluate.py show-mask video.mp4 --out mask.png      # CLIP ViT-B/16 'openai' teacher
-    python evaluate.py ava-map --labelmap ava_action_list_v2.2_for_activitynet_2019.pbtxt \
-        --groundtruth ava_val_v2.2.csv --detections out/ava_b16/detections_step*.csv \
-        --exclusions ava_val_excluded_timestamps_v2.2.csv
-Tiny CPU demo (after the demo runs of train_stage1.py, train_stage2.py and finetune.py; demo.py for the floor):
+    python evaluate.py ava-map --labelmap LABELMAP.pbtxt --groundtruth GT.csv --detections DET.csv
+Tiny CPU demo (after train_stage1.py's demo run):
     python evaluate.py classify --ckpt out/demo_stage1/last.pt --train demo_data/train_color.csv \
         --val demo_data/val_color.csv --root demo_data --clips 1 --crops 1       # the squares' colour, k-NN + probe
-    python evaluate.py classify --teacher tiny --pretrained demo_data/tiny_clip.pt --frames 4 --train ... # ceiling
-    python evaluate.py retrieval --ckpt out/demo_stage2/last.pt --ann demo_data/captions_val.json --root demo_data
-    python video_qa.py demo_data && python evaluate.py mc --ckpt out/demo_stage2/last.pt --ann demo_data/mc_test.json \
-        --root demo_data
-    python evaluate.py show-mask demo_data/videos/red_up_00.mp4 --teacher tiny --pretrained demo_data/tiny_clip.pt \
-        --out docs/mask.png
 """
 import argparse
 import json
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
@@ -83,21 +72,17 @@ NO_MATCH = -100.0     # re-ranked score of every pair outside the top K_TEST (of
 
 def best_positive_rank(scores, positive):
     """scores [Q, G], positive [Q, G] bool -> [Q] 0-based rank of the best-ranked positive of each query.
-
     Ties are counted against the model: every wrong item that scores >= the best positive comes before it,
-    so a constant scorer gets no credit. Other positives never push a positive down.
-    """
+    so a constant scorer gets no credit. Other positives never push a positive down."""
     best = scores.masked_fill(~positive, float('-inf')).amax(1, keepdim=True)  # [Q, 1]
     return ((scores >= best) & ~positive).sum(1)
 
 def retrieval_metrics(sim, txt2vid, sim_v2t=None):
     """sim [num_texts, num_videos] scores, txt2vid LongTensor [num_texts] (each caption's video) -> recalls in %.
-
     t2v: a text is correct when its video is retrieved. v2t: a video may have several captions, and the
     best-ranked one counts (as the official code); videos without a caption are left out of v2t. sim_v2t: scores for
     the v2t direction when they differ from sim (after re-ranking each direction has its own top-k).
-    Keys: t2v_R@1/5/10, t2v_mean, v2t_R@1/5/10, v2t_mean, mean (of the two means, the official r_mean).
-    """
+    Keys: t2v_R@1/5/10, t2v_mean, v2t_R@1/5/10, v2t_mean, mean (of the two means, the official r_mean)."""
     sim = sim.detach().float().cpu()
     nt, nv = sim.shape
     positive = torch.zeros(nt, nv, dtype=torch.bool)
@@ -140,10 +125,8 @@ def knn_predict(train_feats, train_labels, feats, num_classes, k=KNN_K, temp=KNN
 def train_linear_probe(feats, labels, num_classes, epochs=PROBE_EPOCHS, lr=PROBE_LR, weight_decay=PROBE_WD,
                        batch=256, seed=0):
     """A linear classifier on frozen features [N, D] -> nn.Linear(D, C) that takes the raw features.
-
     Features are standardized first (MAE's linear probe puts a BatchNorm without affine before the layer);
-    the standardization is folded into the returned layer: W' = W / std, b' = b - W' @ mean.
-    """
+    the standardization is folded into the returned layer: W' = W / std, b' = b - W' @ mean."""
     feats, labels = feats.float(), labels.to(feats.device)
     mean, std = feats.mean(0), feats.std(0) + 1e-6
     x = (feats - mean) / std                                                 # [N, D]
@@ -167,20 +150,16 @@ def train_linear_probe(feats, labels, num_classes, epochs=PROBE_EPOCHS, lr=PROBE
 
 def rerank(sim, k, pair_scores, videos=None, batch=ITM_BATCH):
     """VTM re-ranking (the official k_test protocol): sim [Nt, Nv] VTC scores -> (t2v [Nt, Nv], v2t [Nt, Nv]) scores.
-
     Each text's top-k videos and each video's top-k texts (k capped at the count) are scored again by
     pair_scores(text_idx [P], video_idx [P]) -> ITM positive logits [P]; everything else gets NO_MATCH, as the
     official code (the VTC score is not added back). A pair in both top-k sets is scored once. `videos`: the
-    video indices this rank scores (its own share); the rest comes from the other ranks by an all-reduce.
-    """
+    video indices this rank scores (its own share); the rest comes from the other ranks by an all-reduce."""
     nt, nv = sim.shape
     t2v_top = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, sim.topk(min(k, nv), dim=1).indices, True)
     v2t_top = torch.zeros_like(sim, dtype=torch.bool).scatter_(0, sim.topk(min(k, nt), dim=0).indices, True)
     todo = t2v_top | v2t_top                                                 # [Nt, Nv] pairs to score
-    if videos is not None:
-        mine = torch.zeros(nv, dtype=torch.bool, device=sim.device)
-        mine[videos.to(sim.device)] = True
-        todo &= mine[None, :]
+    if videos is not None:  # this rank's columns only
+        todo &= torch.zeros(nv, dtype=torch.bool, device=sim.device).index_fill_(0, videos.to(sim.device), True)
     text_idx, video_idx = todo.nonzero(as_tuple=True)                        # [P], [P]
     itm = torch.zeros_like(sim)
     for s in tqdm(range(0, len(text_idx), batch), desc='VTM re-ranking', disable=not is_master()):
@@ -244,9 +223,9 @@ def gather_rows(local, index, total):
         dist.all_reduce(out)
     return out
 
-def run_videos(dataset, fn, device, batch, workers, desc):
+def run_videos(dataset, fn, device, batch, workers, desc, ctx=nullcontext()):
     """fn(videos on device, batch dict) -> tuple of [b, ...] tensors, over this rank's share of the dataset ->
-    (tuple of [n, ...] tensors, global indices [n])."""
+    (tuple of [n, ...] tensors, global indices [n]). fn runs without gradients, under ctx (the precision)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if len(dataset) < world:
         raise ValueError(f'{len(dataset)} videos cannot be split over {world} processes')
@@ -256,7 +235,7 @@ def run_videos(dataset, fn, device, batch, workers, desc):
     outs, replaced = [], 0
     for b in tqdm(loader, desc=desc, disable=not is_master()):
         replaced += int((b['skipped'] > 0).sum())
-        with torch.no_grad():
+        with torch.no_grad(), ctx:
             outs.append([o.detach() for o in fn(normalize(b['video'].to(device, non_blocking=True)), b)])
     if replaced:  # data.py replaces an unreadable file by another one: fine for training, wrong for evaluation
         print(f'WARNING: {replaced} unreadable videos were replaced by others; run `python data.py --check` '
@@ -276,40 +255,33 @@ def evaluate_retrieval(net, dataset, device, k_test=K_TEST, batch=BATCH, workers
     nt, nv = len(captions), len(dataset)
 
     def encode(video, _):  # per-frame pooled features (keep_temporal=True in the official eval), no mask
-        with ctx:
-            x_vis, _, feat = net.encode_video(video, per_frame=True)
+        x_vis, _, feat = net.encode_video(video, per_frame=True)
         feat = feat if feat.ndim == 3 else feat[:, None]                      # [b, T, E]
         return x_vis, F.normalize(feat.float(), dim=-1)  # x_vis stays in the autocast dtype: the big tensor
 
-    (x_vis, video_feat), video_index = run_videos(dataset, encode, device, batch, workers, 'videos')
-    video_feat = gather_rows(video_feat, video_index.to(device), nv)         # [Nv, T, E]; tokens stay on this rank
+    (x_vis, video_feat), video_index = run_videos(dataset, encode, device, batch, workers, 'videos', ctx)
+    video_feat = gather_rows(video_feat, video_index, nv)                   # [Nv, T, E]; tokens stay on this rank
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     text_index = torch.arange(rank, nt, world)
     max_len = min(max_len, net.text_encoder.positional_embedding.shape[0])  # the text tower's positions (CLIP: 77)
     ids, mask = tokenize([captions[j] for j in text_index.tolist()], context_length=max_len)  # [n, L] each
-    hidden, text_feat = [], []
-    for s in tqdm(range(0, len(ids), batch), desc='texts', disable=not is_master()):
-        with torch.no_grad(), ctx:
-            h, f = net.encode_text(ids[s:s + batch].to(device), mask[s:s + batch].to(device))
-        hidden.append(h.float())
-        text_feat.append(F.normalize(f.float(), dim=-1))
-    text_index = text_index.to(device)
-    hidden = gather_rows(torch.cat(hidden), text_index, nt)                   # [Nt, L, W]
-    text_feat = gather_rows(torch.cat(text_feat), text_index, nt)             # [Nt, E]
+    with torch.no_grad(), ctx:
+        texts = [net.encode_text(ids[s:s + batch].to(device), mask[s:s + batch].to(device))  # ([b, L, W], [b, E])
+                 for s in tqdm(range(0, len(ids), batch), desc='texts', disable=not is_master())]
+    hidden = gather_rows(torch.cat([h for h, _ in texts]).float(), text_index, nt)                     # [Nt, L, W]
+    text_feat = gather_rows(torch.cat([F.normalize(f.float(), dim=-1) for _, f in texts]), text_index, nt)  # [Nt, E]
     mask = gather_rows(mask.long().to(device), text_index, nt).to(mask.dtype)  # [Nt, L] (gloo sums no bools)
 
     # VTC with temperature 1: s(text, video) = mean over frames f of cos(text, video_f), as the official get_sim
     sim = torch.einsum('te,vfe->tvf', text_feat, video_feat).mean(-1)       # [Nt, Nv]
-    local = torch.full((nv,), -1, dtype=torch.long, device=device)
-    local[video_index.to(device)] = torch.arange(len(video_index), device=device)      # global video -> row of x_vis
 
     def itm(t, v):  # the fusion layers: caption tokens attend to all T*h*w tokens of the video
-        with torch.no_grad(), ctx:
-            return net.itm_logits(hidden[t], mask[t], x_vis[local[v]])[:, 1]
+        with torch.no_grad(), ctx:  # this rank's videos v = rank + j * world are the rows j = v // world of x_vis
+            return net.itm_logits(hidden[t], mask[t], x_vis[v // world])[:, 1]
 
     out = {'vtc': retrieval_metrics(sim, txt2vid), 'num_videos': nv, 'num_texts': nt, 'chance_R@1': 100.0 / nv}
     if k_test > 0:
-        t2v, v2t = rerank(sim, k_test, itm, videos=video_index.to(device))
+        t2v, v2t = rerank(sim, k_test, itm, videos=video_index)
         out['reranked'] = retrieval_metrics(t2v, txt2vid, v2t)
     return out
 
@@ -321,24 +293,20 @@ def evaluate_mc(net, dataset, device, batch=BATCH, workers=WORKERS):
     net.eval()
 
     def score(video, b):
-        with ctx:
-            return mc_scores(net, video, b['ids'].to(device), b['mask'].to(device)).float(), b['bad'].long().to(device)
-    (scores, bad), index = run_videos(dataset, score, device, batch, workers, 'questions')
-    scores, bad = (gather_rows(x, index.to(device), len(dataset)) for x in (scores, bad))  # [Q, O], [Q]
+        return mc_scores(net, video, b['ids'].to(device), b['mask'].to(device)).float(), b['bad'].long().to(device)
+    (scores, bad), index = run_videos(dataset, score, device, batch, workers, 'questions', ctx)
+    scores, bad = (gather_rows(x, index, len(dataset)) for x in (scores, bad))  # [Q, O], [Q]
     correct = (scores.argmax(1).cpu() == torch.tensor([it.answer for it in dataset.items])) & (bad.cpu() == 0)
     return {'accuracy': 100.0 * correct.double().mean().item(), 'num_questions': len(dataset),
             'chance': 100.0 / scores.shape[1], 'unreadable_videos': int(bad.sum())}
 
 def per_view(dataset, fn, device, batch=BATCH, workers=WORKERS, desc='views', ctx=None):
     """fn on every view (clips x crops) of every video -> ([N, V, ...], labels [N]) on every rank."""
-    ctx = ctx or training.precision(device)[0]
-
     def views(video, b):  # video [b, V, 3, T, S, S], or [b, 3, T, S, S] when V = 1
         video = video if video.ndim == 6 else video[:, None]
-        with ctx:
-            out = fn(video.flatten(0, 1))                                # [b*V, ...]
-        return out.float().unflatten(0, video.shape[:2]), b['label'].to(device)
-    (out, labels), index = run_videos(dataset, views, device, batch, workers, desc)
+        return fn(video.flatten(0, 1)).float().unflatten(0, video.shape[:2]), b['label'].to(device)  # [b, V, ...]
+    ctx = ctx or training.precision(device)[0]
+    (out, labels), index = run_videos(dataset, views, device, batch, workers, desc, ctx)
     return gather_rows(out, index, len(dataset)), gather_rows(labels, index, len(dataset))
 
 def head_accuracy(classifier, dataset, device, batch=BATCH, workers=WORKERS, ctx=None):
@@ -489,17 +457,15 @@ def main(argv=None):
         print(f'wrote {args.out or "features.pt"}: {len(feats["paths"])} videos ({len(feats["skipped"])} skipped), '
               + ', '.join(f'{k} {tuple(v.shape)}' for k, v in feats.items() if torch.is_tensor(v)))
         return feats
+    if args.command in ('retrieval', 'mc') and kind != 'umt':
+        raise SystemExit(f'{args.command} needs a stage-2 checkpoint of this repo (with a text side), got a {kind}')
     if args.command == 'retrieval':
-        if kind != 'umt':
-            raise SystemExit(f'retrieval needs a stage-2 checkpoint of this repo (with a text side), got a {kind}')
         protocol = PROTOCOLS[args.protocol]
         data = VideoText(args.ann, args.root, num_frames=args.frames or RET_FRAMES, size=args.size or config.img_size,
                          mode='eval', paragraph=protocol['paragraph'], max_seconds=protocol['seconds'])
         results = evaluate_retrieval(net, data, device, args.k_test, args.batch, args.workers,
                                      args.max_len or protocol['max_len'])
     elif args.command == 'mc':
-        if kind != 'umt':
-            raise SystemExit(f'mc needs a stage-2 checkpoint of this repo (with a text side), got a {kind}')
         try:
             items = read_mc(args.ann, args.root)
         except ValueError as e:  # not the MC format: the message names the entry
