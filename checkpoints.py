@@ -2,14 +2,12 @@
 Checkpoints: written atomically, read safely, and turned into models, ours and the official UMT ones alike.
 
 Every --init and --ckpt of the scripts goes through load(), which recognizes
-  ours      {'model': weights, 'model_config': ..., ...} from train_stage1.py (a VideoViT with alignment
-            heads), train_stage2.py (+ 'text_config': the video-language UMT) and finetune.py (+ 'num_classes':
-            a VideoClassifier);
-  official  the state dicts of OpenGVLab/unmasked_teacher, raw or under 'model' / 'module': stage 1
-            (`encoder.*`, `clip_decoder.*`; single_modality/models/modeling_pretrain_umt.py), stage 2
-            (`vision_encoder.*` next to BERT and the teacher; multi_modality/models/umt.py) and fine-tuned
-            (`patch_embed.*`, `blocks.*`, `fc_norm.*`, `head.*`; single_modality/models/modeling_finetune.py),
-            whose architecture is inferred from the shapes,
+  ours      {'model': weights, 'model_config': ..., ...} from train_stage1.py (a VideoViT with alignment heads),
+            train_stage2.py (+ 'text_config': the video-language UMT) and finetune.py (+ 'num_classes': a classifier);
+  official  OpenGVLab/unmasked_teacher state dicts (raw or under 'model' / 'module'; architecture from the shapes):
+            stage 1 `encoder.*`, `clip_decoder.*` (single_modality/models/modeling_pretrain_umt.py), stage 2
+            `vision_encoder.*` next to BERT and the teacher (multi_modality/models/umt.py), fine-tuned `patch_embed.*`,
+            `blocks.*`, `fc_norm.*`, `head.*` (single_modality/models/modeling_finetune.py),
 builds the model the caller asks for and reports what it loaded, what is new and what it did not use.
 Files are read with weights_only=True: a checkpoint can hold tensors and plain data, never code to run.
 """
@@ -52,8 +50,7 @@ def group(keys, parts=1):
     (block numbers as *), with counts."""
     groups = {}
     for k in keys:
-        name = '.'.join('*' if p.isdigit() else p for p in k.split('.')[:parts])
-        groups.setdefault(name, []).append(k)
+        groups.setdefault('.'.join('*' if p.isdigit() else p for p in k.split('.')[:parts]), []).append(k)
     return ', '.join(ks[0] if ks == [g] else f'{g}.* ({len(ks)})' for g, ks in groups.items()) or 'none'
 
 def official_config(sd, overrides):
@@ -77,9 +74,8 @@ def official_config(sd, overrides):
     return VideoViTConfig(**config)
 
 def describe(ckpt, overrides):
-    """A checkpoint dict -> (kind, weights, config, stored config, extra, unused): kind 'vit' (a stage-1 student
-    with alignment heads, VideoViT names), 'umt' (our stage-2 model) or 'classifier' (VideoClassifier names);
-    config = the stored one with `overrides` applied."""
+    """A checkpoint dict -> (kind, weights, config, stored config, extra, unused): kind as load's `want` ('classifier':
+    VideoClassifier names, 'vit': VideoViT names); config = the stored one with `overrides` applied."""
     if 'model_config' in ckpt:  # ours
         kind = 'umt' if 'text_config' in ckpt else 'classifier' if 'num_classes' in ckpt else 'vit'
         stored = VideoViTConfig(**ckpt['model_config'])
@@ -122,14 +118,14 @@ def load(source, want='auto', num_classes=None, head_rows=None, stored_table=Fal
         unused += [k for k in sd if not k.startswith('vision_encoder.')]
         sd = {k.removeprefix('vision_encoder.'): v for k, v in sd.items() if k.startswith('vision_encoder.')}
     if want == 'vit' and kind != 'classifier':
-        model, prefix = VideoViT(config), ''
+        model = vit = VideoViT(config)
+        prefix = ''
     elif want == 'classifier':
         classes = num_classes or extra.get('num_classes') or (sd['head.weight'].shape[0] if 'head.weight' in sd else 0)
         if not classes:
             raise ValueError(f'{name} has no classifier head: say how many classes the new one has')
-        backbone = VideoViT(dataclasses.replace(config, align_layers=0))
-        model = VideoClassifier(backbone, classes, head_dropout, init_scale)
-        prefix = 'backbone.'
+        vit = VideoViT(dataclasses.replace(config, align_layers=0))
+        model, prefix = VideoClassifier(vit, classes, head_dropout, init_scale), 'backbone.'
         if kind != 'classifier':
             sd = {prefix + k: v for k, v in sd.items()}
         if head_rows is not None:  # a head trained on a superset of the classes (K710 -> K400 / K600 / K700)
@@ -149,7 +145,6 @@ def load(source, want='auto', num_classes=None, head_rows=None, stored_table=Fal
         raise ValueError(f'{name} does not hold the whole video encoder; missing or of another shape: '
                          + ', '.join(missing))
     load_strict(model, {**own, **feed})
-    vit = model.backbone if want == 'classifier' else model
     rows = '' if head_rows is None else f', head = {len(head_rows)} of its rows ({list(head_rows)[:3]}...)'
     report = [f'loaded {name}: {len(feed)} tensors ({kind}, depth {config.depth}, width {config.embed_dim}){rows}',
               f'new: {group(new)}']

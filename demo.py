@@ -5,13 +5,11 @@ The CPU demo: a tiny synthetic video world, and a tiny CLIP trained on stills of
     python demo.py random-student out/demo_random/last.pt    # the floor: a stage-1 checkpoint with random weights
 
 Videos of a coloured square moving up or down over a background of tinted greys, with captions such as "a red
-square moving up", and still images. What the demo asks about is the colour of the *square*: the background fills
-nine tenths of the frame with colours of its own, so the pooled features of a randomly initialized video ViT are
-mostly about the background (a k-NN on them finds the square's colour 32-48% of the time, chance 17%). The demo
-CLIP learns from captions which thing they talk about; the stage-1 student learns it from the CLIP's features alone
-(k-NN 78-93%; README, three seeds). The demo presets of train_stage1.py and train_stage2.py
-(TEACHER_PRETRAINED='demo') train the CLIP once, on stills drawn afresh at every step (its own corpus, as OpenAI's
-CLIP had its own), and use it as the teacher.
+square moving up", and still images. What the demo asks about is the colour of the *square*, while the background
+(nine tenths of the frame) sets the pooled features of a randomly initialized video ViT: a k-NN on them finds the
+square's colour 32-48% of the time, chance 17%. The demo CLIP learns from captions which thing they talk about; the
+stage-1 student learns it from the CLIP's features alone (k-NN 78-93%; README, three seeds). The demo presets of
+train_stage1.py and train_stage2.py (TEACHER_PRETRAINED='demo') train the CLIP once and use it as the teacher.
 """
 
 import dataclasses
@@ -68,7 +66,8 @@ def make_demo(out_dir, seed=0):
     os.makedirs(f'{out_dir}/images', exist_ok=True)
     classes = [(c, d) for c in DEMO_COLORS for d in DEMO_DIRECTIONS]
     files = {f'{part}{kind}': [] for part in ('train', 'val') for kind in ('.csv', '_color.csv', '.json')}
-    files['train_few.csv'] = []
+    files['train_few.csv'], files['images.json'] = [], []
+    files['classes.txt'] = [f'{c} square moving {d}\n' for c, d in classes]
     for k in range(DEMO_VIDEOS):  # class after class within each k, so any prefix of a list covers every class
         part = 'val' if k >= DEMO_VIDEOS - DEMO_VAL else 'train'
         for label, (color, direction) in enumerate(classes):
@@ -83,37 +82,30 @@ def make_demo(out_dir, seed=0):
             if part == 'train' or caption not in {c['caption'] for c in files['val.json']}:
                 files[f'{part}.json'].append({'video': name, 'caption': caption, 'color': color, 'shape': 'square',
                                               'direction': direction})
-    for name, content in files.items():
-        with open(f'{out_dir}/' + (f'captions_{name[:-5]}.json' if name.endswith('.json') else name), 'w') as f:
-            json.dump(content, f, indent=1) if name.endswith('.json') else f.writelines(content)
-    with open(f'{out_dir}/classes.txt', 'w') as f:
-        f.writelines(f'{c} square moving {d}\n' for c, d in classes)
-    stills = []
     for k, color in enumerate(DEMO_COLORS):  # the first frame of a fresh clip, captioned without motion
         Image.fromarray(next(demo_frames(color, 'down', rng))).save(f'{out_dir}/images/{k}.jpg', quality=95)
-        stills.append({'image': f'images/{k}.jpg', 'caption': f'a {color} square'})
-    with open(f'{out_dir}/captions_images.json', 'w') as f:
-        json.dump(stills, f, indent=1)
+        files['images.json'].append({'image': f'images/{k}.jpg', 'caption': f'a {color} square'})
+    for name, content in files.items():  # the .json lists as captions_*.json
+        with open(f'{out_dir}/' + (f'captions_{name[:-5]}.json' if name.endswith('.json') else name), 'w') as f:
+            json.dump(content, f, indent=1) if name.endswith('.json') else f.writelines(content)
 
 def train_demo_clip(out_path, steps=200, batch=64, lr=1e-3, seed=0):
-    """Trains tiny_clip() CLIP-style on stills of the demo world drawn afresh at every step, each captioned with what
-    a still shows ("a red square"), about a minute on two CPU cores; saves the weights to out_path.
-
-    A teacher with random weights has nothing to teach: its CLS attention is blind to the square, so semantic
-    masking hides it most of the time, and its features are about the background, like the random student's.
-    After this training it looks at the square and knows its colour. Every image is scored against all the
-    captions (softmax over them)."""
+    """Trains tiny_clip() CLIP-style on stills of the demo world drawn afresh at every step (its own corpus, as
+    OpenAI's CLIP had its own), each captioned with what a still shows ("a red square"), about a minute on two CPU
+    cores; saves the weights to out_path. A teacher with random weights has nothing to teach: its CLS attention is
+    blind to the square, so semantic masking hides it most of the time, and its features are about the background,
+    like the random student's. After this training it looks at the square and knows its colour."""
     colors = list(DEMO_COLORS)
     text = open_clip.tokenize([f'a {c} square' for c in colors], context_length=32)   # [C, 32]
     clip, rng = teacher.tiny_clip(seed=seed).train(), np.random.default_rng(seed)
     clip.visual.output_tokens = True                                # visual(x) -> (CLS embedding, patch tokens)
-    clip_input = teacher.CLIPTeacher(teacher.tiny_clip(), 1)        # its ImageNet -> CLIP input normalization
+    in_scale, in_shift = teacher.imagenet_to_clip()                 # the teacher's input normalization
     opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.1)
     for step in range(steps):
         label = torch.from_numpy(rng.integers(len(colors), size=batch))  # random stills of random colours, RRC + flip
         stills = [next(demo_frames(colors[c], 'up', rng, still=True)) for c in label]
         images = data.normalize(torch.stack([data.augment(s[None], 64, 'rrc', rng, flip=True)[0] for s in stills]))
-        cls, tokens = clip.visual(images[:, :, 0] * clip_input.in_scale + clip_input.in_shift)  # [B, E], [B, n, W]
+        cls, tokens = clip.visual(images[:, :, 0] * in_scale + in_shift)  # [B, E], [B, n, W]
         txt = F.normalize(clip.encode_text(text), dim=-1).t() * clip.logit_scale.exp()          # [E, C]
         # The CLS embedding and the mean of the patch tokens both answer the caption: a tiny CLIP trained on a
         # few thousand stills would otherwise keep the caption in its CLS token only, while the student learns
@@ -129,8 +121,7 @@ def train_demo_clip(out_path, steps=200, batch=64, lr=1e-3, seed=0):
 
 def random_student(path, seed=0):
     """The floor of every demo comparison: the demo student (model 'tiny' at 4 frames, as the demo presets) with
-    random weights, as a stage-1 checkpoint that evaluate.py, train_stage2.py and finetune.py read like a trained
-    one."""
+    random weights, as a stage-1 checkpoint that evaluate.py, train_stage2.py and finetune.py read like any other."""
     torch.manual_seed(seed)
     config = model.get_config('tiny', num_frames=4)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)

@@ -4,19 +4,15 @@ Which tokens the student sees: random, tube and semantic (teacher-attention) mas
 Paper section 3.1: UMT hides most video tokens (80%) from the student and keeps the ones the
 frozen CLIP teacher attends to, so the few visible tokens carry the clip's meaning.
 
-Polarity convention: every function returns `keep`, a LongTensor [B, T*n_keep] of
-the KEPT token indices in (t, h, w) raster order, sorted ascending. There is no boolean mask
-anywhere, so there is no confusion about what True means (MAE, VideoMAE and UMT disagree) and
-selecting tokens is a gather with no host sync.
+Polarity convention: every function returns `keep`, a LongTensor [B, T*n_keep] of the KEPT token
+indices in (t, h, w) raster order, sorted ascending. No boolean mask anywhere, so no confusion about
+what True means (MAE, VideoMAE and UMT disagree), and selecting tokens is a gather with no host sync.
 
-Every frame keeps exactly n_keep = n - int(n * ratio) of its n tokens (196 - 156 = 40 for
-ViT-B/16 at 224 px and ratio 0.8). That makes every sample of the batch the same length, so the
-batch stays rectangular and shapes are static for torch.compile. The official semantic mask has
-this property; its random mask draws int(ratio*T*n) over the whole clip, which we replace by an
-independent uniform draw per frame with the same per-frame count (same total kept).
-
-All draws use the device of the inputs and an optional torch.Generator, with no Python loop over
-samples.
+Every frame keeps exactly n_keep = n - int(n * ratio) of its n tokens (196 - 156 = 40 for ViT-B/16
+at 224 px and ratio 0.8): the batch stays rectangular and shapes are static for torch.compile. The
+official semantic mask has this property; its random mask draws int(ratio*T*n) over the whole clip,
+which we replace by an independent uniform draw per frame with the same per-frame count (same total).
+All draws are batched (no Python loop over samples), on the inputs' device, with an optional generator.
 """
 
 import torch
@@ -48,10 +44,9 @@ def semantic_mask(attn, ratio, generator=None):
     """Keep tokens with probability guided by the teacher's CLS attention: keep [B, T*n_keep].
 
     attn [B, T, n] is the teacher's last-block CLS-query attention over each frame's patches. The
-    official code draws a full permutation with torch.multinomial(attn, n) (no replacement) and keeps
-    its first n_keep entries. We draw the same distribution in one batched step with the
-    Gumbel-top-k trick: log(w) + Gumbel noise, then top-k, is weighted sampling without replacement
-    (each next pick proportional to the remaining weights). Each frame is drawn independently.
+    official code keeps the first n_keep of a permutation drawn by torch.multinomial(attn, n) (no
+    replacement). We draw the same distribution for every frame at once with the Gumbel-top-k trick:
+    top-k of log(w) + Gumbel noise is weighted sampling without replacement.
     """
     if attn.ndim != 3:
         raise ValueError(f'attn must be [B, T, n], got {tuple(attn.shape)}')

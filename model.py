@@ -3,23 +3,20 @@ The UMT student: a plain video ViT that only ever sees the tokens the teacher le
 loss, and the classifier that fine-tuning puts on top of it.
 
 Paper: "Unmasked Teacher: Towards Training-Efficient Video Foundation Models", Li et al., ICCV 2023,
-section 3.1 (the student and the alignment, Eq. 1) and section 4 (fine-tuning). The student follows the
-official implementation (single_modality/models/modeling_pretrain_umt.py) so its checkpoints load key
-for key: no CLS token, tubelet size 1, a fixed 1-D sin-cos position table, BEiT-style q/v biases (no key
-bias), LayerNorm eps 1e-6, exact GELU, and K alignment heads fed by the last K blocks through the shared
-final norm. The stage-2 video-language model built around it is in video_language.py; loading any
-checkpoint, ours or official, is in checkpoints.py.
+section 3.1 (the student and the alignment, Eq. 1) and section 4 (fine-tuning). The student follows
+single_modality/models/modeling_pretrain_umt.py so official checkpoints load key for key: no CLS token,
+tubelet 1, a fixed 1-D sin-cos position table, q/v biases only, LayerNorm eps 1e-6, exact GELU, and K
+alignment heads fed by the last K blocks through the shared final norm. Stage 2 builds on it in
+video_language.py; checkpoints.py loads any checkpoint, ours or official.
 
 Shape legend (used in every comment below):
     B batch, T frames, H, W pixels, t, h, w token grid (t = T / tubelet, h = H / patch, w = W / patch),
-    N = t*h*w tokens, N_vis kept (visible) tokens, D student width, K aligned layers,
-    C teacher output width.
+    N = t*h*w tokens, N_vis kept (visible) tokens, D student width, K aligned layers, C teacher output width.
 
 Mask convention: a mask is `keep`, a LongTensor [B, N_vis] of the kept token indices in (t, h, w) raster
 order, sorted ascending; `None` keeps every token (masking.py says why).
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -33,16 +30,14 @@ from torch.utils.checkpoint import checkpoint
 def sincos_table(n, dim):
     """The fixed 1-D sin-cos table over the flattened (t, h, w) token index: [n, dim].
 
-    angle(p, j) = p / 10000^(2*floor(j/2)/dim); even channels take sin, odd channels cos. This is
-    the transformer-paper table, not MAE's factorized 2-D/3-D one, and it is what the official UMT
-    student uses. It is never learned and never saved, so it must be regenerated exactly: row p
-    does not depend on n, so the table for 4 frames is the first rows of the table for 8 frames.
+    angle(p, j) = p / 10000^(2*floor(j/2)/dim); even channels take sin, odd channels cos: the transformer-paper table
+    (not MAE's factorized 2-D/3-D one), as the official UMT student. Never learned or saved, it is regenerated
+    exactly; row p does not depend on n, so the table for 4 frames is the first rows of the table for 8 frames.
     """
     pos = torch.arange(n, dtype=torch.float64)[:, None]                        # [n, 1]
     j = torch.arange(dim, dtype=torch.float64)[None, :]                        # [1, dim]
     angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode='floor') / dim)  # [n, dim]
-    table = torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle))
-    return table.float()
+    return torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle)).float()
 
 def gather_tokens(x, keep):
     """x [B, N, D], keep [B, N_vis] -> [B, N_vis, D]. Index + gather: no boolean mask, no host sync."""

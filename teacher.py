@@ -1,34 +1,28 @@
-"""The frozen CLIP teacher of Unmasked Teacher (UMT, ICCV 2023, arXiv 2303.16058), used in both stages.
+"""The frozen CLIP teacher of Unmasked Teacher (UMT, ICCV 2023, arXiv 2303.16058, section 3.1), used in both stages.
 
 UMT distills a video student from an image CLIP that never sees a mask. Every frame of the *full* clip
 goes through CLIP's visual transformer on its own, and the teacher gives back two things:
-  1. targets: the patch tokens of its last K blocks, each through CLIP's ln_post and proj, then
-     L2-normalized. The student's alignment heads regress them on its visible tokens (UTA, 2 - 2 cos).
-  2. attn: the last block's attention from the CLS query to every patch, averaged over heads.
-     Semantic masking keeps the patches that CLIP looks at (masking.py).
+  1. targets: the patch tokens of its last K blocks through CLIP's ln_post and proj, L2-normalized,
+     which the student's alignment heads regress on its visible tokens (UTA, 2 - 2 cos);
+  2. attn: the last block's CLS-query attention over the patches, from which semantic masking keeps
+     the patches that CLIP looks at (masking.py).
 
 Weights come from open_clip: 'ViT-B-16-quickgelu' + 'openai' for UMT-B, 'ViT-L-14-quickgelu' with
-image_size=196 for UMT-L (196/14 = 14x14 patches, the same grid as the student's 224/16). The forward is
-written out here over open_clip's own modules, because open_clip has no API for attention weights: every
-block runs F.scaled_dot_product_attention, and the last block's CLS row is computed for the one CLS
-query only, which is O(N) instead of the N x N matrix.
-
-Departure from the official code: it feeds CLIP the student's ImageNet-normalized frames; we convert
-them to CLIP's own mean/std first (see encode).
+image_size=196 for UMT-L (196/14 = 14x14 patches, the same grid as the student's 224/16); the CPU demo's
+is tiny_clip() trained by demo.py. The forward is written out over open_clip's own modules, because
+open_clip has no API for attention weights (see CLIPTeacher.block). Departure from the official code:
+CLIP gets frames in its own normalization, not the student's ImageNet one (see encode).
 
 Usage:
     teacher = build_teacher('ViT-B-16-quickgelu', 'openai', align_layers=6).to(device)
     hidden, attn = teacher.encode(video)       # attn -> semantic mask -> keep
     targets = teacher.targets(hidden, keep)    # [K, B, N_vis, C], only for the tokens the student sees
 
-The CPU demo's teacher is tiny_clip() trained for half a minute on the demo's frames (demo.py).
-
 Shapes: B batch, T frames, H,W pixels, S teacher resolution, h,w patch grid per frame, N = T*h*w,
 N_vis kept tokens, K aligned layers, E teacher width (768 for B/16), C output width (512 for B/16).
 """
 import os
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn as nn
@@ -41,11 +35,16 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # ... but OpenAI CLIP was train
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 WEIGHTS_HINT = (
-    "Hint: download the open_clip 'openai' weights once on a machine with network (they land in the "
-    "Hugging Face cache; set HF_HUB_OFFLINE=1 later to use the cache without retries), or pass a local "
-    "file as `pretrained`, e.g. open_clip_pytorch_model.bin from the Hugging Face repo "
-    "timm/vit_base_patch16_clip_224.openai, together with a '-quickgelu' model name such as "
-    "'ViT-B-16-quickgelu'.")
+    "Hint: download the open_clip 'openai' weights once on a machine with network (they land in the Hugging Face "
+    "cache; set HF_HUB_OFFLINE=1 later to use the cache without retries), or pass a local file as `pretrained`, e.g. "
+    "open_clip_pytorch_model.bin from the Hugging Face repo timm/vit_base_patch16_clip_224.openai, together with a "
+    "'-quickgelu' model name such as 'ViT-B-16-quickgelu'.")
+
+def imagenet_to_clip():
+    """(scale, shift) [3, 1, 1]: x_clip = (x * std_in + mean_in - mean_clip) / std_clip = x * scale + shift."""
+    mean_in, std_in, mean_clip, std_clip = (torch.tensor(c).view(3, 1, 1) for c in
+                                            (IMAGENET_MEAN, IMAGENET_STD, CLIP_MEAN, CLIP_STD))
+    return std_in / std_clip, (mean_in - mean_clip) / std_clip
 
 def tiny_clip(quick_gelu=True, seed=0):
     """A 64-px open_clip.CLIP for tests and the CPU demo. Its random weights are seeded: a teacher is never
@@ -62,13 +61,12 @@ def check_quickgelu(model):
     quietly wrong, and open_clip picks nn.GELU without a warning for e.g. 'ViT-B-16' + a file path."""
     act = model.visual.transformer.resblocks[0].mlp.gelu
     if not isinstance(act, QuickGELU):
-        raise ValueError(
-            f"OpenAI CLIP weights need QuickGELU but this model uses {type(act).__name__}: use a "
-            "'-quickgelu' model name (e.g. 'ViT-B-16-quickgelu', 'ViT-L-14-quickgelu'). If the file holds "
-            "non-OpenAI weights trained with GELU, this teacher is not the paper's.")
+        raise ValueError(f"OpenAI CLIP weights need QuickGELU but this model uses {type(act).__name__}: use a "
+                         "'-quickgelu' model name (e.g. 'ViT-B-16-quickgelu', 'ViT-L-14-quickgelu'). If the file "
+                         "holds non-OpenAI weights trained with GELU, this teacher is not the paper's.")
 
 def build_clip(name='ViT-B-16-quickgelu', pretrained='openai'):
-    """Frozen open_clip CLIP model (both towers; model.py builds the text side from the same model).
+    """Frozen open_clip CLIP model (both towers; video_language.py builds the text side from it).
     `pretrained`: an open_clip tag, a local weights file, or None for random weights.
     name='tiny' gives tiny_clip(): random for None or 'openai', else the file train_demo_clip wrote."""
     if name == 'tiny':
@@ -84,8 +82,7 @@ def build_clip(name='ViT-B-16-quickgelu', pretrained='openai'):
         except RuntimeError as e:  # offline without a cached download, or a file that does not exist
             if pretrained is None:
                 raise
-            raise RuntimeError(f"Could not load CLIP weights {pretrained!r} for {name!r}: {e}\n"
-                               f"{WEIGHTS_HINT}") from e
+            raise RuntimeError(f"Could not load CLIP weights {pretrained!r} for {name!r}: {e}\n{WEIGHTS_HINT}") from e
         if pretrained == 'openai' or (pretrained is not None and os.path.isfile(pretrained)):
             check_quickgelu(model)
     return model.eval().requires_grad_(False)
@@ -120,11 +117,9 @@ class CLIPTeacher(nn.Module):
         grid = self.image_size // self.patch
         pos = None if self.image_size == native else resize_pos_embed(v.positional_embedding, grid)  # [1+grid^2, E]
         self.register_buffer('pos_resized', pos, persistent=False)
-        # x_clip = (x * std_in + mean_in - mean_clip) / std_clip, folded into one scale and one shift.
-        mean_in, std_in, mean_clip, std_clip = (torch.tensor(c).view(3, 1, 1) for c in
-                                                (IMAGENET_MEAN, IMAGENET_STD, CLIP_MEAN, CLIP_STD))
-        self.register_buffer('in_scale', std_in / std_clip, persistent=False)
-        self.register_buffer('in_shift', (mean_in - mean_clip) / std_clip, persistent=False)
+        in_scale, in_shift = imagenet_to_clip()
+        self.register_buffer('in_scale', in_scale, persistent=False)
+        self.register_buffer('in_shift', in_shift, persistent=False)
         # Speed: QuickGELU(y) = y * sigmoid(1.702 y) costs three passes over the widest activation
         # [B*T, M, 4E]. With c_fc scaled by 1.702 and c_proj by 1 / 1.702 it becomes SiLU(y) = y * sigmoid(y),
         # one fused pass, and the block computes the same function. This edits the visual tower of the

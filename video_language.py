@@ -6,12 +6,11 @@ alignment (UTA): video-text contrastive (VTC), video-text matching (VTM) and mas
 Paper section 3.2 and Eq. 2-4; the official model is multi_modality/models/umt.py with BERT
 (multi_modality/models/backbones/bert/xbert.py) and the losses in multi_modality/models/criterions.py.
 The paper's text side is BERT-base; ours is the text tower of the teacher's own open_clip checkpoint (no
-`transformers` dependency, and one checkpoint serves teacher and text), made bidirectional, with BERT's
-split kept: blocks [0, fusion_layer) see text only (their end-of-text token gives the VTC feature); blocks
+`transformers` dependency, one checkpoint serves teacher and text), made bidirectional, with BERT's split
+kept: blocks [0, fusion_layer) see text only (their end-of-text token gives the VTC feature); blocks
 [fusion_layer, depth) also cross-attend to the vision tokens (VTM, MLM).
 
-Shapes: as model.py (B, T, N_vis, D, K, C), plus L text length, Dt text width, E shared embedding width,
-G global (all-rank) batch.
+Shapes: as model.py (B, T, N_vis, D, K, C), plus L text length, Dt text width, E shared embedding width, G global batch.
 """
 
 import torch
@@ -92,10 +91,9 @@ class TextBlock(nn.Module):
         return x + self.mlp.c_proj(h * torch.sigmoid(1.702 * h) if self.quick_gelu else F.gelu(h))
 
 class TextEncoder(nn.Module):
-    """CLIP's text transformer without its causal mask, plus [MASK] and the fusion blocks.
-
-    [MASK] is a separate learned vector rather than a 49409th embedding row: token_embedding keeps
-    CLIP's shape (loads as is), and the tied MLM decoder's classes are exactly the 49408 real tokens."""
+    """CLIP's text transformer without its causal mask, plus [MASK] and the fusion blocks. [MASK] is a separate
+    learned vector rather than a 49409th embedding row: token_embedding keeps CLIP's shape (loads as is), and the
+    tied MLM decoder's classes are exactly the 49408 real tokens."""
 
     def __init__(self, vocab_size, context_length, width, heads, layers, mlp_ratio, quick_gelu, fusion_layer,
                  vision_dim):
@@ -202,15 +200,13 @@ class UMT(nn.Module):
         loss_uta = uta_loss(aligned, targets) if targets is not None else v.new_zeros(())
         # VTC: this rank's pairs against the whole global batch
         loss_vtc = vtc_loss(v, t, ids, self.temp)
-        # VTM: positives, then each text with a hard negative video, each video with a hard negative text drawn
-        # from softmax(sim / temperature) over this rank's pairs, all through the fusion blocks; 2-way cross-entropy
+        # VTM: the positive pairs and the hard negatives of vtm_pairs through the fusion blocks; 2-way cross-entropy
         vtm_sim = similarity(F.normalize(v.detach().float(), dim=-1), F.normalize(t.detach().float(), dim=-1))
         vi, ti, labels = vtm_pairs(vtm_sim / self.temp.detach(), ids)  # [3B] each
         logits = self.itm_logits(text_hidden[ti], attention_mask[ti], x_vis[vi])  # [3B, 2]
         loss_vtm = F.cross_entropy(logits.float(), labels)
-        # MLM: the corrupted caption through the text-only blocks, then the fusion blocks attending to the
-        # visible video tokens; cross-entropy on the masked positions only (scores for those rows only:
-        # [n_masked, 49408] instead of [B, L, 49408])
+        # MLM: the corrupted caption through the text-only and fusion blocks (attending to the visible video tokens);
+        # cross-entropy on the masked positions only, scored for those rows only ([n_masked, 49408], not [B, L, 49408])
         loss_mlm = v.new_zeros(())
         if mlm_prob > 0:
             masked_ids, mlm_labels = mask_text(input_ids, attention_mask, mlm_prob)
@@ -254,11 +250,10 @@ def build_umt(vision_encoder, clip_model, embed_dim=None, fusion_layer=None):
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward SUMS the gradient over ranks, then returns this rank's slice.
 
-    Rank r's loss uses every rank's features, so d(sum of losses)/d(x_r) needs every rank's share;
-    DDP then averages parameter gradients, which makes the result equal the one-process gradient of
-    the mean loss over the global batch. The official backward returns the local slice without the
-    sum (multi_modality/models/criterions.py): with its full-matrix loss on every rank that scales the VTC gradient
-    by 1/W."""
+    Rank r's loss uses every rank's features, so d(sum of losses)/d(x_r) needs every rank's share; DDP then
+    averages parameter gradients, which makes the result equal the one-process gradient of the mean loss over the
+    global batch. The official backward (multi_modality/models/criterions.py) returns the local slice without the
+    sum: with its full-matrix loss on every rank that scales the VTC gradient by 1/W."""
 
     @staticmethod
     def forward(ctx, x):
@@ -284,17 +279,15 @@ def same_pair(a, b):
     return (a[:, None, :] == b[None, :, :]).any(dim=-1)
 
 def similarity(v, t):
-    """Video [Bv, E] or per-frame [Bv, t, E] and text [Bt, E] unit vectors -> [Bv, Bt] cosine similarities, averaged
-    over frames (the official get_sim)."""
+    """Unit vectors video [Bv, E] or per-frame [Bv, t, E], text [Bt, E] -> [Bv, Bt] cosines, frame mean (get_sim)."""
     return (v if v.dim() == 3 else v[:, None]).matmul(t.t()).mean(1)
 
 def vtc_loss(v, t, ids, temp):
-    """Video-text contrastive loss of this rank's rows against the global batch.
+    """Video-text contrastive loss of this rank's rows against the global batch: L_vtc = 1/2 (CE(v -> t) + CE(t -> v)).
 
-    v [B, E] or per-frame [B, t, E], t [B, E] (unnormalized), ids [B] or [B, K] pair keys. sim = similarity / temp
-    over unit vectors; targets are the rows of the same_pair matrix, normalized (a repeated video is a positive).
-    Each rank owns its B rows of the [G, G] matrix (and of its transpose), so the mean over ranks is the global
-    loss. L_vtc = 1/2 (CE(v -> all t) + CE(t -> all v))."""
+    v [B, E] or per-frame [B, t, E], t [B, E] (unnormalized), ids [B] or [B, K] pair keys. The targets are the
+    rows of same_pair, normalized (a repeated video is a positive). Each rank owns its B rows of the [G, G]
+    matrix (and of its transpose), so the mean over ranks is the global loss."""
     v, t = F.normalize(v.float(), dim=-1), F.normalize(t.float(), dim=-1)
     v_all, t_all, ids_all = gather_with_grad(v), gather_with_grad(t), gather_with_grad(ids)  # [G, (t,) E], [G, K]
     targets = same_pair(ids, ids_all).float()                          # [B, G]
@@ -305,14 +298,12 @@ def vtc_loss(v, t, ids, temp):
 
 @torch.no_grad()
 def vtm_pairs(sim, ids):
-    """Hard negatives for video-text matching, within this rank's batch.
-
-    sim [B, B] video-to-text similarities divided by the temperature (0.07 at the start: that is what makes the
-    negatives hard), ids [B] or [B, K] pair keys -> (video_idx [3B], text_idx [3B], labels [3B]): the B positive
-    pairs (label 1), each text with a drawn video, each video with a drawn text (label 0). Draws follow
-    softmax(sim) over the non-positives only (positives get probability exactly 0), as the official vtm_loss.
-    A row without any non-positive (every pair of the batch has its caption) draws any other item instead, where
-    the official code stops with an error."""
+    """Hard negatives for video-text matching, within this rank's batch: sim [B, B] video-to-text similarities
+    divided by the temperature (0.07 at the start: that is what makes the negatives hard), ids [B] or [B, K] pair
+    keys -> (video_idx [3B], text_idx [3B], labels [3B]): the B positive pairs (label 1), each text with a drawn
+    video, each video with a drawn text (label 0). Draws follow softmax(sim) over the non-positives only, as the
+    official vtm_loss; a row without any (every pair of the batch has its caption) draws any other item instead,
+    where the official code stops with an error."""
     B, pos = sim.shape[0], same_pair(ids, ids)                                   # [B, B]
     others = ~torch.eye(B, dtype=torch.bool, device=sim.device)
 
@@ -326,10 +317,9 @@ def vtm_pairs(sim, ids):
     return torch.cat([ar, neg_video, ar]), torch.cat([ar, ar, neg_text]), labels
 
 def mask_text(input_ids, attention_mask, prob=0.5, generator=None):
-    """BERT's MLM corruption -> (masked_ids [B, L], labels [B, L] with -100 where not masked).
-
-    Each real token except [sot] is picked with probability prob (paper: 0.5; [eot] can be picked,
-    like BERT's [SEP] in the paper); picked tokens become [MASK] 80%, a random token 10%, stay 10%."""
+    """BERT's MLM corruption -> (masked_ids [B, L], labels [B, L] with -100 where not masked). Each real token
+    except [sot] is picked with probability prob (paper: 0.5; [eot] can be picked, like BERT's [SEP] in the paper);
+    picked tokens become [MASK] 80%, a random token 10%, stay 10%."""
     dev = input_ids.device
     pick = torch.rand(input_ids.shape, generator=generator, device=dev) < prob
     pick = pick & attention_mask & (input_ids != SOT_ID)                         # never padding, never [sot]
