@@ -1,18 +1,16 @@
 """
 Spatiotemporal action localization on AVA v2.2 with the UMT student: the annotation files, the clip around a
-keyframe, person boxes, the RoI head, and frame-mAP. finetune_ava.py trains and tests with these; `python
-evaluate.py ava-map` scores a detections file. Paper: the AVA v2.2 results (UMT-B 33.5, UMT-L 39.8 mAP); official
-code: single_modality/action_detection/ (modeling_finetune.py: the model; data/: clips, boxes, evaluation).
+keyframe, person boxes, the RoI head and frame-mAP, for finetune_ava.py and `python evaluate.py ava-map`. Paper: AVA
+v2.2 (UMT-B 33.5, UMT-L 39.8 mAP); official code: single_modality/action_detection/ (modeling_finetune.py, data/).
 
 Files, as released by AVA (a box is x1, y1, x2, y2 normalized to [0, 1] by the keyframe's width and height):
     ava_{train,val}_v2.2.csv   video_id, timestamp, x1, y1, x2, y2, action_id, person_id: one row per action
-    detections                 video_id, timestamp, x1, y1, x2, y2, action_id, score: a person detector's boxes
-                               (action_id ignored, may be empty) or, written by us, a score per box and action
+    detections                 the same with a score for person_id: a person detector's boxes (action_id ignored,
+                               may be empty) or, written by us, a score per box and action
     *.pbtxt label map          blocks of `name: "..."` and `id: N` (or `label_id: N`): the classes that are scored
     excluded timestamps        video_id, timestamp: keyframes left out of the metric
-Movies: MOVIE_ROOT/<video_id>.<any extension>, each file starting at second `movie_start` of the movie (900 for
-the usual 15-minute cuts, 0 for whole movies). Timestamp t (whole seconds of the movie; AVA labels 902 .. 1798) is
-the frame shown t - movie_start seconds into the file: frame round((t - movie_start) x fps), fps = the file's own.
+Movies: MOVIE_ROOT/<video_id>.<any extension>, each file starting at second `movie_start` of the movie (900 for the
+15-minute cuts, 0 for whole movies); timestamp t (AVA: 902 .. 1798) is frame round((t - movie_start) x file fps).
 
     python ava.py demo_ava      # the synthetic demo set (finetune_ava.py --preset=demo writes it itself)
 
@@ -171,8 +169,7 @@ def clip_boxes(boxes, width, height):
     return np.stack([x1, y1, x2, y2], 1)
 
 def jitter_boxes(boxes, width, height, rng, amounts=JITTER):
-    """The official training-box jitter (random_aug): every side of every box moves independently by a fraction of
-    the box's width or height, up to `out` outward and `in` inward; then kept inside the image."""
+    """The official training-box jitter (random_aug): each side moves independently (JITTER), then clip_boxes."""
     x_out, x_in, y_out, y_in = amounts
     w, h, R = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1], len(boxes)
     move = np.stack([w * rng.uniform(-x_out, x_in, R), h * rng.uniform(-y_out, y_in, R),
@@ -187,13 +184,6 @@ def extend_boxes(boxes, width, height, amounts=EXTEND):
 
 # ----------------------------------------------------------------------------------------------
 # Keyframes: a clip of T frames around each, and its person boxes
-
-def movie_fps(path):
-    with av.open(path) as c:
-        rate = c.streams.video[0].average_rate if c.streams.video else None
-    if not rate:
-        raise ValueError(f'{path}: no video stream with a frame rate')
-    return float(rate)
 
 class Keyframes(data._RobustDataset):
     """One item per keyframe (video_id, timestamp): T frames `stride` seconds apart, centred on it, and its boxes.
@@ -231,7 +221,11 @@ class Keyframes(data._RobustDataset):
         """uint8 [T, H0, W0, 3]: frame round((t - movie_start) x fps) for t = timestamp + (k - (T-1)/2) x stride."""
         (_, ts), path = self.keys[i], self.paths[i]
         if path not in self.fps:                                            # one look per movie and worker
-            self.fps[path] = movie_fps(path)
+            with av.open(path) as c:
+                rate = c.streams.video[0].average_rate if c.streams.video else None
+            if not rate:
+                raise ValueError(f'{path}: no video stream with a frame rate')
+            self.fps[path] = float(rate)
         fps, T = self.fps[path], self.num_frames
         key = round((ts - self.movie_start) * fps)
         times = ts - self.movie_start + (np.arange(T) - (T - 1) / 2) * self.stride
@@ -281,8 +275,7 @@ class Keyframes(data._RobustDataset):
 def collate(items, multiple):
     """Test batches: clips of different sizes zero-padded at the bottom and right to the largest, rounded up to a
     multiple of the patch size (official), so pixel boxes keep their meaning. Zero = the mean colour."""
-    H = -(-max(it['video'].shape[2] for it in items) // multiple) * multiple
-    W = -(-max(it['video'].shape[3] for it in items) // multiple) * multiple
+    H, W = (-(-max(it['video'].shape[d] for it in items) // multiple) * multiple for d in (2, 3))
     video = items[0]['video'].new_zeros(len(items), 3, items[0]['video'].shape[1], H, W)   # [B, 3, T, H, W]
     for b, it in enumerate(items):
         video[b, :, :, :it['video'].shape[2], :it['video'].shape[3]] = it['video']
@@ -411,8 +404,7 @@ def _demo_movie(rng):
         r, action = int(rng.integers(8, 13)), int(rng.integers(1, 4))
         x = rng.uniform(lane * DEMO_W / 3 + r, (lane + 1) * DEMO_W / 3 - r)
         v = {1: -DEMO_SPEED, 2: DEMO_SPEED, 3: 0}[action]
-        travel = DEMO_SPEED * DEMO_SECONDS if v else 0
-        y0 = rng.uniform(r + (travel if v < 0 else 0), DEMO_H - r - (travel if v > 0 else 0))  # stays in the frame
+        y0 = rng.uniform(r + max(-v, 0) * DEMO_SECONDS, DEMO_H - r - max(v, 0) * DEMO_SECONDS)  # stays in the frame
         ys = y0 + v * np.arange(n) / DEMO_FPS
         color = DEMO_COLORS[list(DEMO_COLORS)[rng.integers(len(DEMO_COLORS))]]
         for f, y in enumerate(ys):
@@ -426,7 +418,8 @@ def make_demo(out_dir, train_movies=96, val_movies=24, seed=0):
     some missed, some false, some below the 0.8 threshold), labelmap.pbtxt, val_excluded.csv (one keyframe)."""
     rng = np.random.default_rng(seed)
     os.makedirs(f'{out_dir}/movies', exist_ok=True)
-    csv = {'train': [], 'val': [], 'val_detections': []}
+    csv = {'train': [], 'val': [], 'val_detections': [], 'val_excluded': ['demo_val_00,0902']}
+    row = lambda name, ts, box, rest: f'{name},{ts:04d},' + ','.join(f'{v:.3f}' for v in box) + rest
     for split, count in (('train', train_movies), ('val', val_movies)):
         for m in range(count):
             name, (frames, tracks) = f'demo_{split}_{m:02d}', _demo_movie(rng)
@@ -435,22 +428,20 @@ def make_demo(out_dir, train_movies=96, val_movies=24, seed=0):
             for ts in range(901, 900 + DEMO_SECONDS):
                 for person, (action, boxes) in enumerate(tracks):
                     box = boxes[(ts - 900) * DEMO_FPS]
-                    csv[split].append(f'{name},{ts:04d},' + ','.join(f'{v:.3f}' for v in box) + f',{action},{person}')
+                    csv[split].append(row(name, ts, box, f',{action},{person}'))
                     if split == 'val' and rng.random() > 0.1:                   # the detector misses 10%
                         w, h = box[2] - box[0], box[3] - box[1]
                         noisy = (box + rng.normal(0, 0.04, 4) * [w, h, w, h]).clip(0, 1)
-                        csv['val_detections'].append(f'{name},{ts:04d},' + ','.join(f'{v:.3f}' for v in noisy)
-                                                     + f',,{rng.uniform(0.85, 1.0):.3f}')
+                        csv['val_detections'].append(row(name, ts, noisy, f',,{rng.uniform(0.85, 1.0):.3f}'))
                 if split == 'val':                                              # a false box, often above 0.8
                     x, y = rng.uniform(0, 0.85), rng.uniform(0, 0.75)
-                    csv['val_detections'].append(f'{name},{ts:04d},{x:.3f},{y:.3f},{x + 0.15:.3f},{y + 0.25:.3f},,'
-                                                 f'{rng.uniform(0.5, 0.95):.3f}')
+                    csv['val_detections'].append(row(name, ts, (x, y, x + 0.15, y + 0.25),
+                                                     f',,{rng.uniform(0.5, 0.95):.3f}'))
     for part, lines in csv.items():
         open(f'{out_dir}/{part}.csv', 'w').write('\n'.join(lines) + '\n')
     open(f'{out_dir}/labelmap.pbtxt', 'w').writelines(
         f'label {{\n  name: "{name}"\n  label_id: {i}\n  label_type: PERSON_MOVEMENT\n}}\n'
         for i, name in DEMO_ACTIONS.items())
-    open(f'{out_dir}/val_excluded.csv', 'w').write('demo_val_00,0902\n')
 
 if __name__ == '__main__':
     make_demo(sys.argv[1] if len(sys.argv) > 1 else 'demo_ava')

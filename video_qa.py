@@ -3,12 +3,9 @@ Video question answering on top of the stage-2 model: multiple choice (MSRVTT-MC
 MSVD-QA, ActivityNet-QA), the paper's multi-modal downstream tasks (section 4), with the protocols of the official
 multi_modality/tasks/retrieval_mc.py, multi_modality/tasks/vqa.py and multi_modality/models/umt_qa.py.
 
-Multiple choice needs no new weights: each option is scored by 0.7 x the VTM match probability + 0.3 x the VTC
-softmax over the options (`mc_scores`; `python evaluate.py mc`). Open-ended QA (`UMTQA`, trained by finetune_qa.py)
-encodes the question with the stage-2 text encoder, whose fusion blocks read all video tokens, and generates the
-answer with a causal copy of the fusion blocks that cross-attends to the question states, its LM head the MLM head.
-The official model does this with BERT; ours with the CLIP text tower of video_language.py. At test time every
-question is answered from a closed answer list by `rank_answer`.
+Multiple choice needs no new weights (`mc_scores`; `python evaluate.py mc`). Open-ended QA (`UMTQA`, finetune_qa.py):
+the stage-2 text encoder reads the question and all video tokens, a causal copy of its fusion blocks generates the
+answer (BERT officially, the CLIP text tower here); at test time `rank_answer` picks it from a closed answer list.
 
     python video_qa.py demo_data     # demo QA and MC files from demo_data/captions_{train,val}.json
 
@@ -135,8 +132,7 @@ class UMTQA(nn.Module):
         return self.text_encoder.forward_fusion(self.text_encoder.forward_text(ids, mask), mask, x_vis)
 
     def forward(self, video, ids, mask, answer_ids, answer_mask, weights):
-        """answer ids / mask [B, A, La], weights [B, A] (0 = no answer) -> the official loss,
-        L = sum over questions and answers of weight x answer NLL, / B."""
+        """answer ids / mask [B, A, La], weights [B, A] (0 = no answer) -> the official loss sum(weight x NLL) / B."""
         B, A, La = answer_ids.shape
         q = self.encode_question(video, ids, mask).repeat_interleave(A, 0)     # [B*A, Lq, Dt]
         a_ids, a_mask = answer_ids.flatten(0, 1), answer_mask.flatten(0, 1)      # [B*A, La]
@@ -166,11 +162,11 @@ def from_stage2(umt, name='the stage-2 model'):
     read the video (width D; the official BERT-base decoder copies it because there both widths are 768)."""
     qa = UMTQA(dataclasses.asdict(umt.vision_encoder.config), umt.text_config)
     sd, own, fusion = umt.state_dict(), qa.state_dict(), umt.text_encoder.fusion_layer
-    feed = {k: sd[qa_source(k, fusion)] for k in own
-            if qa_source(k, fusion) in sd and sd[qa_source(k, fusion)].shape == own[k].shape}
+    source = {k: qa_source(k, fusion) for k in own}
+    feed = {k: sd[s] for k, s in source.items() if s in sd and sd[s].shape == own[k].shape}
     feed = {k: v for k, v in feed.items()  # a bias is copied only with its weight (kv_proj.bias fits, its weight not)
             if not (k.endswith('.bias') and k[:-4] + 'weight' in own and k[:-4] + 'weight' not in feed)}
-    used = {qa_source(k, fusion) for k in feed}
+    used = {source[k] for k in feed}
     load_strict(qa, {**own, **feed})
     unused = [k for k in sd if k not in used]
     encoders = [k for k in unused if k.startswith(('vision_encoder.', 'text_encoder.'))]
@@ -236,9 +232,8 @@ def read_mc(ann_file, root=None):
 
 class VideoQuestions(data._RobustDataset):
     """QAItems or MCItems with their uint8 clips (data.normalize makes them model inputs). 'train': the official
-    'rand' frames, random-resized crop + flip; an unreadable video is replaced by another sample and counted
-    (data.py). 'eval': middle frames, the whole frame resized (the official test transform); an unreadable video is
-    not replaced but flagged 'bad', and its question counts as wrong.
+    'rand' frames, random-resized crop + flip, an unreadable video replaced by another and counted (data.py); 'eval':
+    middle frames, the whole frame resized (the official test transform), an unreadable one flagged 'bad' (wrong).
     Text comes tokenized: question (or options) ids / mask [Lq] (or [O, L]); for training also the answers, padded
     to the most any question has: answer_ids / answer_mask [A, La] and weights [A] (0 = padding)."""
 
@@ -250,16 +245,13 @@ class VideoQuestions(data._RobustDataset):
         super().__init__([it.path for it in items], max_bad_fraction)
 
     def load(self, i, rng):
-        item, T, S = self.items[i], self.num_frames, self.size
+        item, T, S, train = self.items[i], self.num_frames, self.size, self.mode == 'train'
+        sampling, crop = ('rand', 'rrc') if train else ('middle', 'squash')
         try:
-            if self.mode == 'train':
-                frames = data.read_frames(item.path, lambda n: data.sample_indices(n, T, 'rand', rng), self.threads)
-                video, bad = data.augment(frames, S, 'rrc', rng, flip=True)[0], False
-            else:
-                frames = data.read_frames(item.path, lambda n: data.sample_indices(n, T, 'middle'), self.threads)
-                video, bad = data.augment(frames, S, 'squash')[0], False
+            frames = data.read_frames(item.path, lambda n: data.sample_indices(n, T, sampling, rng), self.threads)
+            video, bad = data.augment(frames, S, crop, rng, flip=train)[0], False
         except data.BAD_ERRORS:
-            if self.mode == 'train':
+            if train:
                 raise
             video, bad = torch.zeros(3, T, S, S, dtype=torch.uint8), True
         if isinstance(item, MCItem):
@@ -267,7 +259,7 @@ class VideoQuestions(data._RobustDataset):
             return {'video': video, 'bad': bad, 'ids': ids, 'mask': mask, 'answer': item.answer}
         ids, mask = (x[0] for x in tokenize([item.question], self.text_len))           # [Lq]
         out = {'video': video, 'bad': bad, 'ids': ids, 'mask': mask}
-        if self.mode == 'train':
+        if train:
             pad = self.max_answers - len(item.answers)
             out['answer_ids'], out['answer_mask'] = tokenize(item.answers + [''] * pad, self.answer_len)  # [A, La]
             out['weights'] = torch.tensor(item.weights + [0.0] * pad)                                      # [A]
@@ -307,12 +299,9 @@ def make_demo_qa(root, out_dir=None, seed=0):
     """root/captions_{train,val}.json -> qa_train.json, qa_test.json, qa_answer_list.json (the training answers) and
     mc_test.json (each val video DEMO_MC_DRAWS times: its caption and 4 others, shuffled) in out_dir (root).
     An attribute with a single value in the training captions (the demo's shape) is not asked about."""
-    out_dir = out_dir or root
-    rng = np.random.default_rng(seed)
-    splits = {}
-    for s in ('train', 'val'):  # (record, attributes) of every caption that fits the template
-        records = [(r, demo_attributes(r)) for r in json.load(open(f'{root}/captions_{s}.json'))]
-        splits[s] = [(r, a) for r, a in records if a is not None]
+    out_dir, rng = out_dir or root, np.random.default_rng(seed)
+    splits = {s: [(r, a) for r in json.load(open(f'{root}/captions_{s}.json')) if (a := demo_attributes(r))]
+              for s in ('train', 'val')}  # (record, attributes) of every caption that fits the template
     asked = {k: q for k, q in DEMO_QUESTIONS.items() if len({a[k] for _, a in splits['train']}) > 1}  # not 1 answer
     for name, split in (('train', 'train'), ('test', 'val')):
         qa = [{'video': r['video'], 'question': q, 'answer': a[key]} for r, a in splits[split]
@@ -320,8 +309,7 @@ def make_demo_qa(root, out_dir=None, seed=0):
         if name == 'test':
             qa = [dict(x, question_id=i) for i, x in enumerate(qa)]
         json.dump(qa, open(f'{out_dir}/qa_{name}.json', 'w'), indent=1)
-    answers = sorted({a[k] for _, a in splits['train'] for k in asked})
-    json.dump(answers, open(f'{out_dir}/qa_answer_list.json', 'w'))
+    json.dump(sorted({a[k] for _, a in splits['train'] for k in asked}), open(f'{out_dir}/qa_answer_list.json', 'w'))
     caption = lambda a: f"a {a['color']} {a['shape']} moving {a['direction']}"
     captions = sorted({caption(a) for rs in splits.values() for _, a in rs})
     mc = []
@@ -332,9 +320,8 @@ def make_demo_qa(root, out_dir=None, seed=0):
             order = rng.permutation(5)
             mc.append({'video': r['video'], 'caption': [options[j] for j in order], 'answer': int(np.argmin(order))})
     json.dump(mc, open(f'{out_dir}/mc_test.json', 'w'), indent=1)
-    print(f'{out_dir}/: qa_train.json ({len(splits["train"]) * len(asked)} questions), '
-          f'qa_test.json ({len(splits["val"]) * len(asked)}), '
-          f'qa_answer_list.json, mc_test.json ({len(mc)} questions, 5 options)')
+    print(f'{out_dir}/: qa_train.json ({len(splits["train"]) * len(asked)} questions), qa_test.json '
+          f'({len(splits["val"]) * len(asked)}), qa_answer_list.json, mc_test.json ({len(mc)} questions, 5 options)')
 
 if __name__ == '__main__':
     make_demo_qa(sys.argv[1] if len(sys.argv) > 1 else 'demo_data')
