@@ -127,10 +127,14 @@ def random_student(path, seed=0):
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     checkpoints.save({'model': model.VideoViT(config).state_dict(), 'model_config': dataclasses.asdict(config)}, path)
 
-def setup(root, data_file, make_set, train_teacher, master, barrier, seed=0):
+def setup(root, data_file, make_set, teacher_pretrained, master, barrier, seed=0):
     """The demo presets' preparation, done once by rank 0 while the others wait: write the synthetic set into
-    `root` if `data_file` is missing (make_set), and train the demo CLIP into root/tiny_clip.pt if it is not there
-    (train_teacher), both from `seed`. Returns that path. Stops with a message (on every rank) when it cannot."""
+    `root` if `data_file` is missing (make_set), and, for teacher_pretrained='demo', train the demo CLIP into
+    root/tiny_clip.pt if it is not there, both from `seed`. Returns the teacher's weights: that file for 'demo',
+    else teacher_pretrained. Stops with a message (on every rank) when it cannot."""
+    train_teacher = teacher_pretrained == 'demo'
+    if not (make_set or train_teacher):
+        return teacher_pretrained
     weights, marker = f'{root}/tiny_clip.pt', f'{root}/captions_train.json'
     write_set = make_set and not os.path.exists(data_file)
     if write_set and os.path.isdir(root) and os.listdir(root):
@@ -148,7 +152,7 @@ def setup(root, data_file, make_set, train_teacher, master, barrier, seed=0):
         print(f'training the demo teacher {weights} on stills and their captions (about a minute)')
         train_demo_clip(weights, seed=seed)
     barrier()
-    return weights
+    return weights if train_teacher else teacher_pretrained
 
 if __name__ == '__main__':
     if sys.argv[1:2] == ['random-student']:  # PATH [SEED]

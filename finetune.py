@@ -169,7 +169,7 @@ peak_lr, warmup_lr, min_lr = BASE_LR * lr_factor, WARMUP_LR * lr_factor, MIN_LR 
 # Data: repeated augmentation for training; 1 clip x 1 crop to validate; clips x crops to test
 
 if MAKE_DEMO:
-    demo.setup(DATA_ROOT, TRAIN_LIST, True, False, run.master, run.barrier, SEED)
+    demo.setup(DATA_ROOT, TRAIN_LIST, True, None, run.master, run.barrier, SEED)
 kw = dict(max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS, sampler=SAMPLER)
 train_set = data.RepeatedAugClassification(TRAIN_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, flip=FLIP, rrc_scale=RRC_SCALE,
                                            num_sample=NUM_SAMPLE, rand_augment=RAND_AUGMENT, erase_prob=RANDOM_ERASE,
@@ -255,7 +255,7 @@ while run.step < total_steps:
                 checkpoints.save({'model': raw_model.state_dict(), 'epoch': epoch, 'val_top1': best_top1, **state},
                                  best_path)
     if due:
-        run.save(model=raw_model.state_dict(), best_top1=best_top1, **state)
+        run.save(raw_model, best_top1=best_top1, **state)
 
 # ----------------------------------------------------------------------------------------------
 # Final test: TEST_CLIPS x TEST_CROPS views per video, softmax averaged (the official multi-view test)

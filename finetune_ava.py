@@ -214,7 +214,7 @@ while run.step < total_steps:
     if run.step % (EVAL_EPOCHS * steps_per_epoch) == 0 and run.step < total_steps:
         test(run.step)
     if due:
-        run.save(model=raw_model.state_dict(), model_config=dataclasses.asdict(model_config), num_classes=NUM_CLASSES)
+        run.save(raw_model, model_config=dataclasses.asdict(model_config), num_classes=NUM_CLASSES)
 
 # ----------------------------------------------------------------------------------------------
 # Final test: every class of every detected person box, scored by frame-mAP@0.5 IoU

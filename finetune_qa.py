@@ -216,7 +216,7 @@ while run.step < total_steps:
             print(f'epoch {run.step // steps_per_epoch}/{EPOCHS} | val accuracy {val["accuracy"]:.2f}')
             run.write({'step': run.step, 'epoch': run.step // steps_per_epoch, 'val': val})
     if due:
-        run.save(model=raw_model.state_dict(), model_config=raw_model.vision_config, text_config=raw_model.text_config)
+        run.save(raw_model, model_config=raw_model.vision_config, text_config=raw_model.text_config)
 
 # ----------------------------------------------------------------------------------------------
 # Final test with the last weights (no model selection on the test set), and the answer-prior baselines

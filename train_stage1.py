@@ -124,10 +124,8 @@ min_lr = MIN_LR * TOTAL_BATCH / 256
 # ----------------------------------------------------------------------------------------------
 # Data: TSN-sparse frames, multi-scale crop and flip, ImageNet normalization (paper section 4.1)
 
-if MAKE_DEMO or TEACHER_PRETRAINED == 'demo':  # the demo set and its stand-in for OpenAI CLIP, made once
-    demo_teacher = demo.setup(DATA_ROOT, DATA_LIST, MAKE_DEMO, TEACHER_PRETRAINED == 'demo', run.master, run.barrier,
-                              SEED)
-    TEACHER_PRETRAINED = demo_teacher if TEACHER_PRETRAINED == 'demo' else TEACHER_PRETRAINED
+# The demo set and its stand-in for OpenAI CLIP (TEACHER_PRETRAINED='demo'), made once; else nothing to do.
+teacher_weights = demo.setup(DATA_ROOT, DATA_LIST, MAKE_DEMO, TEACHER_PRETRAINED, run.master, run.barrier, SEED)
 dataset = data.VideoClassification(DATA_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='train', aug='multiscale',
                                    flip=True, max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS)
 steps_per_epoch = training.epoch_steps(len(dataset), TOTAL_BATCH, DATA_LIST, 'videos')
@@ -138,7 +136,7 @@ total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_
 
 torch.manual_seed(SEED)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
 try:
-    teacher = build_teacher(TEACHER, TEACHER_PRETRAINED, ALIGN_LAYERS, TEACHER_SIZE).to(device)
+    teacher = build_teacher(TEACHER, teacher_weights, ALIGN_LAYERS, TEACHER_SIZE).to(device)
 except RuntimeError as e:  # weights not downloadable / not found: teacher.py's message carries the hint
     fail(str(e))
 # Frozen: eval mode, no gradients, never in DDP, the optimizer or a checkpoint (rebuilt on resume).
@@ -168,7 +166,7 @@ summary = [f'{MICRO_BATCH} clips x {world_size} processes x {grad_accum} accumul
            f'step | peak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH}/256), floor {min_lr:.3g}, warmup '
            f'{warmup_steps} steps | {len(dataset)} videos',
            f'student {MODEL} sees {t * n_keep} of {t * h * w} tokens per clip ({MASK_TYPE} mask, ratio {MASK_RATIO}), '
-           f'aligns its last {ALIGN_LAYERS} blocks | teacher {TEACHER} ({TEACHER_PRETRAINED}) at {teacher.image_size} '
+           f'aligns its last {ALIGN_LAYERS} blocks | teacher {TEACHER} ({teacher_weights}) at {teacher.image_size} '
            'px, frozen']
 # Compiled (shapes are static: every frame keeps n_keep tokens), in DDP: the student only, the teacher has no gradients.
 model = run.start(raw_model, optimizer, ckpt, total_steps, steps_per_epoch, summary, COMPILE, desc='stage 1')
@@ -213,6 +211,6 @@ while run.step < total_steps:
 
     # ---- update (or skip a non-finite step), log, checkpoint: training.Run, the same in every script
     if run.update({'loss': losses[0], 'loss_layers': losses[1:]}, raw_model):
-        run.save(model=raw_model.state_dict(), model_config=dataclasses.asdict(student_config))
+        run.save(raw_model, model_config=dataclasses.asdict(student_config))
 
 run.close()

@@ -168,10 +168,8 @@ rank, device, autocast = run.rank, run.device, run.autocast
 # ----------------------------------------------------------------------------------------------
 # Data: one loader per media, each batch all-video or all-image; the schedule interleaves them
 
-if MAKE_DEMO or TEACHER_PRETRAINED == 'demo':  # the demo set and its stand-in for OpenAI CLIP, made once
-    demo_teacher = demo.setup(VIDEO_ROOT, VIDEO_ANN, MAKE_DEMO, TEACHER_PRETRAINED == 'demo', run.master, run.barrier,
-                              SEED)
-    TEACHER_PRETRAINED = demo_teacher if TEACHER_PRETRAINED == 'demo' else TEACHER_PRETRAINED
+# The demo set and its stand-in for OpenAI CLIP (TEACHER_PRETRAINED='demo'), made once; else nothing to do.
+teacher_weights = demo.setup(VIDEO_ROOT, VIDEO_ANN, MAKE_DEMO, TEACHER_PRETRAINED, run.master, run.barrier, SEED)
 sets = {'video': data.VideoText(VIDEO_ANN, VIDEO_ROOT, NUM_FRAMES, IMG_SIZE, 'train', media='video',
                                 max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS)}
 if IMAGE_ANN:
@@ -208,7 +206,7 @@ ckpt = run.resume()  # OUT_DIR/last.pt, or None
 try:
     source = ckpt if ckpt is not None else checkpoints.read(INIT)
     if use_teacher or 'text_config' not in source:  # CLIP's visual tower teaches, its text tower starts the text side
-        clip_model = build_clip(TEACHER, TEACHER_PRETRAINED)
+        clip_model = build_clip(TEACHER, teacher_weights)
     # The architecture comes from the checkpoint; frames, size and regularization from the constants. The
     # position table is fixed sin-cos, so 4 frames simply use the first rows of the 8-frame table.
     overrides = {} if ckpt is not None else dict(num_frames=NUM_FRAMES, img_size=IMG_SIZE, drop_path=DROP_PATH,
@@ -222,12 +220,10 @@ try:
         raw_model = build_umt(vision, clip_model, EMBED_DIM, FUSION_LAYER)
         from_clip = {'text_encoder.' + k for k in clip_text_state_dict(clip_model)}
         new = [k for k in raw_model.state_dict() if not k.startswith('vision_encoder.') and k not in from_clip]
-        report += [f'text encoder: {len(from_clip)} tensors from the text tower of {TEACHER} ({TEACHER_PRETRAINED})',
+        report += [f'text encoder: {len(from_clip)} tensors from the text tower of {TEACHER} ({teacher_weights})',
                    f'new in stage 2: {checkpoints.group(new, parts=4)}']
-except RuntimeError as e:  # CLIP weights not downloadable / not found: teacher.py's message carries the hint
-    fail(str(e))
-except ValueError as e:  # a checkpoint that cannot be read or does not fit
-    fail(str(e))
+except (RuntimeError, ValueError) as e:  # CLIP weights not found (teacher.py's message has the hint), or a
+    fail(str(e))                         # checkpoint that cannot be read or does not fit
 del source
 vision_config = raw_model.vision_encoder.config
 raw_model.to(device)
@@ -252,7 +248,7 @@ report.append(f'{VIDEO_BATCH} video / {IMAGE_BATCH if IMAGE_ANN else 0} image pa
               f'{", ".join(f"{n} {m}" for m, n in steps_of.items())} steps per epoch | lr {LR:g} after {warmup_steps} '
               f'warmup steps, floor {LR * MIN_LR_RATIO:g} | text fusion from block '
               f'{raw_model.text_encoder.fusion_layer} | teacher '
-              + (f'{TEACHER} ({TEACHER_PRETRAINED}), frozen' if use_teacher else 'off: every token'))
+              + (f'{TEACHER} ({teacher_weights}), frozen' if use_teacher else 'off: every token'))
 # In DDP as a whole: UMT's forward computes the four losses, one DDP forward per step.
 model = run.start(raw_model, optimizer, ckpt, total_steps, steps_per_epoch, report, desc='stage 2')
 val_set = data.VideoText(VAL_ANN, VAL_ROOT, NUM_FRAMES, IMG_SIZE, 'eval', media='video') if VAL_ANN else None
@@ -301,8 +297,7 @@ while run.step < total_steps:
     with torch.no_grad():
         raw_model.temp.clamp_(0.001, 0.5)  # the official bounds on the temperature
     if due:
-        run.save(model=raw_model.state_dict(), model_config=dataclasses.asdict(vision_config),
-                 text_config=raw_model.text_config)
+        run.save(raw_model, model_config=dataclasses.asdict(vision_config), text_config=raw_model.text_config)
     if val_set is not None and run.step % steps_per_epoch == 0:  # VTC-only retrieval on a small set, every rank
         r1 = evaluate.evaluate_retrieval(raw_model, val_set, device, k_test=0, workers=0)['vtc']['t2v_R@1']
         raw_model.train()

@@ -215,7 +215,7 @@ class Run:
             for micro, batch in run.micro_batches(batches, grad_accum):  # times the wait for data
                 ... forward, backward ...
             if run.update({'loss': loss, ...}, raw_model):   # True when a checkpoint is due
-                run.save(model=raw_model.state_dict(), ...)
+                run.save(raw_model, ...)        # + whatever describes the model
         run.close()
     """
 
@@ -399,14 +399,14 @@ class Run:
         with open(self.log_path, 'a') as f:
             f.write(json.dumps(record) + '\n')
 
-    def save(self, path=None, **state):
-        """Checkpoint the run (master only, atomically): the given state (model weights, its config, ...) plus the
-        optimizer and loss-scaler state, the step and the settings."""
+    def save(self, model, **state):
+        """OUT_DIR/last.pt, atomically (master): the model's weights, `state` (its config, ...), the optimizer and
+        loss-scaler state, the step and the settings."""
         if self.master:
-            checkpoints.save({**state, 'optimizer': self.optimizer.state_dict(), 'scaler': self.scaler.state_dict(),
-                              'step': self.step, 'config': self.config}, path or self.ckpt_path)
-        if path is None:
-            self.last_ckpt_step = self.step
+            checkpoints.save({'model': model.state_dict(), **state, 'optimizer': self.optimizer.state_dict(),
+                              'scaler': self.scaler.state_dict(), 'step': self.step, 'config': self.config},
+                             self.ckpt_path)
+        self.last_ckpt_step = self.step
 
     def close(self):
         """The end of the run: close the bar, say where the results are, leave the process group together."""
