@@ -14,7 +14,6 @@ synthetic demo set is in demo.py; `python bench.py --loader_dir=DIR` measures th
 
 import argparse
 import bisect
-import itertools
 import json
 import math
 import os
@@ -128,15 +127,29 @@ def video_length(path):
         s = _video_stream(c, 1)
         return s.frames if s.frames > 0 else len(_scan(c, s)[0])
 
+def rgb_to_yuv420(frame):
+    """uint8 [H, W, 3] (H, W even) -> uint8 [3H/2, W], PyAV's yuv420p layout (Y, then U, then V): BT.601 limited range
+    in integers, chroma from the mean of each 2 x 2 block. The same bytes on every machine and in every process,
+    unlike a library conversion, whose SIMD paths and threads may round differently."""
+    H, W, _ = frame.shape
+    r, g, b = frame.astype(np.int32).transpose(2, 0, 1)                                 # [H, W] each
+    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
+    r, g, b = (x[0::2, 0::2] + x[0::2, 1::2] + x[1::2, 0::2] + x[1::2, 1::2] for x in (r, g, b))  # [H/2, W/2], 4 px
+    u = ((-38 * r - 74 * g + 112 * b + 512) >> 10) + 128
+    v = ((112 * r - 94 * g - 18 * b + 512) >> 10) + 128
+    return np.concatenate([y.ravel(), u.ravel(), v.ravel()]).clip(0, 255).astype(np.uint8).reshape(-1, W)
+
 def write_video(path, frames, fps=25, codec='libx264', pix_fmt='yuv420p', options=None):
-    """Encode an iterable of uint8 [H,W,3] frames. Fixed options with 'threads': '1' give reproducible bytes."""
-    frames = iter(frames)
-    first = next(frames)
+    """Encode uint8 [H,W,3] frames. Reproducible bytes: the frames are made first, yuv420p (even sides) is converted
+    here (rgb_to_yuv420), and the encoder runs one thread."""
+    frames = list(frames)
+    own_yuv = pix_fmt == 'yuv420p' and frames[0].shape[0] % 2 == 0 and frames[0].shape[1] % 2 == 0
     with av.open(path, 'w') as c:
-        s = c.add_stream(codec, rate=fps, options=options or {}, height=first.shape[0], width=first.shape[1],
-                         pix_fmt=pix_fmt)
-        for a in itertools.chain([first], frames):
-            c.mux(s.encode(av.VideoFrame.from_ndarray(a, format='rgb24')))
+        s = c.add_stream(codec, rate=fps, options={'threads': '1', **(options or {})}, height=frames[0].shape[0],
+                         width=frames[0].shape[1], pix_fmt=pix_fmt)
+        for a in frames:
+            f = av.VideoFrame.from_ndarray(rgb_to_yuv420(a), 'yuv420p') if own_yuv else av.VideoFrame.from_ndarray(a)
+            c.mux(s.encode(f))
         c.mux(s.encode())  # flush delayed (B-)frames
 
 # ----------------------------------------------------------------------------------------------

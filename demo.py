@@ -14,6 +14,7 @@ train_stage1.py and train_stage2.py (TEACHER_PRETRAINED='demo') train the CLIP o
 
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -36,13 +37,26 @@ DEMO_FEW = 2                      # training videos per class in train_few.csv (
 DEMO_T, DEMO_SIZE = 16, 96        # frames per video (8 fps) and pixels; the models see 64 px, where a square of
                                   # 24-36 px becomes 16-24 px: 2-3 patches of 8 px, a tenth of the frame
 
+def cubic_weights(n_in, n_out, a=-0.75):
+    """[n_out, n_in] bicubic resampling weights (a = -0.75, pixel centres aligned, edge taps clamped: torch's)."""
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = (i + 0.5) * n_in / n_out - 0.5
+        x0, t = math.floor(src), src - math.floor(src)
+        for k, d in zip(range(-1, 3), (1 + t, t, 1 - t, 2 - t)):  # tap x0 + k at distance d
+            w[i, min(max(x0 + k, 0), n_in - 1)] += (((d - 5) * d + 8) * d - 4) * a if d > 1 else \
+                ((a + 2) * d - (a + 3)) * d * d + 1
+    return w
+
 def background(rng):
     """[96, 96, 3] float: a 3 x 3 grid of grey levels (40-215), each tinted by up to +-60 per channel, smoothed
     (bicubic), with grain; different in every video. Its colours fill nine tenths of the frame and overlap the
-    squares' in hue, so they, not the square, set the average colour of a frame."""
-    coarse = rng.uniform(40, 215, (1, 1, 3, 3)) + rng.uniform(-60, 60, (1, 3, 3, 3))
-    bg = F.interpolate(torch.from_numpy(coarse), size=(DEMO_SIZE, DEMO_SIZE), mode='bicubic')[0].permute(1, 2, 0)
-    return np.clip(bg.numpy() + rng.normal(0, 10, (DEMO_SIZE, DEMO_SIZE, 1)), 0, 255)
+    squares' in hue, so they, not the square, set the average colour of a frame. Elementwise products summed in a
+    fixed order, no library resampling: the same values on every machine."""
+    coarse = rng.uniform(40, 215, (1, 3, 3)) + rng.uniform(-60, 60, (3, 3, 3))           # [3 channels, 3, 3]
+    w = cubic_weights(3, DEMO_SIZE)                                                        # [96, 3]
+    bg = sum(w[:, i, None, None] * w[None, :, j, None] * coarse[:, i, j] for i in range(3) for j in range(3))
+    return np.clip(bg + rng.normal(0, 10, (DEMO_SIZE, DEMO_SIZE, 1)), 0, 255)
 
 def demo_frames(color, direction, rng, n=DEMO_T, still=False):
     """A square crossing about half the frame height over n frames (still=True: one of them, at random). One frame
