@@ -1,18 +1,14 @@
 """
-Video data for UMT: frame-accurate sparse decoding with PyAV, the official sampling and augmentation rules, datasets
-that survive broken files, and a sampler whose order a resumed run replays exactly.
+Video data for UMT: frame-accurate sparse decoding with PyAV, the official sampling and augmentation rules, the list
+and annotation files, and datasets that survive broken files (the data order is in training.py).
 
 As the official code (single_modality/datasets/, multi_modality/dataset/): stage-1 pre-training takes 8 TSN-sparse
 frames, a multi-scale corner crop and a flip; stage 2 takes 4 frames, RandomResizedCrop(scale 0.5-1, bicubic) and a
 flip; action-recognition fine-tuning adds RandAugment, random erasing, mixup / cutmix and repeated augmentation, and is
-tested on C clips x 3 crops. A clip is uint8 [3, T, S, S] (T frames, S pixels) until `normalize` on the device. The
-synthetic demo set is in demo.py; `python bench.py --loader_dir=DIR` measures the loader.
-
-    python data.py --check train.csv --root videos    # decode every entry -> train.csv.clean / train.csv.bad
-    python data.py --prepare train.csv --root videos --out videos_prepared   # re-encode once for fast sampling
+tested on C clips x 3 crops. A clip is uint8 [3, T, S, S] (T frames, S pixels) until `normalize` on the device.
+The synthetic demo set is in demo.py; tools/ checks a dataset, prepares it for fast sampling and measures the loader.
 """
 
-import argparse
 import bisect
 import json
 import math
@@ -20,13 +16,14 @@ import os
 import re
 import warnings
 from collections import namedtuple
-from fractions import Fraction
 
 import av
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode, functional as TF  # torchvision comes with open_clip
+
+from training import fail
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)  # ImageNet statistics, as the official code (not CLIP's)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
@@ -393,30 +390,65 @@ class _RobustDataset(torch.utils.data.Dataset):
             examples = '\n'.join(f'  {p}: {r}' for p, r in list(self.bad_files.items())[:5])
             raise RuntimeError(f'{self.num_bad} of {self.attempts} samples were bad (more than max_bad_fraction='
                                f'{self.max_bad_fraction}); the dataset looks broken. Examples:\n{examples}\n'
-                               'Run `python data.py --check FILE` to list every bad entry.')
+                               'Run `python -m tools.check_data FILE` to list every bad entry.')
 
 def _join(root, p):
     return os.path.join(root, p) if root and not os.path.isabs(p) else p
 
-def read_list(list_file, root=None):
-    """Classification list: `path label` per line, separated by a comma, spaces or a tab -> [(path, label)]."""
+def read_text(path, what):
+    """The text of a file the user named (`what` says which setting or argument), or a BadInput that says why not."""
+    if not os.path.isfile(path):
+        fail(f'{what} {path!r} ' + ('is a folder' if os.path.isdir(path) else 'not found') + ': pass a file')
+    try:
+        text = open(path, encoding='utf-8').read()
+    except UnicodeDecodeError as e:
+        fail(f'{what} {path!r} is not UTF-8 text ({e.reason} at byte {e.start})')
+    if not text.strip():
+        fail(f'{what} {path!r} is empty')
+    return text
+
+def parse_list_line(line):
+    """'path,label' (or 'path label', 'path<TAB>label') -> (path, label >= 0); ValueError says what is wrong."""
+    parts = line.rsplit(',', 1) if ',' in line else line.rsplit(None, 1)
+    if len(parts) != 2 or not parts[0].strip():
+        raise ValueError('no label column (`path,label`)')
+    if not parts[1].strip().isdigit():
+        raise ValueError(f'label {parts[1].strip()!r} is not a class number 0, 1, ...')
+    return parts[0].strip(), int(parts[1])
+
+def read_list(list_file, root=None, what='list'):
+    """Classification list: `path label` per line, separated by a comma, spaces or a tab -> [(path, label)].
+    A line that does not parse is bad input that names the file and the line."""
     out = []
-    for line in open(list_file):
-        line = line.strip()
-        if line and not line.startswith('#'):
-            path, label = line.rsplit(',', 1) if ',' in line else line.rsplit(None, 1)
-            out.append((_join(root, path.strip()), int(label)))
+    for n, line in enumerate(read_text(list_file, what).splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith('#'):
+            try:
+                path, label = parse_list_line(line.strip())
+            except ValueError as e:
+                fail(f'{list_file} line {n}: {e}: {line.strip()[:80]!r}')
+            out.append((_join(root, path), label))
+    if not out:
+        fail(f'{list_file} lists no video (one `path,label` per line)')
     return out
 
 Annotation = namedtuple('Annotation', 'path captions is_image')
 
-def _load_json(path):
-    text = open(path).read()
+def load_json(path, what='annotation file'):
+    """A JSON list of objects, or JSONL (one object per line) -> list of dicts; bad input names the file and line."""
+    text = read_text(path, what)
     try:
         objs = json.loads(text)
-    except json.JSONDecodeError:  # JSONL: one object per line
-        objs = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [objs] if isinstance(objs, dict) else objs
+    except json.JSONDecodeError as first:
+        try:  # JSONL: one object per line
+            objs = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            fail(f'{path} is not JSON (line {first.lineno}: {first.msg}) nor JSONL (one object per line)')
+    objs = [objs] if isinstance(objs, dict) else objs
+    if not isinstance(objs, list) or not all(isinstance(o, dict) for o in objs):
+        fail(f'{path} must hold a list of objects {{...}}, got {type(objs).__name__}')
+    if not objs:
+        fail(f'{path} holds no entry')
+    return objs
 
 def pre_text(text):
     """Caption cleaning as the official pre_text (multi_modality/dataset/utils.py), used for captions, questions
@@ -425,15 +457,27 @@ def pre_text(text):
     text = re.sub(r'[,.\'!?"()*#:;~]', '', text.lower()).replace('-', ' ').replace('/', ' ')
     return re.sub(r'\s+', ' ', text.replace('<person>', 'person')).strip()
 
+def parse_annotation(o, root=None):
+    """One entry {"video" or "image": path, "caption": str or [str]} -> Annotation; ValueError says what is wrong."""
+    key = 'image' if 'image' in o else 'video'
+    caps = o.get('caption') if isinstance(o.get('caption'), list) else [o.get('caption')]
+    if not isinstance(o.get(key), str) or not o[key]:
+        raise ValueError('no "video" or "image" path')
+    if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+        raise ValueError('"caption" must be a non-empty text or a list of them')
+    return Annotation(_join(root, o[key]), [pre_text(c) for c in caps], key == 'image')
+
 def read_annotations(ann_file, root=None, media=None):
     """Official JSON list (or JSONL) of {"video" or "image": path, "caption": str or [str]} -> [Annotation],
-    captions cleaned by pre_text."""
+    captions cleaned by pre_text; media='video' / 'image' keeps one kind. A bad entry is bad input that names it."""
     out = []
-    for o in _load_json(ann_file):
-        is_image = 'image' in o
-        caps = [pre_text(c) for c in (o['caption'] if isinstance(o['caption'], list) else [o['caption']])]
-        if media is None or media == ('image' if is_image else 'video'):
-            out.append(Annotation(_join(root, o['image' if is_image else 'video']), caps, is_image))
+    for i, o in enumerate(load_json(ann_file)):
+        try:
+            a = parse_annotation(o, root)
+        except ValueError as e:
+            fail(f'{ann_file} entry #{i}: {e}: {json.dumps(o)[:80]}')
+        if media is None or media == ('image' if a.is_image else 'video'):
+            out.append(a)
     return out
 
 class VideoClassification(_RobustDataset):
@@ -508,185 +552,3 @@ class VideoText(_RobustDataset):
             return {'video': augment(frames, self.size, 'rrc', rng, flip=True)[0], 'caption': caption}
         frames = read_frames(item.path, lambda n: sample_indices(n, T, 'middle'), self.threads, self.max_seconds)
         return {'video': augment(frames, self.size, 'squash')[0], 'caption': item.captions[0]}
-
-# ----------------------------------------------------------------------------------------------
-# Sampler and loaders
-
-class ResumableSampler(torch.utils.data.Sampler):
-    """DistributedSampler semantics (one global permutation per (seed, epoch), padded or cut to a multiple of
-    world_size, rank r takes positions r, r+W, ...) that yields (index, item_seed) with item_seed a function of
-    (seed, epoch, global position). set_start(p) skips this rank's first p samples of the next epoch iterated
-    (one-shot: the epoch after starts at 0 again). len() = samples per rank in a full epoch."""
-    def __init__(self, length, shuffle=True, seed=0, rank=0, world_size=1, drop_last=True):
-        self.length, self.shuffle, self.seed, self.rank, self.world = length, shuffle, seed, rank, world_size
-        per_rank = length // world_size if drop_last else math.ceil(length / world_size)
-        self.total, self.epoch, self.start = per_rank * world_size, 0, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def set_start(self, position):
-        self.start = position
-
-    def __len__(self):
-        return self.total // self.world
-
-    def __iter__(self):
-        g = np.random.default_rng([self.seed, self.epoch])  # the same on every rank
-        order = g.permutation(self.length) if self.shuffle else np.arange(self.length)
-        order = np.resize(order, self.total)  # pad by repeating from the start, or cut
-        seeds = g.integers(2 ** 62, size=self.total)
-        start, self.start = self.start, 0
-        for p in range(self.rank + start * self.world, self.total, self.world):
-            yield int(order[p]), int(seeds[p])
-
-def _worker_init(_):
-    torch.set_num_threads(1)  # parallelism comes from the workers; more threads only oversubscribe the cores
-
-def make_loader(dataset, batch_size, shuffle, seed, rank, world_size, num_workers, drop_last=True, start=0):
-    """DataLoader over a ResumableSampler; `start` = samples of this rank's epoch already consumed (resume)."""
-    sampler = ResumableSampler(len(dataset), shuffle, seed, rank, world_size, drop_last)
-    sampler.set_start(start)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-        prefetch_factor=2 if num_workers > 0 else None, worker_init_fn=_worker_init,
-        generator=torch.Generator())  # its own: creating an iterator must not draw from torch's global RNG
-    return loader, sampler
-
-def train_batches(dataset, batch_size, seed, rank, world_size, num_workers, epoch, start, per_epoch):
-    """This rank's training batches without end: epoch after epoch, a new permutation each, exactly per_epoch
-    batches per epoch (the incomplete rest is dropped), starting at batch `start` of `epoch` (resume)."""
-    loader, sampler = make_loader(dataset, batch_size, True, seed, rank, world_size, num_workers)
-    while True:
-        sampler.set_epoch(epoch)
-        sampler.set_start(start * batch_size)
-        if start < per_epoch:
-            batches = iter(loader)
-            for _ in range(per_epoch - start):
-                yield next(batches)
-        epoch, start = epoch + 1, 0
-
-# ----------------------------------------------------------------------------------------------
-# Checking a dataset
-
-def _read_records(file, root=None):
-    """A classification list or a JSON annotation file -> (is_json, its records: lines or dicts, their media paths)."""
-    if open(file).read().lstrip()[:1] in ('[', '{'):
-        records = _load_json(file)
-        return True, records, [_join(root, o['image'] if 'image' in o else o['video']) for o in records]
-    records = [line for line in open(file) if line.strip() and not line.lstrip().startswith('#')]
-    return False, records, [path for path, _ in read_list(file, root)]
-
-def check_file(path):
-    """None if every frame of `path` decodes, else the reason."""
-    try:
-        if path.lower().endswith(IMAGE_EXTS):
-            read_frames(path, [0])  # decodes the whole image
-            return None
-        with av.open(path) as c:
-            s = _video_stream(c, 1)
-            n, expected = sum(1 for _ in c.decode(s)), s.frames  # s.frames: header count, 0 if unknown
-        return f'only {n} of {expected} frames decodable' if n == 0 or n < expected else None
-    except BAD_ERRORS as e:
-        return f'{type(e).__name__}: {e}'
-
-def check(file, root=None):
-    """Decode every entry of a list or annotation file; write FILE.clean (same format) and FILE.bad (reasons)."""
-    from tqdm import tqdm
-    is_json, records, paths = _read_records(file, root)
-    reasons = [check_file(p) for p in tqdm(paths, desc=f'checking {file}')]
-    good = [r for r, why in zip(records, reasons) if why is None]
-    with open(f'{file}.clean', 'w') as f:
-        json.dump(good, f, indent=1) if is_json else f.writelines(good)
-    with open(f'{file}.bad', 'w') as f:
-        f.writelines(f'{p}\t{why}\n' for p, why in zip(paths, reasons) if why is not None)
-    print(f'{len(good)} good, {len(paths) - len(good)} bad -> {file}.clean, {file}.bad')
-    return len(good), len(paths) - len(good)
-
-# ----------------------------------------------------------------------------------------------
-# Preparing a dataset for fast sparse sampling
-
-PREP_SHORT_SIDE = 256  # short side of prepared videos (no upscaling): every crop of the recipe is a fraction of the
-                       # short side resized to 224 (multi-scale 1 - 0.66, RRC, test crops), as on Kinetics' 256-px files
-PREP_KEYINT = 8        # a keyframe every 8 frames, no B-frames: a sampled frame costs at most 8 decoded frames
-                       # (bench.py --loader_dir: as fast as every 4, at 2.2x instead of 3.5x the original size)
-PREP_CRF = 26          # x264 quality (its default is 23; with crf 26 the prepared files stay within 3x the originals)
-
-def prepare_video(src, dst, short_side=PREP_SHORT_SIDE, keyint=PREP_KEYINT, crf=PREP_CRF):
-    """Re-encode one video for cheap sparse sampling: H.264 with a keyframe every `keyint` frames and no B-frames
-    (read_frames then decodes at most keyint frames per sampled frame instead of everything since the last
-    keyframe), x264's fastdecode tuning (CAVLC, no deblocking: about 1.7x faster to decode, ~20% larger), short side
-    at most `short_side`, no audio. Every frame is kept, in order and at the source's mean frame rate, so a sample
-    gets the same frame indices as from the original. Written atomically."""
-    tmp = f'{dst}.tmp.mp4'
-    with av.open(src) as c:
-        s = _video_stream(c, 1)
-        rate = s.average_rate or Fraction(25)
-        with av.open(tmp, 'w') as out:
-            o = None
-            for i, f in enumerate(c.decode(s)):
-                if o is None:
-                    k = min(1.0, short_side / min(f.width, f.height))
-                    w, h = 2 * round(f.width * k / 2), 2 * round(f.height * k / 2)  # yuv420p: even sides
-                    x264 = f'keyint={keyint}:min-keyint={keyint}:scenecut=0:bframes=0'
-                    o = out.add_stream('libx264', rate=rate, width=w, height=h, pix_fmt='yuv420p', options={
-                        'preset': 'veryfast', 'tune': 'fastdecode', 'crf': str(crf), 'threads': '1',
-                        'x264-params': x264})
-                g = f.reformat(width=w, height=h, format='yuv420p', interpolation='AREA')
-                g.pts, g.time_base = i, 1 / Fraction(rate)  # frame i at i / rate
-                out.mux(o.encode(g))
-            if o is None:
-                raise ValueError('no frame could be decoded')
-            out.mux(o.encode())
-    os.replace(tmp, dst)
-
-def _prepare_one(job):
-    src, dst, options = job
-    if not os.path.exists(dst):  # else done by an earlier run (files appear only when complete)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        try:
-            prepare_video(src, dst, **options)
-        except BAD_ERRORS as e:
-            return src, f'{type(e).__name__}: {e}'
-    return src, None
-
-def prepare(file, root, out_dir, workers=os.cpu_count(), **options):
-    """Re-encode every video of a list or annotation file into out_dir (same relative paths, .mp4) in parallel
-    processes, and write out_dir/<file name>, the same list for the new files. A second run skips finished files;
-    files that cannot be read are reported and left out of the new list, never fatal. Images are kept as they are."""
-    import multiprocessing
-    from tqdm import tqdm
-    is_json, records, rels = _read_records(file)
-    jobs = {rel: (_join(root, rel), os.path.join(out_dir, os.path.splitext(rel)[0] + '.mp4'), options)
-            for rec, rel in zip(records, rels) if not (is_json and 'image' in rec)}
-    with multiprocessing.Pool(workers) as pool:
-        failed = dict(r for r in tqdm(pool.imap_unordered(_prepare_one, jobs.values()), total=len(jobs),
-                                      desc=f'preparing {file}') if r[1] is not None)
-    kept = []
-    for rec, rel in zip(records, rels):
-        if is_json and 'image' in rec:  # an image: its original file, absolute
-            kept.append({**rec, 'image': os.path.abspath(_join(root, rel))})
-        elif jobs[rel][0] not in failed:
-            new = os.path.splitext(rel)[0] + '.mp4'
-            kept.append({**rec, 'video': new} if is_json else rec.replace(rel, new, 1))
-    new_file = os.path.join(out_dir, os.path.basename(file))
-    with open(new_file, 'w') as f:
-        json.dump(kept, f, indent=1) if is_json else f.writelines(kept)
-    for path, reason in failed.items():
-        print(f'could not prepare {path}: {reason}')
-    print(f'{len(jobs) - len(failed)} videos prepared in {out_dir}, {len(failed)} failed -> {new_file}')
-    return new_file, failed
-
-if __name__ == '__main__':
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--check', metavar='FILE', help='classification list or caption annotation to verify')
-    ap.add_argument('--root', default=None, help='folder that relative paths in FILE start from')
-    ap.add_argument('--prepare', metavar='FILE', help='list or annotation file to re-encode for fast sampling')
-    ap.add_argument('--out', metavar='DIR', help='where --prepare writes the videos and the new list')
-    ap.add_argument('--workers', type=int, default=os.cpu_count(), help='parallel processes for --prepare')
-    args = ap.parse_args()
-    if args.check:
-        check(args.check, args.root)
-    if args.prepare:
-        prepare(args.prepare, args.root, args.out, args.workers)

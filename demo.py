@@ -21,13 +21,14 @@ import sys
 import numpy as np
 import open_clip
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-import checkpoints
 import data
 import model
 import teacher
+import training
 
 DEMO_COLORS = {'red': (225, 45, 40), 'green': (40, 185, 60), 'blue': (45, 95, 235), 'yellow': (235, 205, 40),
                'purple': (150, 60, 200), 'orange': (240, 140, 30)}   # the squares' colours: what the k-NN asks for
@@ -131,17 +132,18 @@ def train_demo_clip(out_path, steps=200, batch=64, lr=1e-3, seed=0):
         for g in opt.param_groups:  # cosine decay to 0
             g['lr'] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
         opt.step()
-    checkpoints.save(clip.state_dict(), out_path)  # atomic: a killed run never leaves half a file
+    training.save_checkpoint(clip.state_dict(), out_path)  # atomic: a killed run never leaves half a file
 
 def random_student(path, seed=0):
     """The floor of every demo comparison: the demo student (model 'tiny' at 4 frames, as the demo presets) with
-    random weights, as a stage-1 checkpoint that evaluate.py, train_stage2.py and finetune.py read like any other."""
+    random weights, as a stage-1 checkpoint that evaluate.py, train_stage2.py and tasks.finetune read like any other."""
     torch.manual_seed(seed)
     config = model.get_config('tiny', num_frames=4)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    checkpoints.save({'model': model.VideoViT(config).state_dict(), 'model_config': dataclasses.asdict(config)}, path)
+    training.save_checkpoint({'model': model.VideoViT(config).state_dict(), 'model_config': dataclasses.asdict(config)},
+                             path)
 
-def setup(root, data_file, make_set, teacher_pretrained, master, barrier, seed=0):
+def setup(root, data_file, make_set, teacher_pretrained, master, seed=0):
     """The demo presets' preparation, done once by rank 0 while the others wait: write the synthetic set into
     `root` if `data_file` is missing (make_set), and, for teacher_pretrained='demo', train the demo CLIP into
     root/tiny_clip.pt if it is not there, both from `seed`. Returns the teacher's weights: that file for 'demo',
@@ -152,10 +154,10 @@ def setup(root, data_file, make_set, teacher_pretrained, master, barrier, seed=0
     weights, marker = f'{root}/tiny_clip.pt', f'{root}/captions_train.json'
     write_set = make_set and not os.path.exists(data_file)
     if write_set and os.path.isdir(root) and os.listdir(root):
-        raise SystemExit(f'{data_file} not found, and {root} is not empty: the demo writes its synthetic set only '
+        training.fail(f'{data_file} not found, and {root} is not empty: the demo writes its synthetic set only '
                          'into a new or empty folder. Pass the list of your own videos, or another folder.')
     if train_teacher and not os.path.exists(weights) and not write_set and not os.path.exists(marker):
-        raise SystemExit(f"TEACHER_PRETRAINED='demo' is a tiny CLIP that knows only the demo's coloured squares, and "
+        training.fail(f"TEACHER_PRETRAINED='demo' is a tiny CLIP that knows only the demo's coloured squares, and "
                          f'{root} is not the demo set (no {marker}). With your own videos, pass a real teacher (an '
                          "open_clip tag such as 'openai' or a weights file), or --teacher_pretrained=None for random "
                          'weights.')
@@ -165,7 +167,8 @@ def setup(root, data_file, make_set, teacher_pretrained, master, barrier, seed=0
     if master and train_teacher and not os.path.exists(weights):
         print(f'training the demo teacher {weights} on stills and their captions (about a minute)')
         train_demo_clip(weights, seed=seed)
-    barrier()
+    if dist.is_initialized():
+        dist.barrier()  # the others wait for rank 0's files
     return weights if train_teacher else teacher_pretrained
 
 if __name__ == '__main__':

@@ -11,7 +11,7 @@ Evaluation: the paper's downstream protocols, features for your own videos, and 
                 model, 12 middle frames, each option 0.7 x VTM match probability + 0.3 x VTC softmax over the options.
     features    pooled and per-frame features of your own videos -> one .pt file.
     show-mask   one PNG: the frames, the teacher's CLS attention, and the tokens the semantic mask keeps.
-    ava-map     frame-mAP@0.5 IoU of an AVA detections CSV over the label map's classes (the metric is in ava.py).
+    ava-map     frame-mAP@0.5 IoU of an AVA detections CSV over the label map's classes (the metric is in tasks/ava.py).
 
 Commands (any checkpoint of this repo, or an official UMT .pth):
     python evaluate.py retrieval --ckpt out/stage2/last.pt --ann msrvtt_test1k.json --root videos/
@@ -27,27 +27,30 @@ Tiny CPU demo (after train_stage1.py's demo run):
 """
 import argparse
 import json
-from contextlib import nullcontext
+import os
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import ava
-import checkpoints
 import training
-from data import BAD_ERRORS, VideoClassification, VideoText, augment, normalize, read_frames, sample_indices
+from masking import semantic_mask
+from data import (BAD_ERRORS, VideoClassification, VideoText, augment, normalize, read_annotations, read_frames,
+                  read_list, sample_indices)
+from tasks import ava
+from tasks.video_qa import VideoQuestions, mc_scores, read_mc
 from teacher import build_teacher
-from video_language import tokenize
-from video_qa import VideoQuestions, mc_scores, read_mc
+from training import fail
+from util import checkpoints
+from util.evaluation import (BATCH, K_TEST, MAX_TEXT_LEN, WORKERS, evaluate_retrieval, gather_rows, head_accuracy,
+                             is_master, multiview_average, per_view, run_videos, topk_accuracy)
 
-K_TEST = 128          # candidates re-ranked by VTM per query, in each direction (official k_test)
 RET_FRAMES = 4        # frames per video for retrieval, middle of 4 equal segments (official zero-shot configs)
 MC_FRAMES = 12        # frames per video for multiple choice (official MSRVTT-MC: 12)
-MAX_TEXT_LEN = 32     # caption tokens (official max_txt_l: MSRVTT 32; MSVD, DiDeMo, LSMDC 64)
 PROTOCOLS = {         # the official zero-shot retrieval configs (exp/zero_shot/ret_*/b16.py): caption tokens, the
     'msrvtt': dict(max_len=32, paragraph=False, seconds=None),   # captions of a video joined into one paragraph,
     'msvd': dict(max_len=64, paragraph=False, seconds=None),     # seconds of video read (DiDeMo: the first 30)
@@ -62,53 +65,9 @@ PROBE_LR = 1e-2       # AdamW peak learning rate of the probe, cosine-decayed to
 PROBE_WD = 1e-4       # AdamW weight decay of the probe
 TEST_CLIPS = 4        # temporal clips per test video (official Kinetics: 4)
 TEST_CROPS = 3        # spatial crops per clip: 3 = left/center/right, 1 = center (official Kinetics: 3)
-BATCH = 16            # videos (or captions) per forward pass
-ITM_BATCH = 128       # (caption, video) pairs per fusion forward pass in VTM re-ranking
-WORKERS = 4           # DataLoader processes decoding videos
-NO_MATCH = -100.0     # re-ranked score of every pair outside the top K_TEST (official)
 
 # ----------------------------------------------------------------------------------------------------------------
-# Metrics: plain functions on tensors (the tests call them directly)
-
-def best_positive_rank(scores, positive):
-    """scores [Q, G], positive [Q, G] bool -> [Q] 0-based rank of the best-ranked positive of each query.
-    Ties are counted against the model: every wrong item that scores >= the best positive comes before it,
-    so a constant scorer gets no credit. Other positives never push a positive down."""
-    best = scores.masked_fill(~positive, float('-inf')).amax(1, keepdim=True)  # [Q, 1]
-    return ((scores >= best) & ~positive).sum(1)
-
-def retrieval_metrics(sim, txt2vid, sim_v2t=None):
-    """sim [num_texts, num_videos] scores, txt2vid LongTensor [num_texts] (each caption's video) -> recalls in %.
-    t2v: a text is correct when its video is retrieved. v2t: a video may have several captions, and the
-    best-ranked one counts (as the official code); videos without a caption are left out of v2t. sim_v2t: scores for
-    the v2t direction when they differ from sim (after re-ranking each direction has its own top-k).
-    Keys: t2v_R@1/5/10, t2v_mean, v2t_R@1/5/10, v2t_mean, mean (of the two means, the official r_mean)."""
-    sim = sim.detach().float().cpu()
-    nt, nv = sim.shape
-    positive = torch.zeros(nt, nv, dtype=torch.bool)
-    positive[torch.arange(nt), txt2vid.cpu()] = True                       # [Nt, Nv]
-    v2t = (sim if sim_v2t is None else sim_v2t.detach().float().cpu()).t()  # [Nv, Nt]
-    has_caption = positive.any(0)                                           # [Nv]
-    ranks = {'t2v': best_positive_rank(sim, positive),
-             'v2t': best_positive_rank(v2t[has_caption], positive.t()[has_caption])}
-    out = {}
-    for direction, rank in ranks.items():
-        for k in (1, 5, 10):
-            out[f'{direction}_R@{k}'] = 100.0 * (rank < k).double().mean().item()
-        out[f'{direction}_mean'] = sum(out[f'{direction}_R@{k}'] for k in (1, 5, 10)) / 3
-    out['mean'] = (out['t2v_mean'] + out['v2t_mean']) / 2
-    return out
-
-def multiview_average(logits):
-    """logits [B, V, C] of V views (clips x crops) -> probabilities [B, C]: softmax per view, then the mean
-    (the official multi-view test, single_modality/engines/engine_for_finetuning.py)."""
-    return logits.float().softmax(dim=-1).mean(dim=1)
-
-def topk_accuracy(scores, labels, ks=(1, 5)):
-    """scores [B, C], labels [B] -> {'top1': %, 'top5': %}; k is capped at C (top-5 of 3 classes is top-3)."""
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices.cpu()   # [B, k]
-    hit = top == labels.cpu()[:, None]                                       # [B, k]
-    return {f'top{k}': 100.0 * hit[:, :k].any(1).double().mean().item() for k in ks}
+# k-NN and the linear probe (the retrieval protocol and the metrics are in util/evaluation.py, which training shares)
 
 def knn_predict(train_feats, train_labels, feats, num_classes, k=KNN_K, temp=KNN_TEMP, chunk=1024):
     """Weighted k-NN as in DINO: cosine similarity to every training feature, the k most similar vote for
@@ -148,27 +107,6 @@ def train_linear_probe(feats, labels, num_classes, epochs=PROBE_EPOCHS, lr=PROBE
         probe.bias.sub_(probe.weight @ mean)
     return probe.requires_grad_(False)
 
-def rerank(sim, k, pair_scores, videos=None, batch=ITM_BATCH):
-    """VTM re-ranking (the official k_test protocol): sim [Nt, Nv] VTC scores -> (t2v [Nt, Nv], v2t [Nt, Nv]) scores.
-    Each text's top-k videos and each video's top-k texts (k capped at the count) are scored again by
-    pair_scores(text_idx [P], video_idx [P]) -> ITM positive logits [P]; everything else gets NO_MATCH, as the
-    official code (the VTC score is not added back). A pair in both top-k sets is scored once. `videos`: the
-    video indices this rank scores (its own share); the rest comes from the other ranks by an all-reduce."""
-    nt, nv = sim.shape
-    t2v_top = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, sim.topk(min(k, nv), dim=1).indices, True)
-    v2t_top = torch.zeros_like(sim, dtype=torch.bool).scatter_(0, sim.topk(min(k, nt), dim=0).indices, True)
-    todo = t2v_top | v2t_top                                                 # [Nt, Nv] pairs to score
-    if videos is not None:  # this rank's columns only
-        todo &= torch.zeros(nv, dtype=torch.bool, device=sim.device).index_fill_(0, videos.to(sim.device), True)
-    text_idx, video_idx = todo.nonzero(as_tuple=True)                        # [P], [P]
-    itm = torch.zeros_like(sim)
-    for s in tqdm(range(0, len(text_idx), batch), desc='VTM re-ranking', disable=not is_master()):
-        t, v = text_idx[s:s + batch], video_idx[s:s + batch]
-        itm[t, v] = pair_scores(t, v).float()
-    if dist.is_initialized():
-        dist.all_reduce(itm)  # each pair was scored on exactly one rank, zeros elsewhere: the sum is exact
-    return itm.where(t2v_top, NO_MATCH), itm.where(v2t_top, NO_MATCH)
-
 # ----------------------------------------------------------------------------------------------------------------
 # Loading any checkpoint, and features from any model
 
@@ -178,10 +116,7 @@ def load_model(path, num_frames=None, img_size=None):
     stage-2 model, with its text side) or 'classifier' (ours or an official fine-tuned file, with its own head and,
     for an official one, its own stored position table)."""
     overrides = {k: v for k, v in (('num_frames', num_frames), ('img_size', img_size)) if v is not None}
-    try:
-        net, report = checkpoints.load(path, 'auto', stored_table=True, **overrides)
-    except ValueError as e:
-        raise SystemExit(f'evaluate.py: {e}') from e
+    net, report = checkpoints.load(path, 'auto', stored_table=True, **overrides)
     kind = 'umt' if hasattr(net, 'text_encoder') else 'classifier' if hasattr(net, 'head') else 'vit'
     print('\n'.join(report))
     encoder = net.vision_encoder if kind == 'umt' else net.backbone if kind == 'classifier' else net
@@ -209,87 +144,13 @@ def pooled_features(net, kind, config, video):
     return pooled.float(), per_frame.float()
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data-parallel helpers: each rank takes items rank, rank + W, ... and the results are summed into place
-
-def is_master():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-def gather_rows(local, index, total):
-    """local [n, ...] rows of global positions index [n] -> [total, ...] on every rank. Zeros elsewhere, then an
-    all-reduce sum: exact (x + 0 == x), so one process and W processes give the same tensors."""
-    out = local.new_zeros(total, *local.shape[1:])
-    out[index.to(local.device)] = local
-    if dist.is_initialized():
-        dist.all_reduce(out)
-    return out
-
-def run_videos(dataset, fn, device, batch, workers, desc, ctx=nullcontext()):
-    """fn(videos on device, batch dict) -> tuple of [b, ...] tensors, over this rank's share of the dataset ->
-    (tuple of [n, ...] tensors, global indices [n]). fn runs without gradients, under ctx (the precision)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if len(dataset) < world:
-        raise ValueError(f'{len(dataset)} videos cannot be split over {world} processes')
-    index = torch.arange(rank, len(dataset), world)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, index.tolist()), batch_size=batch,
-                                         num_workers=workers)
-    outs, replaced = [], 0
-    for b in tqdm(loader, desc=desc, disable=not is_master()):
-        replaced += int((b['skipped'] > 0).sum())
-        with torch.no_grad(), ctx:
-            outs.append([o.detach() for o in fn(normalize(b['video'].to(device, non_blocking=True)), b)])
-    if replaced:  # data.py replaces an unreadable file by another one: fine for training, wrong for evaluation
-        print(f'WARNING: {replaced} unreadable videos were replaced by others; run `python data.py --check` '
-              'and evaluate on the clean list for exact numbers')
-    return [torch.cat(o) for o in zip(*outs)], index
-
-# ----------------------------------------------------------------------------------------------------------------
 # Subcommands
-
-def evaluate_retrieval(net, dataset, device, k_test=K_TEST, batch=BATCH, workers=WORKERS, max_len=MAX_TEXT_LEN):
-    """Zero-shot retrieval on a data.VideoText(mode='eval') set -> {'vtc': metrics, 'reranked': metrics, ...};
-    k_test=0: the VTC scores only (train_stage2.py's check after every epoch). Every rank must call it."""
-    ctx = training.precision(device)[0]
-    net.eval()
-    captions = [c for item in dataset.items for c in item.captions]          # every caption of every video
-    txt2vid = torch.tensor([i for i, item in enumerate(dataset.items) for _ in item.captions])
-    nt, nv = len(captions), len(dataset)
-
-    def encode(video, _):  # per-frame pooled features (keep_temporal=True in the official eval), no mask
-        x_vis, _, feat = net.encode_video(video, per_frame=True)
-        feat = feat if feat.ndim == 3 else feat[:, None]                      # [b, T, E]
-        return x_vis, F.normalize(feat.float(), dim=-1)  # x_vis stays in the autocast dtype: the big tensor
-
-    (x_vis, video_feat), video_index = run_videos(dataset, encode, device, batch, workers, 'videos', ctx)
-    video_feat = gather_rows(video_feat, video_index, nv)                   # [Nv, T, E]; tokens stay on this rank
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    text_index = torch.arange(rank, nt, world)
-    max_len = min(max_len, net.text_encoder.positional_embedding.shape[0])  # the text tower's positions (CLIP: 77)
-    ids, mask = tokenize([captions[j] for j in text_index.tolist()], context_length=max_len)  # [n, L] each
-    with torch.no_grad(), ctx:
-        texts = [net.encode_text(ids[s:s + batch].to(device), mask[s:s + batch].to(device))  # ([b, L, W], [b, E])
-                 for s in tqdm(range(0, len(ids), batch), desc='texts', disable=not is_master())]
-    hidden = gather_rows(torch.cat([h for h, _ in texts]).float(), text_index, nt)                     # [Nt, L, W]
-    text_feat = gather_rows(torch.cat([F.normalize(f.float(), dim=-1) for _, f in texts]), text_index, nt)  # [Nt, E]
-    mask = gather_rows(mask.long().to(device), text_index, nt).to(mask.dtype)  # [Nt, L] (gloo sums no bools)
-
-    # VTC with temperature 1: s(text, video) = mean over frames f of cos(text, video_f), as the official get_sim
-    sim = torch.einsum('te,vfe->tvf', text_feat, video_feat).mean(-1)       # [Nt, Nv]
-
-    def itm(t, v):  # the fusion layers: caption tokens attend to all T*h*w tokens of the video
-        with torch.no_grad(), ctx:  # this rank's videos v = rank + j * world are the rows j = v // world of x_vis
-            return net.itm_logits(hidden[t], mask[t], x_vis[v // world])[:, 1]
-
-    out = {'vtc': retrieval_metrics(sim, txt2vid), 'num_videos': nv, 'num_texts': nt, 'chance_R@1': 100.0 / nv}
-    if k_test > 0:
-        t2v, v2t = rerank(sim, k_test, itm, videos=video_index)
-        out['reranked'] = retrieval_metrics(t2v, txt2vid, v2t)
-    return out
 
 def evaluate_mc(net, dataset, device, batch=BATCH, workers=WORKERS):
     """Multiple-choice accuracy (%) of a stage-2 model on a video_qa.VideoQuestions set of MCItems: the best-scored
     option (video_qa.mc_scores) against the answer; a question whose video cannot be read counts as wrong. Every
     rank must call it; each scores its share of the questions."""
-    ctx = training.precision(device)[0]
+    ctx = training.autocast(device)
     net.eval()
 
     def score(video, b):
@@ -299,23 +160,6 @@ def evaluate_mc(net, dataset, device, batch=BATCH, workers=WORKERS):
     correct = (scores.argmax(1).cpu() == torch.tensor([it.answer for it in dataset.items])) & (bad.cpu() == 0)
     return {'accuracy': 100.0 * correct.double().mean().item(), 'num_questions': len(dataset),
             'chance': 100.0 / scores.shape[1], 'unreadable_videos': int(bad.sum())}
-
-def per_view(dataset, fn, device, batch=BATCH, workers=WORKERS, desc='views', ctx=None):
-    """fn on every view (clips x crops) of every video -> ([N, V, ...], labels [N]) on every rank."""
-    def views(video, b):  # video [b, V, 3, T, S, S], or [b, 3, T, S, S] when V = 1
-        video = video if video.ndim == 6 else video[:, None]
-        return fn(video.flatten(0, 1)).float().unflatten(0, video.shape[:2]), b['label'].to(device)  # [b, V, ...]
-    ctx = ctx or training.precision(device)[0]
-    (out, labels), index = run_videos(dataset, views, device, batch, workers, desc, ctx)
-    return gather_rows(out, index, len(dataset)), gather_rows(labels, index, len(dataset))
-
-def head_accuracy(classifier, dataset, device, batch=BATCH, workers=WORKERS, ctx=None):
-    """A classifier's top-1 / top-5 (%) on a dataset, softmax averaged over each video's views; each video is
-    counted once, on any number of processes (finetune.py's validation and test)."""
-    was_training = classifier.training
-    logits, labels = per_view(dataset, classifier.eval(), device, batch, workers, 'views', ctx)  # [N, V, C], [N]
-    classifier.train(was_training)
-    return topk_accuracy(multiview_average(logits), labels)
 
 def evaluate_classification(net, kind, config, args, device):
     """k-NN + linear probe on frozen pooled features, or a classifier's own head, on the multi-view test set."""
@@ -357,7 +201,7 @@ def extract_features(net, kind, config, paths, device, frames=None, size=None):
     for path, reason in skipped.items():
         print(f'skipped {path}: {reason}')
     if not kept:
-        raise SystemExit(f'evaluate.py: none of the {len(paths)} videos could be read')
+        fail(f'none of the {len(paths)} videos could be read')
     return {'paths': kept, 'skipped': skipped, **{k: torch.cat(v) for k, v in out.items() if v}}
 
 def mask_picture(video, attn, keep):
@@ -378,16 +222,30 @@ def mask_picture(video, attn, keep):
 def show_mask(video_path, out, teacher_name, pretrained, frames, mask_ratio, seed=0):
     """Teacher attention and the semantic mask (masking.semantic_mask, as in training) for one video -> PNG."""
     from PIL import Image
-    from masking import semantic_mask
+    try:
+        clip = read_frames(video_path, lambda n: sample_indices(n, frames, 'middle'))
+    except BAD_ERRORS as e:
+        fail(f'{video_path} cannot be read as a video ({type(e).__name__}: {e})')
     teacher = build_teacher(teacher_name, pretrained, align_layers=1)
-    S = teacher.image_size
-    clip = read_frames(video_path, lambda n: sample_indices(n, frames, 'middle'))
-    video = augment(clip, S, 'center')[0][None]                              # [1, 3, T, S, S] uint8
+    video = augment(clip, teacher.image_size, 'center')[0][None]              # [1, 3, T, S, S] uint8
     _, attn = teacher.encode(normalize(video))                               # [1, T, h*w]
     keep = semantic_mask(attn, mask_ratio, generator=torch.Generator().manual_seed(seed))  # [1, T*n_keep]
-    Image.fromarray(mask_picture(video[0], attn[0], keep[0])).save(out)
-    print(f'wrote {out}: {frames} frames; rows = frames, teacher CLS attention, kept tokens '
-          f'({keep.shape[1] // frames} of {attn.shape[2]} per frame)')
+    picture = mask_picture(video[0], attn[0], keep[0])                        # [3S, T*S, 3]
+    kept = f'kept tokens: {keep.shape[1] // frames} of {attn.shape[2]} per frame, ratio {mask_ratio}'
+    Image.fromarray(label_rows(picture, ['frames', 'teacher CLS attention: blue low, red high', kept])).save(out)
+    print(f'wrote {out}: {frames} frames of {video_path}; rows: the frames, the teacher\'s CLS attention (blue = '
+          f'low, red = high), the tokens the semantic mask keeps ({kept.split(": ")[1]}; hidden ones darkened)')
+
+def label_rows(picture, labels, height=14):
+    """uint8 [rows x S, W, 3] -> the same with a white caption strip above each of the len(labels) rows."""
+    from PIL import Image, ImageDraw
+    S, W = picture.shape[0] // len(labels), picture.shape[1]
+    canvas = Image.new('RGB', (W, len(labels) * (S + height)), 'white')
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(labels):
+        draw.text((2, i * (S + height) + 1), text, fill='black')
+        canvas.paste(Image.fromarray(picture[i * S:(i + 1) * S]), (0, i * (S + height) + height))
+    return np.asarray(canvas)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
@@ -436,29 +294,65 @@ def parse_args(argv=None):
     a.add_argument('--exclusions', default=None, help='CSV of video_id, timestamp: keyframes left out')
     return p.parse_args(argv)
 
+def new_output(path):
+    """An output path must be new: a command never overwrites a file it did not create."""
+    if os.path.exists(path):
+        fail(f'--out {path} exists: pass a new file name (nothing is ever written over an existing file)')
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        fail(f'--out {path}: its folder {os.path.dirname(path)!r} does not exist')
+
+def check_args(args):
+    """Every number and output of the command line, before anything is loaded."""
+    small = {f'--{k}': getattr(args, k, None) for k in ('frames', 'size', 'batch', 'clips', 'max_len')}
+    for name, value in small.items():
+        if value is not None and value < 1:
+            fail(f'{name} {value}: pass a positive number')
+    if getattr(args, 'workers', 0) < 0 or getattr(args, 'k_test', 0) < 0:
+        fail('--workers and --k_test must be 0 or more')
+    if not 0 < getattr(args, 'mask_ratio', 0.5) < 1:
+        fail(f'--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1 (the fraction of tokens hidden)')
+    if args.command not in ('ava-map', 'show-mask') and not (args.ckpt or getattr(args, 'teacher', None)):
+        fail(f'{args.command} needs --ckpt CHECKPOINT')
+    if getattr(args, 'out', None) or args.command == 'features':
+        new_output(args.out or 'features.pt')
+    if args.command == 'classify' and not args.train and (args.teacher or not args.ckpt):
+        fail('k-NN and the linear probe need --train (the labelled features they learn from)')
+
+def rounded(x):
+    """Results with two decimals: percentages read as 43.33, not 43.333333333333336."""
+    if isinstance(x, dict):
+        return {k: rounded(v) for k, v in x.items()}
+    return round(x, 2) if isinstance(x, float) else x
+
 def main(argv=None):
+    training.short_errors()
     args = parse_args(argv)
+    check_args(args)
     if args.command == 'ava-map':
         return ava.evaluate_files(args.labelmap, args.groundtruth, args.detections, args.exclusions)
     if args.command == 'show-mask':
         return show_mask(args.video, args.out, args.teacher, args.pretrained, args.frames, args.mask_ratio, args.seed)
-    _, _, device = training.setup_distributed(args.device)
+    mc_items = read_mc(args.ann, args.root) if args.command == 'mc' else None  # the files first: a typo costs seconds
+    for path in [getattr(args, 'ann', None)] if args.command == 'retrieval' else [getattr(args, 'train', None),
+                                                                                  getattr(args, 'val', None)]:
+        if path:
+            read_annotations(path) if args.command == 'retrieval' else read_list(path)
+    _, _, device = training.init_distributed(args.device)
     if getattr(args, 'teacher', None):  # classify the teacher's own features: what the student is taught
         net = build_teacher(args.teacher, args.pretrained, align_layers=1)
         kind, config = 'teacher', SimpleNamespace(num_frames=args.frames or 8, img_size=net.image_size, tubelet_size=1)
-    elif args.ckpt:
-        net, kind, config = load_model(args.ckpt, args.frames, args.size)
     else:
-        raise SystemExit(f'evaluate.py {args.command}: --ckpt is required')
+        net, kind, config = load_model(args.ckpt, args.frames, args.size)
     net.to(device)
+    if args.command in ('retrieval', 'mc') and kind != 'umt':
+        fail(f'{args.command} needs a stage-2 checkpoint of this project (with a text side); {args.ckpt} holds a '
+             f'{kind}')
     if args.command == 'features':  # one process: a few videos of your own
         feats = extract_features(net, kind, config, args.videos, device, args.frames, args.size)
         torch.save(feats, args.out or 'features.pt')
         print(f'wrote {args.out or "features.pt"}: {len(feats["paths"])} videos ({len(feats["skipped"])} skipped), '
               + ', '.join(f'{k} {tuple(v.shape)}' for k, v in feats.items() if torch.is_tensor(v)))
         return feats
-    if args.command in ('retrieval', 'mc') and kind != 'umt':
-        raise SystemExit(f'{args.command} needs a stage-2 checkpoint of this repo (with a text side), got a {kind}')
     if args.command == 'retrieval':
         protocol = PROTOCOLS[args.protocol]
         data = VideoText(args.ann, args.root, num_frames=args.frames or RET_FRAMES, size=args.size or config.img_size,
@@ -466,20 +360,16 @@ def main(argv=None):
         results = evaluate_retrieval(net, data, device, args.k_test, args.batch, args.workers,
                                      args.max_len or protocol['max_len'])
     elif args.command == 'mc':
-        try:
-            items = read_mc(args.ann, args.root)
-        except ValueError as e:  # not the MC format: the message names the entry
-            raise SystemExit(f'evaluate.py: {e}') from e
-        data = VideoQuestions(items, args.frames or MC_FRAMES, args.size or config.img_size, 'eval', args.max_len)
+        data = VideoQuestions(mc_items, args.frames or MC_FRAMES, args.size or config.img_size, 'eval', args.max_len)
         results = evaluate_mc(net, data, device, args.batch, args.workers)
     else:
-        if kind != 'classifier' and not args.train:
-            raise SystemExit('k-NN and the linear probe need --train (the labelled features they learn from)')
         results = evaluate_classification(net, kind, config, args, device)
+    results = rounded(results)
     if is_master():
         print(json.dumps(results, indent=1))
         if args.out:
             json.dump(results, open(args.out, 'w'), indent=1)
+            print(f'wrote {args.out}')
     if dist.is_initialized():
         dist.barrier()  # tear the group down together: a rank that leaves first makes gloo abort the others
         dist.destroy_process_group()

@@ -7,7 +7,7 @@ section 3.1 (the student and the alignment, Eq. 1) and section 4 (fine-tuning). 
 single_modality/models/modeling_pretrain_umt.py so official checkpoints load key for key: no CLS token,
 tubelet 1, a fixed 1-D sin-cos position table, q/v biases only, LayerNorm eps 1e-6, exact GELU, and K
 alignment heads fed by the last K blocks through the shared final norm. Stage 2 builds on it in
-video_language.py; checkpoints.py loads any checkpoint, ours or official.
+video_language.py; util/checkpoints.py loads any checkpoint, ours or official.
 
 Shape legend (used in every comment below):
     B batch, T frames, H, W pixels, t, h, w token grid (t = T / tubelet, h = H / patch, w = W / patch),

@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 
+from training import fail
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the data pipeline normalizes clips with these (as the official code)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # ... but OpenAI CLIP was trained with these
@@ -46,6 +48,12 @@ def imagenet_to_clip():
                                             (IMAGENET_MEAN, IMAGENET_STD, CLIP_MEAN, CLIP_STD))
     return std_in / std_clip, (mean_in - mean_clip) / std_clip
 
+def check_pretrained(pretrained):
+    """A TEACHER_PRETRAINED that names a weights file must be one (checked before anything heavy runs)."""
+    if pretrained and pretrained.endswith(('.bin', '.pt', '.pth', '.safetensors')) and not os.path.isfile(pretrained):
+        fail(f"teacher weights file {pretrained!r} not found. Pass an existing file, or the open_clip tag 'openai' "
+             '(downloaded once into the Hugging Face cache; needs the network the first time).')
+
 def tiny_clip(quick_gelu=True, seed=0):
     """A 64-px open_clip.CLIP for tests and the CPU demo. Its random weights are seeded: a teacher is never
     saved in a checkpoint, so a resumed run must rebuild exactly the same one (the demo trains it once
@@ -61,9 +69,9 @@ def check_quickgelu(model):
     quietly wrong, and open_clip picks nn.GELU without a warning for e.g. 'ViT-B-16' + a file path."""
     act = model.visual.transformer.resblocks[0].mlp.gelu
     if not isinstance(act, QuickGELU):
-        raise ValueError(f"OpenAI CLIP weights need QuickGELU but this model uses {type(act).__name__}: use a "
-                         "'-quickgelu' model name (e.g. 'ViT-B-16-quickgelu', 'ViT-L-14-quickgelu'). If the file "
-                         "holds non-OpenAI weights trained with GELU, this teacher is not the paper's.")
+        fail(f"OpenAI CLIP weights need QuickGELU but this model uses {type(act).__name__}: use a '-quickgelu' model "
+             "name (e.g. 'ViT-B-16-quickgelu', 'ViT-L-14-quickgelu'). If the file holds non-OpenAI weights trained "
+             "with GELU, this teacher is not the paper's.")
 
 def build_clip(name='ViT-B-16-quickgelu', pretrained='openai'):
     """Frozen open_clip CLIP model (both towers; video_language.py builds the text side from it).
@@ -73,16 +81,15 @@ def build_clip(name='ViT-B-16-quickgelu', pretrained='openai'):
         model = tiny_clip()
         if pretrained not in (None, 'openai'):
             if not os.path.isfile(pretrained):
-                raise FileNotFoundError(f'tiny CLIP weights {pretrained!r} not found: train_demo_clip writes them '
-                                        f'(the demo presets do this themselves)')
+                fail(f'tiny CLIP weights {pretrained!r} not found: demo.train_demo_clip writes them (the demo presets '
+                     'do this themselves)')
             model.load_state_dict(torch.load(pretrained, map_location='cpu', weights_only=True))
     else:
         try:
             model = open_clip.create_model(name, pretrained=pretrained)
-        except RuntimeError as e:  # offline without a cached download, or a file that does not exist
-            if pretrained is None:
-                raise
-            raise RuntimeError(f"Could not load CLIP weights {pretrained!r} for {name!r}: {e}\n{WEIGHTS_HINT}") from e
+        except RuntimeError as e:  # an unknown model name; offline without a cached download; a file that is not there
+            fail(f"could not build the CLIP teacher {name!r} with weights {pretrained!r}: {str(e).splitlines()[0]}\n"
+                 f"{WEIGHTS_HINT}")
         if pretrained == 'openai' or (pretrained is not None and os.path.isfile(pretrained)):
             check_quickgelu(model)
     return model.eval().requires_grad_(False)
@@ -106,13 +113,12 @@ class CLIPTeacher(nn.Module):
             raise ValueError('CLIPTeacher needs a plain CLIP ViT (open_clip ResidualAttentionBlock blocks)')
         depth = len(blocks)
         if not (isinstance(align_layers, int) and 1 <= align_layers <= depth):
-            raise ValueError(f'align_layers must be an int in 1..{depth} (the teacher has {depth} blocks), '
-                             f'got {align_layers!r}')
+            fail(f'align_layers must be an int in 1..{depth} (the teacher has {depth} blocks), got {align_layers!r}')
         self.align_layers, self.heads = align_layers, blocks[0].attn.num_heads
         self.patch, native = v.patch_size[0], v.image_size[0]
         self.image_size = image_size or native  # S: frames are resized to S x S before the teacher
         if self.image_size % self.patch:
-            raise ValueError(f'image_size {self.image_size} is not a multiple of the patch size {self.patch}')
+            fail(f'the teacher size {self.image_size} is not a multiple of the patch size {self.patch}')
         # Learned positions exist for the native grid only: resize them once here (UMT-L: 16x16 -> 14x14).
         grid = self.image_size // self.patch
         pos = None if self.image_size == native else resize_pos_embed(v.positional_embedding, grid)  # [1+grid^2, E]

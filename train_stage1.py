@@ -22,17 +22,22 @@ After a crash, the same command resumes from OUT_DIR/last.pt.
 """
 
 import dataclasses
+import math
 import os
 import sys
+from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 import data
 import demo
 import masking
 import training
-from model import VideoViT, get_config, load_strict, uta_loss
-from teacher import build_teacher
+from model import CONFIGS, VideoViT, get_config, load_strict, uta_loss
+from teacher import build_teacher, check_pretrained
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: the paper's values, changed by --preset=NAME and --name=value (training.configure)
@@ -94,38 +99,42 @@ fail = training.fail
 
 # Check the constants before anything heavy happens, so a typo costs seconds, not a queue slot.
 world_size, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)  # grad_accum: micro-steps per step
-try:
-    base_config = get_config(MODEL)
-except ValueError as e:  # an unknown preset: the message lists the valid ones
-    fail(str(e))
+training.need_positive(EPOCHS=EPOCHS, NUM_FRAMES=NUM_FRAMES, IMG_SIZE=IMG_SIZE, LOG_INTERVAL=LOG_INTERVAL,
+                       CKPT_INTERVAL=CKPT_INTERVAL, MAX_BAD_STEPS=MAX_BAD_STEPS)
+if MODEL not in CONFIGS:
+    fail(f'MODEL={MODEL!r} is not a model preset; valid: {", ".join(CONFIGS)}')
+base_config = get_config(MODEL)
 if not 0 < MASK_RATIO < 1:
     fail(f'MASK_RATIO={MASK_RATIO} must lie strictly between 0 and 1 (the fraction of tokens hidden; paper: 0.8)')
 if MASK_TYPE not in ('semantic', 'tube', 'random'):
     fail(f"MASK_TYPE={MASK_TYPE!r}; valid: 'semantic', 'tube', 'random'")
-if IMG_SIZE % base_config.patch_size or NUM_FRAMES % base_config.tubelet_size:
-    fail(f'IMG_SIZE={IMG_SIZE} must be a multiple of the patch size {base_config.patch_size} and '
-         f'NUM_FRAMES={NUM_FRAMES} of the tubelet size {base_config.tubelet_size} of {MODEL}')
-if TEACHER_PRETRAINED and TEACHER_PRETRAINED.endswith(('.bin', '.pt', '.pth', '.safetensors')) \
-        and not os.path.isfile(TEACHER_PRETRAINED):
-    fail(f'teacher weights file {TEACHER_PRETRAINED!r} not found. Pass an existing file, or the open_clip tag '
-         f"'openai' (downloaded once into the Hugging Face cache; needs the network the first time).")
-training.need_files({'DATA_LIST': DATA_LIST}, 'it lists one training video per line as `path,label` (or `path label`), '
-                    'paths relative to DATA_ROOT, e.g. `abseiling/xyz.mp4,0`; labels are not used in stage 1. To try '
-                    'the script first: `python train_stage1.py --preset=demo` (it makes a synthetic set).', MAKE_DEMO)
+if IMG_SIZE % base_config.patch_size or NUM_FRAMES % base_config.tubelet_size or not 1 <= ALIGN_LAYERS <= \
+        base_config.depth:
+    fail(f'IMG_SIZE={IMG_SIZE} must be a multiple of the patch size {base_config.patch_size}, NUM_FRAMES={NUM_FRAMES} '
+         f'of the tubelet size {base_config.tubelet_size}, and ALIGN_LAYERS={ALIGN_LAYERS} in 1..{base_config.depth}')
+check_pretrained(TEACHER_PRETRAINED)  # a weights file that is not there
+training.need_files({'DATA_LIST': DATA_LIST}, 'it lists one training video per line as `path,label` (or `path '
+                    'label`), paths relative to DATA_ROOT; labels are not used in stage 1. To try the script first: '
+                    '`python train_stage1.py --preset=demo` (it makes a synthetic set).', MAKE_DEMO)
 
 # ----------------------------------------------------------------------------------------------
-# Processes (torchrun's environment: one per GPU, or gloo processes on CPU), precision, OUT_DIR
+# Processes: torchrun starts one per GPU (NCCL) or per CPU share (gloo); plain python runs one. Precision.
 
-run = training.Run(config, OUT_DIR, DEVICE, DTYPE, GRAD_CLIP, MAX_BAD_STEPS, LOG_INTERVAL, CKPT_INTERVAL)
-rank, device, autocast = run.rank, run.device, run.autocast
-peak_lr = BASE_LR * TOTAL_BATCH / 256                         # linear scaling rule, as the official scripts
+rank, world_size, device = training.init_distributed(DEVICE)  # joins the process group when torchrun started us
+master = rank == 0                                              # rank 0 logs, checkpoints and makes the demo set
+dtype = training.pick_dtype(device, DTYPE)                      # bf16 on recent GPUs, fp16 on older ones, fp32 on CPU
+autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 gradients underflow unless scaled
+lock = training.lock_out_dir(OUT_DIR) if master else None      # a second run on the same OUT_DIR stops here
+ckpt_path = os.path.join(OUT_DIR, 'last.pt')
+peak_lr = BASE_LR * TOTAL_BATCH / 256                           # linear scaling rule, as the official scripts
 min_lr = MIN_LR * TOTAL_BATCH / 256
 
 # ----------------------------------------------------------------------------------------------
-# Data: TSN-sparse frames, multi-scale crop and flip, ImageNet normalization (paper section 4.1)
+# Data: TSN-sparse frames, multi-scale crop and flip (paper section 4.1); uint8 until data.normalize on the device
 
 # The demo set and its stand-in for OpenAI CLIP (TEACHER_PRETRAINED='demo'), made once; else nothing to do.
-teacher_weights = demo.setup(DATA_ROOT, DATA_LIST, MAKE_DEMO, TEACHER_PRETRAINED, run.master, run.barrier, SEED)
+teacher_weights = demo.setup(DATA_ROOT, DATA_LIST, MAKE_DEMO, TEACHER_PRETRAINED, master, SEED)
 dataset = data.VideoClassification(DATA_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='train', aug='multiscale',
                                    flip=True, max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS)
 steps_per_epoch = training.epoch_steps(len(dataset), TOTAL_BATCH, DATA_LIST, 'videos')
@@ -135,18 +144,17 @@ total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_
 # Models: the frozen teacher and the student
 
 torch.manual_seed(SEED)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
-try:
-    teacher = build_teacher(TEACHER, teacher_weights, ALIGN_LAYERS, TEACHER_SIZE).to(device)
-except RuntimeError as e:  # weights not downloadable / not found: teacher.py's message carries the hint
-    fail(str(e))
+teacher = build_teacher(TEACHER, teacher_weights, ALIGN_LAYERS, TEACHER_SIZE).to(device)
 # Frozen: eval mode, no gradients, never in DDP, the optimizer or a checkpoint (rebuilt on resume).
 teacher.eval().requires_grad_(False)
 student_config = get_config(MODEL, img_size=IMG_SIZE, num_frames=NUM_FRAMES, drop_path=DROP_PATH,
                             align_layers=ALIGN_LAYERS, checkpoint_blocks=CHECKPOINT_BLOCKS,
                             teacher_dim=teacher.visual.proj.shape[1])  # C: the heads regress CLIP's output width
-raw_model = VideoViT(student_config)  # unwrapped and uncompiled: what is saved
-ckpt = run.resume()  # OUT_DIR/last.pt, or None
+raw_model = VideoViT(student_config)  # unwrapped: what is saved
+ckpt = training.resume(OUT_DIR, world_size, device)  # OUT_DIR/last.pt, or None for a new run
 if ckpt is not None:
+    if ckpt['model_config'] != dataclasses.asdict(student_config):
+        fail(f'{ckpt_path} holds another student ({ckpt["model_config"]}): pass another --out_dir')
     load_strict(raw_model, ckpt['model'])
 raw_model.to(device)
 # The UTA loss pairs student token i with teacher token i, so both must cut a clip into the same grid.
@@ -159,17 +167,34 @@ if (t, h, w) != (NUM_FRAMES, grid, grid):
 n_keep = masking.num_keep(h * w, MASK_RATIO)  # visible tokens per frame (40 of 196 for ViT-B/16)
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer (AdamW, no decay on 1-D parameters), compile, DDP
+# Optimizer (AdamW, no decay on 1-D parameters), resume, compile, DDP
 
 optimizer = training.adamw(raw_model, peak_lr, WEIGHT_DECAY, BETAS)
-summary = [f'{MICRO_BATCH} clips x {world_size} processes x {grad_accum} accumulation steps = {TOTAL_BATCH} clips per '
-           f'step | peak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH}/256), floor {min_lr:.3g}, warmup '
-           f'{warmup_steps} steps | {len(dataset)} videos',
-           f'student {MODEL} sees {t * n_keep} of {t * h * w} tokens per clip ({MASK_TYPE} mask, ratio {MASK_RATIO}), '
-           f'aligns its last {ALIGN_LAYERS} blocks | teacher {TEACHER} ({teacher_weights}) at {teacher.image_size} '
-           'px, frozen']
-# Compiled (shapes are static: every frame keeps n_keep tokens), in DDP: the student only, the teacher has no gradients.
-model = run.start(raw_model, optimizer, ckpt, total_steps, steps_per_epoch, summary, COMPILE, desc='stage 1')
+step = 0
+if ckpt is not None:  # the run goes on where the checkpoint stopped: weights (above), optimizer, loss scale, step
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    step = ckpt['step']
+    resumed = training.resumed_line(ckpt, config, ckpt_path, steps_per_epoch)
+    ckpt = None  # its tensors would stay in memory for the whole run
+model = raw_model
+if COMPILE:  # in place, the weight names stay; shapes are static: every frame keeps n_keep tokens
+    model.forward = torch.compile(model.forward)
+if world_size > 1:  # averages the gradients over ranks during backward; the teacher has none and stays outside
+    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+model.train()
+if master:
+    trained = sum(p.numel() for p in raw_model.parameters())
+    print('\n'.join([*([resumed] if step else []),
+                     f'{MICRO_BATCH} clips x {world_size} processes x {grad_accum} accumulation steps = {TOTAL_BATCH} '
+                     f'clips per step | peak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH}/256), floor '
+                     f'{min_lr:.3g}, warmup {warmup_steps} steps | {len(dataset)} videos',
+                     f'student {MODEL} ({trained / 1e6:.2f}M parameters) sees {t * n_keep} of {t * h * w} tokens per '
+                     f'clip ({MASK_TYPE} mask, ratio {MASK_RATIO}), aligns its last {ALIGN_LAYERS} blocks | teacher '
+                     f'{TEACHER} ({teacher_weights}) at {teacher.image_size} px, frozen',
+                     f'{str(dtype)[6:]} on {device}, compile {COMPILE} | {total_steps} steps, {steps_per_epoch} per '
+                     'epoch']))
+    training.write_log(OUT_DIR, {'config': config, 'world_size': world_size, 'start_step': step})
 
 # ----------------------------------------------------------------------------------------------
 # Training loop
@@ -178,15 +203,21 @@ model = run.start(raw_model, optimizer, ckpt, total_steps, steps_per_epoch, summ
 # r, r + W, r + 2W, ..., so row i of micro-step m is position (m * MICRO_BATCH + i) * W + r.
 rows = torch.arange(MICRO_BATCH, device=device) * world_size + rank            # [B] for micro-step 0
 mask_gen = torch.Generator(device=device)
-batches = run.batches(dataset, MICRO_BATCH, grad_accum, SEED, NUM_WORKERS)
-while run.step < total_steps:
+batches = training.train_batches(dataset, MICRO_BATCH, SEED, rank, world_size, NUM_WORKERS, step, steps_per_epoch,
+                                 grad_accum)
+meter = training.Meter({'loss': 0, 'loss_layers': ALIGN_LAYERS}, device, step)
+bar = tqdm(total=total_steps, initial=step, disable=not master, desc='stage 1', dynamic_ncols=True)
+last_ckpt_step = step  # 0: none yet
+while step < total_steps:
     # Randomness is a function of the step number, so a resumed run replays it exactly: the masks from
     # (SEED, step), identical on every rank; stochastic depth from (SEED, step, rank), different per rank.
-    torch.manual_seed(training.seed_for(SEED, run.step, rank))
-    run.set_lr(training.lr_at(run.step, total_steps, warmup_steps, peak_lr, min_lr))
+    torch.manual_seed(training.seed_for(SEED, step, rank))
+    lr = training.lr_at(step, total_steps, warmup_steps, peak_lr, min_lr)
+    training.set_lr(optimizer, lr)
     losses = torch.zeros(ALIGN_LAYERS + 1, device=device)  # L_uta, then per aligned layer
-    for micro, batch in run.micro_batches(batches, grad_accum):
-        video = data.normalize(batch['video'].to(device, non_blocking=True))           # [B, 3, T, H, W]
+    for micro in range(grad_accum):
+        batch = meter.next(batches)                                             # times the wait for data
+        video = data.normalize(batch['video'].to(device, non_blocking=True))   # [B, 3, T, H, W]
         with torch.no_grad(), autocast:
             # The teacher sees the full clip: its features are the targets of every token, visible or not.
             hidden, attn = teacher.encode(video)                                # [K, B, N, E], [B, T, h*w]
@@ -196,21 +227,53 @@ while run.step < total_steps:
             my_rows = rows + micro * MICRO_BATCH * world_size                   # [B]
             attn_all = torch.ones(TOTAL_BATCH, NUM_FRAMES, h * w, device=device)  # [TOTAL_BATCH, T, h*w]
             attn_all[my_rows] = attn
-            mask_gen.manual_seed(training.seed_for(SEED, run.step, 'mask'))
+            mask_gen.manual_seed(training.seed_for(SEED, step, 'mask'))
             keep = masking.make_mask(MASK_TYPE, attn_all, MASK_RATIO, mask_gen)[my_rows]  # [B, N_vis] kept indices
             targets = teacher.targets(hidden, keep)                             # [K, B, N_vis, C] unit vectors
-        # Gradients of the micro-steps add up; DDP averages them over ranks only on the last one.
-        with training.no_sync(model, micro < grad_accum - 1):
+        # DDP all-reduces the gradients in every backward; the micro-steps before the last only add them up locally.
+        sync = micro == grad_accum - 1 or world_size == 1
+        with nullcontext() if sync else model.no_sync():
             with autocast:
                 _, aligned = model(video, keep)                                 # [K, B, N_vis, C] unit vectors
                 layer_losses = uta_loss(aligned, targets, per_layer=True)       # [K], mean of 2 - 2 cos per layer
                 loss = layer_losses.mean()                                      # L_uta
-            # Divide by grad_accum: the summed gradients are then those of the mean over all TOTAL_BATCH clips.
-            run.scaler.scale(loss / grad_accum).backward()
+            # Gradients add up over the micro-steps: dividing by grad_accum makes them those of the mean loss.
+            scaler.scale(loss / grad_accum).backward()
         losses += torch.cat([loss.detach()[None], layer_losses.detach()]) / grad_accum
 
-    # ---- update (or skip a non-finite step), log, checkpoint: training.Run, the same in every script
-    if run.update({'loss': losses[0], 'loss_layers': losses[1:]}, raw_model):
-        run.save(raw_model, model_config=dataclasses.asdict(student_config))
+    # ---- the update: unscale, clip, step; skipped, on every rank alike, when the loss or a gradient is not finite
+    scaler.unscale_(optimizer)  # the true gradients (fp16 scaled them up), before measuring or clipping them
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), GRAD_CLIP or math.inf)  # inf: only measured
+    good = training.finite_everywhere(losses[0], None if scaler.is_enabled() else grad_norm)  # fp16: the scaler's job
+    if good:
+        scaler.step(optimizer)  # = optimizer.step(); with fp16, skipped if a gradient overflowed
+    scaler.update()             # fp16: the next loss scale
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    bar.update()
 
-run.close()
+    # ---- log and checkpoint
+    # a skipped step is counted, its losses left out of the averages
+    meter.add(good, loss=losses[0], loss_layers=losses[1:])
+    if step % LOG_INTERVAL == 0 or step == total_steps or meter.bad_in_a_row == MAX_BAD_STEPS:
+        record = meter.record(step, steps_per_epoch, lr, grad_norm)
+        if master:
+            training.log(OUT_DIR, record, NUM_WORKERS, device, bar)
+    training.stop_if_bad(meter, MAX_BAD_STEPS, step, ckpt_path, last_ckpt_step)  # MAX_BAD_STEPS in a row
+    if good and (step % CKPT_INTERVAL == 0 or step == total_steps):
+        if master:  # atomic: a crash while writing leaves the previous last.pt whole
+            training.save_checkpoint({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                                      'scaler': scaler.state_dict(), 'step': step, 'config': config,
+                                      'model_config': dataclasses.asdict(student_config)}, ckpt_path)
+        last_ckpt_step = step
+
+# ----------------------------------------------------------------------------------------------
+# Cleanup
+
+bar.close()
+if master:
+    print(f'done: {step} steps, {meter.skipped_steps} skipped; weights in {ckpt_path} (step {last_ckpt_step}), log in '
+          f'{OUT_DIR}/log.jsonl')
+if world_size > 1:
+    dist.barrier()  # leave together: a rank that leaves first makes gloo abort the others
+    dist.destroy_process_group()

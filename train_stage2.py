@@ -38,14 +38,17 @@ import zlib
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-import checkpoints
 import data
 import demo
-import evaluate
 import masking
 import training
-from teacher import CLIPTeacher, build_clip
+from teacher import CLIPTeacher, build_clip, check_pretrained
+from util import checkpoints
+from util.evaluation import evaluate_retrieval
 from video_language import build_umt, clip_text_state_dict, tokenize
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +144,7 @@ config = training.configure(globals(), PRESETS, sys.argv[1:])
 fail = training.fail
 
 # Check the constants before anything heavy happens, so a typo costs seconds, not a queue slot.
-world_size = int(os.environ.get('WORLD_SIZE', 1))  # torchrun sets it; init_process_group comes later
+world_size = int(os.environ.get('WORLD_SIZE', 1))  # torchrun sets it; the process group comes later
 for name, batch in (('VIDEO_BATCH', VIDEO_BATCH), ('IMAGE_BATCH', IMAGE_BATCH)):
     if batch % world_size or batch // world_size < 2:
         fail(f'{name}={batch} must be divisible by {world_size} processes, with at least 2 pairs per process '
@@ -153,23 +156,31 @@ for name, ratio in (('VIDEO_MASK_RATIO', VIDEO_MASK_RATIO), ('IMAGE_MASK_RATIO',
 if MASK_TYPE not in ('semantic', 'tube', 'random') or VTC_GRAD not in ('global', 'official'):
     fail(f"MASK_TYPE={MASK_TYPE!r} must be 'semantic', 'tube' or 'random'; VTC_GRAD={VTC_GRAD!r} 'global' or "
          "'official'")
+training.need_positive(EPOCHS=EPOCHS, NUM_FRAMES=NUM_FRAMES, IMG_SIZE=IMG_SIZE, MAX_TEXT_LEN=MAX_TEXT_LEN,
+                       LOG_INTERVAL=LOG_INTERVAL, CKPT_INTERVAL=CKPT_INTERVAL, MAX_BAD_STEPS=MAX_BAD_STEPS)
 training.need_init(INIT, OUT_DIR, 'a train_stage1.py checkpoint (out/stage1/last.pt), an official UMT stage-1 .pth '
                    'or our stage-2 model', 'python train_stage1.py --preset=demo')
+check_pretrained(TEACHER_PRETRAINED)  # a weights file that is not there
 training.need_files({'VIDEO_ANN': VIDEO_ANN, 'IMAGE_ANN': IMAGE_ANN, 'VAL_ANN': VAL_ANN}, 'a JSON list (or JSONL) of '
                     '{"video" or "image": path, "caption": text or [texts]}, paths relative to the matching *_ROOT. '
                     'Try `--preset=demo` first.', MAKE_DEMO)
 
 # ----------------------------------------------------------------------------------------------
-# Processes (torchrun's environment: one per GPU, or gloo processes on CPU), precision, OUT_DIR
+# Processes: torchrun starts one per GPU (NCCL) or per CPU share (gloo); plain python runs one. Precision.
 
-run = training.Run(config, OUT_DIR, DEVICE, DTYPE, GRAD_CLIP, MAX_BAD_STEPS, LOG_INTERVAL, CKPT_INTERVAL)
-rank, device, autocast = run.rank, run.device, run.autocast
+rank, world_size, device = training.init_distributed(DEVICE)  # joins the process group when torchrun started us
+master = rank == 0                                              # rank 0 logs, checkpoints and makes the demo set
+dtype = training.pick_dtype(device, DTYPE)                      # bf16 on recent GPUs, fp16 on older ones, fp32 on CPU
+autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 gradients underflow unless scaled
+lock = training.lock_out_dir(OUT_DIR) if master else None      # a second run on the same OUT_DIR stops here
+ckpt_path = os.path.join(OUT_DIR, 'last.pt')
 
 # ----------------------------------------------------------------------------------------------
 # Data: one loader per media, each batch all-video or all-image; the schedule interleaves them
 
 # The demo set and its stand-in for OpenAI CLIP (TEACHER_PRETRAINED='demo'), made once; else nothing to do.
-teacher_weights = demo.setup(VIDEO_ROOT, VIDEO_ANN, MAKE_DEMO, TEACHER_PRETRAINED, run.master, run.barrier, SEED)
+teacher_weights = demo.setup(VIDEO_ROOT, VIDEO_ANN, MAKE_DEMO, TEACHER_PRETRAINED, master, SEED)
 sets = {'video': data.VideoText(VIDEO_ANN, VIDEO_ROOT, NUM_FRAMES, IMG_SIZE, 'train', media='video',
                                 max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS)}
 if IMAGE_ANN:
@@ -181,13 +192,7 @@ if min(steps_of.values()) == 0:
     fail(f'fewer pairs than one batch: {({m: len(ds) for m, ds in sets.items()})} vs {global_batch}')
 steps_per_epoch = sum(steps_of.values())
 total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_epoch
-
-def lr_at(step):
-    """The official per-step LambdaLR (multi_modality/utils/scheduler.py): LR x max(MIN_LR_RATIO, step / warmup)
-    during warmup, then LR x max(MIN_LR_RATIO, half-cosine from 1 to 0)."""
-    if step < warmup_steps:
-        return LR * max(MIN_LR_RATIO, step / warmup_steps)
-    return LR * max(MIN_LR_RATIO, 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps))))
+val_set = data.VideoText(VAL_ANN, VAL_ROOT, NUM_FRAMES, IMG_SIZE, 'eval', media='video') if VAL_ANN else None
 
 @functools.lru_cache(maxsize=2)
 def schedule(epoch):
@@ -202,31 +207,28 @@ def schedule(epoch):
 
 torch.manual_seed(SEED)  # the same new weights on every rank (DDP broadcasts rank 0's anyway)
 use_teacher = UTA_WEIGHT > 0  # without it no masking either: every token, per-frame features (retrieval fine-tuning)
-ckpt = run.resume()  # OUT_DIR/last.pt, or None
-try:
-    source = ckpt if ckpt is not None else checkpoints.read(INIT)
-    if use_teacher or 'text_config' not in source:  # CLIP's visual tower teaches, its text tower starts the text side
-        clip_model = build_clip(TEACHER, teacher_weights)
-    # The architecture comes from the checkpoint; frames, size and regularization from the constants. The
-    # position table is fixed sin-cos, so 4 frames simply use the first rows of the 8-frame table.
-    overrides = {} if ckpt is not None else dict(num_frames=NUM_FRAMES, img_size=IMG_SIZE, drop_path=DROP_PATH,
-                                                 checkpoint_blocks=CHECKPOINT_BLOCKS)
-    if 'text_config' in source:  # our stage-2 model: resume, or retrieval fine-tuning
-        raw_model, report = checkpoints.load(source, 'umt', name=run.ckpt_path if ckpt else INIT, **overrides)
-    else:
-        vision, report = checkpoints.load(source, 'vit', name=INIT, **overrides)
-        if vision.config.align_layers == 0:
-            fail(f'INIT={INIT} has no alignment heads: stage 2 continues the stage-1 alignment (UTA)')
-        raw_model = build_umt(vision, clip_model, EMBED_DIM, FUSION_LAYER)
-        from_clip = {'text_encoder.' + k for k in clip_text_state_dict(clip_model)}
-        new = [k for k in raw_model.state_dict() if not k.startswith('vision_encoder.') and k not in from_clip]
-        report += [f'text encoder: {len(from_clip)} tensors from the text tower of {TEACHER} ({teacher_weights})',
-                   f'new in stage 2: {checkpoints.group(new, parts=4)}']
-except (RuntimeError, ValueError) as e:  # CLIP weights not found (teacher.py's message has the hint), or a
-    fail(str(e))                         # checkpoint that cannot be read or does not fit
-del source
+ckpt = training.resume(OUT_DIR, world_size, device, 'text_config')  # OUT_DIR/last.pt, or None for a new run
+source = ckpt if ckpt is not None else training.read_checkpoint(INIT)
+if use_teacher or 'text_config' not in source:  # CLIP's visual tower teaches, its text tower starts the text side
+    clip_model = build_clip(TEACHER, teacher_weights)
+# The architecture comes from the checkpoint; frames, size and regularization from the constants. The
+# position table is fixed sin-cos, so 4 frames simply use the first rows of the 8-frame table.
+overrides = {} if ckpt is not None else dict(num_frames=NUM_FRAMES, img_size=IMG_SIZE, drop_path=DROP_PATH,
+                                             checkpoint_blocks=CHECKPOINT_BLOCKS)
+if 'text_config' in source:  # our stage-2 model: resume, or retrieval fine-tuning
+    raw_model, report = checkpoints.load(source, 'umt', name=ckpt_path if ckpt else INIT, **overrides)
+else:
+    vision, report = checkpoints.load(source, 'vit', name=INIT, **overrides)
+    if vision.config.align_layers == 0:
+        fail(f'INIT={INIT} has no alignment heads: stage 2 continues the stage-1 alignment (UTA)')
+    raw_model = build_umt(vision, clip_model, EMBED_DIM, FUSION_LAYER)
+    from_clip = {'text_encoder.' + k for k in clip_text_state_dict(clip_model)}
+    new = [k for k in raw_model.state_dict() if not k.startswith('vision_encoder.') and k not in from_clip]
+    report += [f'text encoder: {len(from_clip)} tensors from the text tower of {TEACHER} ({teacher_weights})',
+               f'new in stage 2: {checkpoints.group(new, parts=4)}']
+source = None
 vision_config = raw_model.vision_encoder.config
-raw_model.to(device)
+raw_model.to(device)  # unwrapped: what is saved and evaluated
 if use_teacher:
     teacher = CLIPTeacher(clip_model, vision_config.align_layers, TEACHER_SIZE).to(device)
     # Frozen: eval mode, no gradients, never in DDP, the optimizer or a checkpoint (rebuilt on resume).
@@ -239,38 +241,55 @@ if use_teacher:
 clip_model = None  # the text tower was copied into raw_model; the teacher keeps the visual tower
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer (AdamW, no decay on 1-D / 0-D parameters), compile, DDP
+# Optimizer (AdamW, no decay on 1-D / 0-D parameters), resume, compile, DDP
 
 optimizer = training.adamw(raw_model, LR, WEIGHT_DECAY, BETAS)
-if COMPILE:  # in place: the state_dict keys stay the same. Videos and images give two static graphs.
-    raw_model.vision_encoder.compile(dynamic=False)
-report.append(f'{VIDEO_BATCH} video / {IMAGE_BATCH if IMAGE_ANN else 0} image pairs per step, '
-              f'{", ".join(f"{n} {m}" for m, n in steps_of.items())} steps per epoch | lr {LR:g} after {warmup_steps} '
-              f'warmup steps, floor {LR * MIN_LR_RATIO:g} | text fusion from block '
-              f'{raw_model.text_encoder.fusion_layer} | teacher '
-              + (f'{TEACHER} ({teacher_weights}), frozen' if use_teacher else 'off: every token'))
-# In DDP as a whole: UMT's forward computes the four losses, one DDP forward per step.
-model = run.start(raw_model, optimizer, ckpt, total_steps, steps_per_epoch, report, desc='stage 2')
-val_set = data.VideoText(VAL_ANN, VAL_ROOT, NUM_FRAMES, IMG_SIZE, 'eval', media='video') if VAL_ANN else None
+step = 0
+if ckpt is not None:  # the run goes on where the checkpoint stopped: weights (above), optimizer, loss scale, step
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    step = ckpt['step']
+    report.append(training.resumed_line(ckpt, config, ckpt_path, steps_per_epoch))
+    ckpt = None  # its tensors would stay in memory for the whole run
+if COMPILE:  # the student only, in place: its shapes are static (one graph for videos, one for images), while
+    # MLM's masked positions give the text side a new shape every step
+    raw_model.vision_encoder.forward = torch.compile(raw_model.vision_encoder.forward, dynamic=False)
+# In DDP as a whole: UMT's forward computes the four losses, one DDP forward per step; DDP averages the gradients.
+model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == 'cuda' else None) \
+    if world_size > 1 else raw_model
+model.train()
+if master:
+    trained = sum(p.numel() for p in raw_model.parameters())
+    print('\n'.join(report + [
+        f'{VIDEO_BATCH} video / {IMAGE_BATCH if IMAGE_ANN else 0} image pairs per step over {world_size} processes, '
+        f'{", ".join(f"{n} {m}" for m, n in steps_of.items())} steps per epoch | lr {LR:g} after {warmup_steps} warmup '
+        f'steps, floor {LR * MIN_LR_RATIO:g} | text fusion from block {raw_model.text_encoder.fusion_layer} | teacher '
+        + (f'{TEACHER} ({teacher_weights}), frozen' if use_teacher else 'off: every token'),
+        f'{trained / 1e6:.2f}M parameters | {str(dtype)[6:]} on {device}, compile {COMPILE} | {total_steps} steps']))
+    training.write_log(OUT_DIR, {'config': config, 'world_size': world_size, 'start_step': step})
 
 # ----------------------------------------------------------------------------------------------
-# Training loop
+# Training loop. No gradient accumulation: the VTC loss over the global batch does not split into micro-batches.
 
-epoch, position = divmod(run.step, steps_per_epoch)
-streams = {m: data.train_batches(ds, global_batch[m] // world_size, training.seed_for(SEED, m), rank, world_size,
-                                 NUM_WORKERS, epoch, schedule(epoch)[:position].count(m), steps_of[m])
-           for m, ds in sets.items()}
+epoch, position = divmod(step, steps_per_epoch)
+done = {m: epoch * steps_of[m] + schedule(epoch)[:position].count(m) for m in sets}  # batches each stream gave
+streams = {m: training.train_batches(ds, global_batch[m] // world_size, training.seed_for(SEED, m), rank, world_size,
+                                     NUM_WORKERS, done[m], steps_of[m]) for m, ds in sets.items()}
 # The official all-gather keeps only this rank's share of the contrastive gradient: 1/world_size of ours.
 vtc_weight = VTC_WEIGHT / world_size if VTC_GRAD == 'official' else VTC_WEIGHT
 loss_weights = torch.tensor([vtc_weight, VTM_WEIGHT, MLM_WEIGHT, UTA_WEIGHT], device=device)
-while run.step < total_steps:
-    epoch, position = divmod(run.step, steps_per_epoch)
+meter = training.Meter(dict.fromkeys(['loss', 'vtc', 'vtm', 'mlm', 'uta', 'temp'], 0), device, step)
+bar = tqdm(total=total_steps, initial=step, disable=not master, desc='stage 2', dynamic_ncols=True)
+last_ckpt_step = step  # 0: none yet
+while step < total_steps:
+    epoch, position = divmod(step, steps_per_epoch)
     # Randomness is a function of the step number, so a resumed run replays it exactly: masks, MLM
     # corruption, VTM negatives and stochastic depth all draw from this seed (different on every rank).
-    torch.manual_seed(training.seed_for(SEED, run.step, rank))
-    run.set_lr(lr_at(run.step))
+    torch.manual_seed(training.seed_for(SEED, step, rank))
+    lr = training.lr_at(step, total_steps, warmup_steps, LR, LR * MIN_LR_RATIO, clamp=True)
+    training.set_lr(optimizer, lr)
     media = schedule(epoch)[position]
-    batch = run.next_batch(streams[media])
+    batch = meter.next(streams[media])
     video = data.normalize(batch['video'].to(device, non_blocking=True))  # [B, 3, T, H, W]; T = 1 for images
     # Pair keys [B, 2]: the video (or image) file and the caption text, as crc32 (the same on every rank); VTC and
     # VTM treat pairs that share either as positives: captions of the same video (MSRVTT lists each of them as
@@ -288,22 +307,52 @@ while run.step < total_steps:
             targets = teacher.targets(hidden, keep)                     # [K, B, N_vis, C] unit vectors
     with autocast:
         parts = model(video, keep, targets, input_ids, attention_mask, ids, MLM_PROB if MLM_WEIGHT else 0.0)  # [4]
-    loss = (parts * loss_weights).sum()                                 # L = L_vtc + L_vtm + L_mlm + L_uta (paper)
-    run.scaler.scale(loss).backward()
+        loss = (parts * loss_weights).sum()                             # L = L_vtc + L_vtm + L_mlm + L_uta (paper)
+    scaler.scale(loss).backward()
 
-    # ---- update (or skip a non-finite step), log, checkpoint: training.Run, the same in every script
-    due = run.update({'loss': loss, 'vtc': parts[0], 'vtm': parts[1], 'mlm': parts[2], 'uta': parts[3],
-                      'temp': raw_model.temp}, raw_model)
+    # ---- the update: unscale, clip, step; skipped, on every rank alike, when the loss or a gradient is not finite
+    scaler.unscale_(optimizer)  # the true gradients (fp16 scaled them up), before measuring or clipping them
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), GRAD_CLIP or math.inf)  # inf: only measured
+    good = training.finite_everywhere(loss, None if scaler.is_enabled() else grad_norm)  # fp16: the scaler's job
+    if good:
+        scaler.step(optimizer)  # = optimizer.step(); with fp16, skipped if a gradient overflowed
+    scaler.update()             # fp16: the next loss scale
+    optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         raw_model.temp.clamp_(0.001, 0.5)  # the official bounds on the temperature
-    if due:
-        run.save(raw_model, model_config=dataclasses.asdict(vision_config), text_config=raw_model.text_config)
-    if val_set is not None and run.step % steps_per_epoch == 0:  # VTC-only retrieval on a small set, every rank
-        r1 = evaluate.evaluate_retrieval(raw_model, val_set, device, k_test=0, workers=0)['vtc']['t2v_R@1']
-        raw_model.train()
-        if run.master:
-            print(f'epoch {run.step // steps_per_epoch}: text->video R@1 {r1:.1f}% on {VAL_ANN} '
-                  f'(VTC, chance {100 / len(val_set):.1f}%)')
-            run.write({'step': run.step, 'epoch': run.step // steps_per_epoch, 'val_t2v_r1': r1})
+    step += 1
+    bar.update()
 
-run.close()
+    # ---- log, checkpoint, and a VTC retrieval check on VAL_ANN after every epoch
+    # a skipped step is counted, its losses left out of the averages
+    meter.add(good, loss=loss, vtc=parts[0], vtm=parts[1], mlm=parts[2], uta=parts[3], temp=raw_model.temp)
+    if step % LOG_INTERVAL == 0 or step == total_steps or meter.bad_in_a_row == MAX_BAD_STEPS:
+        record = meter.record(step, steps_per_epoch, lr, grad_norm)
+        if master:
+            training.log(OUT_DIR, record, NUM_WORKERS, device, bar)
+    training.stop_if_bad(meter, MAX_BAD_STEPS, step, ckpt_path, last_ckpt_step)  # MAX_BAD_STEPS in a row
+    if good and (step % CKPT_INTERVAL == 0 or step == total_steps):
+        if master:  # atomic: a crash while writing leaves the previous last.pt whole
+            training.save_checkpoint({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                                      'scaler': scaler.state_dict(), 'step': step, 'config': config,
+                                      'model_config': dataclasses.asdict(vision_config),
+                                      'text_config': raw_model.text_config}, ckpt_path)
+        last_ckpt_step = step
+    if val_set is not None and step % steps_per_epoch == 0:  # every rank encodes its share
+        r1 = evaluate_retrieval(raw_model, val_set, device, k_test=0, workers=0)['vtc']['t2v_R@1']
+        raw_model.train()
+        if master:
+            tqdm.write(f'epoch {step // steps_per_epoch}: text->video R@1 {r1:.1f}% on {VAL_ANN} (VTC, chance '
+                       f'{100 / len(val_set):.1f}%)')
+            training.write_log(OUT_DIR, {'step': step, 'epoch': step // steps_per_epoch, 'val_t2v_r1': r1})
+
+# ----------------------------------------------------------------------------------------------
+# Cleanup
+
+bar.close()
+if master:
+    print(f'done: {step} steps, {meter.skipped_steps} skipped; weights in {ckpt_path} (step {last_ckpt_step}), log in '
+          f'{OUT_DIR}/log.jsonl')
+if world_size > 1:
+    dist.barrier()  # leave together: a rank that leaves first makes gloo abort the others
+    dist.destroy_process_group()

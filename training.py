@@ -1,56 +1,88 @@
 """
-The plumbing every training script shares, written once so that the scripts cannot drift apart: settings
-(constants, presets, --name=value), start-up checks, processes, precision, the lr schedule and AdamW groups,
-and `Run`: resume from OUT_DIR/last.pt, update-or-skip on a non-finite loss, the log, the checkpoints.
+What the training scripts share, as plain functions: settings (constants, presets, --name=value, --help), bad input,
+start-up checks, processes and precision, the lr schedule and AdamW groups, the data order, and OUT_DIR (its lock,
+resume, the atomic checkpoint, the log).
 
-The method stays in the scripts: each loop computes its own losses and calls run.update(...) once per
-optimizer step. No trainer class owns the loop and nothing is called back.
+The method and the optimization step stay in the scripts: train_stage1.py and train_stage2.py write out the process
+group, DistributedDataParallel, torch.compile, autocast, the GradScaler, backward, the update and the non-finite skip.
+Nothing here owns the loop or holds the run's state. This file imports nothing of the project's.
 """
 
 import ast
+import fcntl
 import hashlib
 import json
 import math
 import os
+import re
+import socket
 import sys
 import time
-import types
-from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import checkpoints
-import data
+# ----------------------------------------------------------------------------------------------
+# Bad input: a file or value of the user's ends the command with one message, never a traceback
 
-# Fault injection for the tests, unset in real runs: these steps (numbered from 1, as in the log) get a NaN
-# loss and NaN gradients, and the process stops after step KILL_AFTER as if it had been killed.
-NAN_STEPS = {int(s) for s in os.environ.get('UMT_NAN_STEPS', '').split(',') if s}
-KILL_AFTER = int(os.environ.get('UMT_KILL_AFTER', 0))
+class BadInput(Exception):
+    """A file, path or setting given by the user that cannot be used. The message names it and says what to do."""
 
 def fail(message):
-    """Stop the script with a message that names it."""
-    raise SystemExit(f'{os.path.basename(sys.argv[0])}: {message}')
+    raise BadInput(message)
+
+def short_errors():
+    """From here on an uncaught BadInput ends the program with its message on stderr (exit code 1), no traceback.
+    A traceback stays for everything else: those are bugs of our own."""
+    default = sys.excepthook
+
+    def hook(kind, error, tb):
+        if not issubclass(kind, BadInput):
+            return default(kind, error, tb)
+        rank = f'rank {os.environ["RANK"]}: ' if int(os.environ.get('WORLD_SIZE', 1)) > 1 else ''
+        print(f'{rank}{os.path.basename(sys.argv[0])}: {error}', file=sys.stderr)
+    sys.excepthook = hook
 
 # ----------------------------------------------------------------------------------------------
 # Settings: UPPER_CASE constants at the top of a script, changed by presets and --KEY=VALUE
 
-def configure(constants, presets, argv):
-    """Apply `--preset=NAME`, then `--KEY=VALUE` overrides, to a script's constants (its globals()).
+def constant_lines(path, names):
+    """{NAME: its source line(s)}: the assignment with its comment, and the comment lines that continue it."""
+    lines, out = open(path).read().splitlines(), {}
+    for i, line in enumerate(lines):
+        m = re.match(r'([A-Z][A-Z0-9_]*) = ', line)
+        if m and m.group(1) in names and m.group(1) not in out:
+            block = [line]
+            while i + len(block) < len(lines) and re.match(r'\s{20,}#', lines[i + len(block)]):
+                block.append(lines[i + len(block)])
+            out[m.group(1)] = '\n'.join(block)
+    return out
 
-    Values are read with ast.literal_eval (so `--mask_type=tube` and `--mask_ratio=0.9` both work),
-    must have the type of the default (an int is accepted for a float), and an unknown key fails
-    with the list of valid ones. Prints what differs from the defaults (the paper's recipe) and returns
-    the resolved {name: value} dict, which goes into the log and into every checkpoint.
-    """
-    names = sorted(k for k, v in constants.items()
-                   if k.isupper() and k != 'PRESETS' and not callable(v) and not isinstance(v, types.ModuleType))
+def configure(constants, presets, argv):
+    """Apply `--preset=NAME`, then `--KEY=VALUE` overrides, to a script's constants (its globals()); -h / --help
+    prints the script's docstring, its constants with their defaults and comments, and the presets.
+
+    Values are read with ast.literal_eval (so `--mask_type=tube` and `--mask_ratio=0.9` both work), must have the
+    type of the default (an int is accepted for a float), and an unknown key fails with the list of valid ones.
+    Prints what differs from the defaults (the paper's recipe) and returns the resolved {name: value} dict, which
+    goes into the log and into every checkpoint."""
+    short_errors()
+    names = sorted(k for k, v in constants.items()  # the settings: upper-case names of plain values (PRESETS is a dict)
+                   if k.isupper() and isinstance(v, (bool, int, float, str, tuple, list, type(None))))
     defaults = {k: constants[k] for k in names}
+    if {'-h', '--help'} & set(argv):
+        source = constant_lines(constants['__file__'], names)
+        print(constants['__doc__'].strip() + '\n\nConstants (--name=value; the comment gives the paper\'s value):\n'
+              + '\n'.join(source.get(k, f'{k} = {defaults[k]!r}') for k in names) + '\n\nPresets (--preset=NAME):\n'
+              + '\n'.join(f'  {p}: ' + (', '.join(f'{k}={v!r}' for k, v in o.items()) or 'the defaults')
+                          for p, o in presets.items()))
+        raise SystemExit(0)
 
     def parse(arg):
         if not (arg.startswith('--') and '=' in arg):
-            raise SystemExit(f'arguments look like --KEY=VALUE, got {arg!r}')
+            fail(f'arguments look like --KEY=VALUE (or --help), got {arg!r}')
         key, text = arg[2:].split('=', 1)
         try:
             value = ast.literal_eval(text)
@@ -60,20 +92,19 @@ def configure(constants, presets, argv):
 
     def assign(key, value, source):
         if key not in names:
-            raise SystemExit(f'unknown setting {key!r} ({source}); valid: {", ".join(names)}')
+            fail(f'unknown setting {key!r} ({source}); valid: {", ".join(names)}')
         default = constants[key]
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if default is not None and value is not None and type(value) is not type(default):
-            raise SystemExit(f'{key} must be {type(default).__name__} like its default {default!r}, '
-                             f'got {value!r} ({source})')
+            fail(f'{key} must be {type(default).__name__} like its default {default!r}, got {value!r} ({source})')
         constants[key] = value
 
     pairs = [parse(a) for a in argv]
     for key, value in pairs:  # the preset first, so single overrides win over it
         if key == 'PRESET':
             if value not in presets:
-                raise SystemExit(f'unknown preset {value!r}; valid: {", ".join(presets)}')
+                fail(f'unknown preset {value!r}; valid: {", ".join(presets)}')
             for k, v in presets[value].items():
                 assign(k, v, f'preset {value}')
     for key, value in pairs:
@@ -92,22 +123,28 @@ def split_batch(total_batch, micro_batch):
     """-> (world_size, grad_accum) with TOTAL_BATCH = MICRO_BATCH x processes x accumulation steps. Called before
     the process group exists: torchrun sets WORLD_SIZE."""
     world_size = int(os.environ.get('WORLD_SIZE', 1))
-    if total_batch % (micro_batch * world_size):
-        fail(f'TOTAL_BATCH={total_batch} is not divisible by MICRO_BATCH={micro_batch} x {world_size} processes: '
-             f'choose TOTAL_BATCH as a multiple of {micro_batch * world_size}, or change MICRO_BATCH')
+    if micro_batch < 1 or total_batch < 1 or total_batch % (micro_batch * world_size):
+        fail(f'TOTAL_BATCH={total_batch} must be a positive multiple of MICRO_BATCH={micro_batch} x {world_size} '
+             'processes: change one of them')
     return world_size, total_batch // (micro_batch * world_size)
 
 def need_files(paths, what, skip=False):
-    """Stop when a path of {NAME: path} is set but missing; `what` says what the file holds and how to start."""
+    """Stop when a path of {NAME: path} is set but is not a file; `what` says what the file holds and how to start."""
     for name, path in paths.items():
-        if path and not skip and not os.path.exists(path):
-            fail(f'{name} {path!r} not found: {what}')
+        if path and not skip and not os.path.isfile(path):
+            fail(f'{name} {path!r} ' + ('is a folder' if os.path.isdir(path) else 'not found') + f': {what}')
 
 def need_init(init, out_dir, what, demo_command):
-    """INIT must exist, unless the run resumes from OUT_DIR/last.pt."""
+    """INIT must be a file, unless the run resumes from OUT_DIR/last.pt."""
     if not os.path.exists(os.path.join(out_dir, 'last.pt')) and not os.path.isfile(init):
         hint = f' Run `{demo_command}` first.' if 'demo' in init else ''
         fail(f'INIT {init!r} not found: pass --init=CHECKPOINT, {what}.{hint}')
+
+def need_positive(**values):
+    """Stop on a count (EPOCHS, ...) that is not positive."""
+    for name, v in values.items():
+        if v is None or v <= 0:
+            fail(f'{name}={v} must be positive')
 
 def epoch_steps(num_items, total_batch, source, unit):
     """Optimizer steps per epoch: the incomplete last global batch of an epoch is dropped."""
@@ -118,45 +155,47 @@ def epoch_steps(num_items, total_batch, source, unit):
 # ----------------------------------------------------------------------------------------------
 # Processes, devices and precision
 
-def setup_distributed(device_name='auto'):
-    """-> (rank, world_size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (NCCL on CUDA, gloo on CPU);
-    plain `python script.py` runs one process."""
+def init_distributed(device_name='auto'):
+    """-> (rank, world_size, device). Under torchrun (RANK in the environment) this joins the process group: NCCL on
+    GPUs, gloo on CPUs; plain `python script.py` is one process."""
     use_cuda = torch.cuda.is_available() and device_name != 'cpu'
     if 'RANK' in os.environ:
         dist.init_process_group('nccl' if use_cuda else 'gloo')
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    else:
-        rank, world_size, local_rank = 0, 1, 0
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever still runs in fp32
         torch.backends.cudnn.allow_tf32 = True
-    device = torch.device(f'cuda:{local_rank}' if use_cuda else 'cpu')
-    return rank, world_size, device
+    return rank, world_size, torch.device(f'cuda:{local_rank}' if use_cuda else 'cpu')
 
-def precision(device, dtype='auto'):
-    """-> (autocast context for the forward passes, the GradScaler that fp16 needs, dtype name).
-    'auto' = bf16 on a CUDA device that supports it, fp16 (+ loss scaling) on older GPUs, fp32 on CPU."""
+def pick_dtype(device, dtype='auto'):
+    """'auto' = bf16 on a GPU that has it, fp16 (which needs loss scaling) on older GPUs, fp32 on the CPU."""
     if dtype == 'auto':
         dtype = 'float32' if device.type != 'cuda' else ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16')
     if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise SystemExit(f"DTYPE must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.type, dtype=getattr(torch, dtype))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')
-    return ctx, scaler, dtype
+        fail(f"DTYPE must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    return getattr(torch, dtype)
+
+def autocast(device, dtype='auto'):
+    """The precision context of the forward passes (evaluation's; the training scripts write theirs out)."""
+    dtype = pick_dtype(device, dtype)
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast('cpu', enabled=False)
 
 def all_reduce_mean(t):
     """Average a tensor over ranks (a no-op without torch.distributed)."""
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_initialized():
         t = t.clone()
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
 
-def no_sync(model, skip):
-    """Gradient accumulation: DDP all-reduces the gradients only on the last micro-step (skip=False)."""
-    return model.no_sync() if skip and hasattr(model, 'no_sync') else nullcontext()
+def finite_everywhere(loss, grad_norm=None):
+    """True when the loss (and the gradient norm, if given) is finite on every rank: all ranks take the same
+    update-or-skip decision. One host sync."""
+    values = torch.stack([loss.detach().float(), torch.as_tensor(0.0 if grad_norm is None else grad_norm,
+                                                                   device=loss.device).float()])
+    return all_reduce_mean((~torch.isfinite(values)).float().sum()).item() == 0
 
 def seed_for(*keys):
     """A 63-bit seed from a few values (e.g. SEED, step, rank): different keys give unrelated streams.
@@ -167,18 +206,26 @@ def seed_for(*keys):
 # ----------------------------------------------------------------------------------------------
 # Optimizer: schedule and parameter groups
 
-def lr_at(step, total_steps, warmup_steps, peak, floor, start=0.0):
-    """Per-iteration schedule: linear warmup start -> peak, then half-cosine peak -> floor. A pure function of
-    the step number, so a resumed run has nothing to restore or drift."""
+def lr_at(step, total_steps, warmup_steps, peak, floor, start=0.0, clamp=False):
+    """The per-iteration schedule: linear warmup start -> peak, then half-cosine peak -> floor. clamp=True is the
+    official stage-2 LambdaLR (multi_modality/utils/scheduler.py): warmup from 0 and cosine to 0, both clamped from
+    below at floor. A pure function of the step, so a resumed run has nothing to restore or drift."""
+    if clamp:
+        return max(floor, lr_at(step, total_steps, warmup_steps, peak, 0.0))
     if step < warmup_steps:
         return start + (peak - start) * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
+def set_lr(optimizer, lr):
+    """Every group's lr = lr x its lr_scale (layer-wise decay in fine-tuning, 1 elsewhere)."""
+    for g in optimizer.param_groups:
+        g['lr'] = lr * g['lr_scale']
+
 def adamw(model, lr, weight_decay, betas, lr_scale=None):
     """AdamW (eps 1e-8, as the official scripts; fused on a GPU) with no weight decay on 1-D parameters (norms, q/v
     biases, the temperature) and biases. lr_scale(name) -> a per-parameter lr multiplier (layer_decay); each group
-    keeps its 'lr_scale' for Run.set_lr."""
+    keeps its 'lr_scale' for set_lr."""
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -200,220 +247,265 @@ def layer_decay(depth, decay, prefix=''):
     return lambda name: decay ** (depth + 1 - layer(name)) if name.startswith(prefix) else 1.0
 
 # ----------------------------------------------------------------------------------------------
-# One run's bookkeeping
+# Data order: the same on every rank, independent of the number of workers, replayed exactly after a resume
 
-class Run:
-    """Processes, precision, OUT_DIR/last.pt and log.jsonl, and what happens after every backward pass.
+class ResumableSampler(torch.utils.data.Sampler):
+    """DistributedSampler semantics (one global permutation per (seed, epoch), padded or cut to a multiple of
+    world_size, rank r takes positions r, r+W, ...) that yields (index, item_seed) with item_seed a function of
+    (seed, epoch, global position). set_start(p) skips this rank's first p samples of the next epoch iterated
+    (one-shot: the epoch after starts at 0 again). len() = samples per rank in a full epoch."""
+    def __init__(self, length, shuffle=True, seed=0, rank=0, world_size=1, drop_last=True):
+        self.length, self.shuffle, self.seed, self.rank, self.world = length, shuffle, seed, rank, world_size
+        per_rank = length // world_size if drop_last else math.ceil(length / world_size)
+        self.total, self.epoch, self.start = per_rank * world_size, 0, 0
 
-        run = training.Run(config, OUT_DIR, DEVICE, DTYPE, GRAD_CLIP, MAX_BAD_STEPS, LOG_INTERVAL, CKPT_INTERVAL)
-        ckpt = run.resume()                          # OUT_DIR/last.pt, or None for a new run
-        ...                                          # build raw_model (from ckpt or the init) and the optimizer
-        model = run.start(raw_model, optimizer, ckpt, total_steps, steps_per_epoch, report, COMPILE)
-        batches = run.batches(dataset, MICRO_BATCH, grad_accum, SEED, NUM_WORKERS)
-        while run.step < total_steps:
-            run.set_lr(schedule(run.step))
-            for micro, batch in run.micro_batches(batches, grad_accum):  # times the wait for data
-                ... forward, backward ...
-            if run.update({'loss': loss, ...}, raw_model):   # True when a checkpoint is due
-                run.save(raw_model, ...)        # + whatever describes the model
-        run.close()
-    """
+    def set_epoch(self, epoch):
+        self.epoch = epoch
 
-    def __init__(self, config, out_dir, device='auto', dtype='auto', grad_clip=None, max_bad_steps=5,
-                 log_interval=20, ckpt_interval=500):
-        self.config, self.out_dir, self.grad_clip, self.max_bad_steps = config, out_dir, grad_clip, max_bad_steps
-        self.log_interval, self.ckpt_interval = log_interval, ckpt_interval
-        self.rank, self.world_size, self.device = setup_distributed(device)  # NCCL on GPUs, gloo on CPUs
-        self.master = self.rank == 0
-        self.autocast, self.scaler, self.dtype = precision(self.device, dtype)
-        self.ckpt_path, self.log_path = os.path.join(out_dir, 'last.pt'), os.path.join(out_dir, 'log.jsonl')
-        if self.master:
-            os.makedirs(out_dir, exist_ok=True)
-        self.step, self.last_ckpt_step = 0, None
+    def set_start(self, position):
+        self.start = position
 
-    def barrier(self):
-        if self.world_size > 1:
-            dist.barrier()
+    def __len__(self):
+        return self.total // self.world
 
-    def resume(self):
-        """OUT_DIR/last.pt as a dict, or None for a new run. Every rank must take the same decision, so a
-        checkpoint seen by some ranks only (OUT_DIR not on shared storage) stops the run; so does a file that
-        cannot be read: starting over silently would throw the run away."""
-        exists = os.path.exists(self.ckpt_path)  # a stray last.pt.tmp (a crash mid-write) is ignored: last.pt is intact
-        if self.world_size > 1:
-            seen = torch.tensor([float(exists)], device=self.device)
-            dist.all_reduce(seen)
-            if 0 < seen.item() < self.world_size:
-                fail(f'{self.ckpt_path} is visible on {int(seen.item())} of {self.world_size} ranks: '
-                     'put OUT_DIR on storage that every node sees')
-        if not exists:
-            return None
-        try:
-            return checkpoints.read(self.ckpt_path)
-        except ValueError as e:
-            fail(f'{e}\nMove it aside to start this run over (or restore a copy), then launch again.')
+    def __iter__(self):
+        g = np.random.default_rng([self.seed, self.epoch])  # the same on every rank
+        order = g.permutation(self.length) if self.shuffle else np.arange(self.length)
+        order = np.resize(order, self.total)  # pad by repeating from the start, or cut
+        seeds = g.integers(2 ** 62, size=self.total)
+        start, self.start = self.start, 0
+        for p in range(self.rank + start * self.world, self.total, self.world):
+            yield int(order[p]), int(seeds[p])
 
-    def start(self, model, optimizer, ckpt, total_steps, steps_per_epoch, report=(), compile=False,
-              ckpt_every_epoch=False, desc='train'):
-        """Restore the optimizer, loss scaler and step from ckpt (None: a new run) and empty it (its tensors would
-        stay in memory for the whole run), print `report` (where the model comes from) and a summary, open the log
-        and the bar. -> the module to train: `model` compiled (compile=True) and in DDP when there are several
-        processes, in train mode; save and evaluate `model` itself."""
-        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
-        self.optimizer, self.ckpt_every_epoch = optimizer, ckpt_every_epoch
-        if ckpt is not None:
-            optimizer.load_state_dict(ckpt['optimizer'])
-            self.scaler.load_state_dict(ckpt['scaler'])
-            self.step = self.last_ckpt_step = ckpt['step']
-            diff = ', '.join(f'{k}: {ckpt["config"].get(k)!r} -> {v!r}' for k, v in self.config.items()
-                             if ckpt['config'].get(k) != v)
-            report = [*report, f'resumed from {self.ckpt_path} at step {self.step} (epoch '
-                      f'{self.step // steps_per_epoch})' + (f'; settings changed since: {diff}' if diff else '')]
-            ckpt.clear()
-        if self.master:
-            trained = sum(p.numel() for g in optimizer.param_groups for p in g['params'])
-            print('\n'.join([*report, f'{self.world_size} processes | {self.dtype} on {self.device}, compile '
-                              f'{compile} | {total_steps} steps, {steps_per_epoch} per epoch | {trained / 1e6:.2f}M '
-                              'trained parameters']))
-            self.write({'config': self.config, 'world_size': self.world_size, 'start_step': self.step})
-        self.sums, self.good_steps, self.skipped_steps, self.bad_in_a_row = None, 0, 0, 0
-        self.skipped_samples, self.samples, self.wait, self.grad_norm, self.hinted = 0, 0, 0.0, None, False
-        self.t_log, self.step_log = time.perf_counter(), self.step
-        self.pbar = tqdm(total=total_steps, initial=self.step, disable=not self.master, desc=desc, dynamic_ncols=True)
-        model = torch.compile(model) if compile else model
-        if self.world_size > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == 'cuda' else None, broadcast_buffers=False)
-        return model.train()
+def _worker_init(_):
+    torch.set_num_threads(1)  # parallelism comes from the workers; more threads only oversubscribe the cores
 
-    def batches(self, dataset, micro_batch, grad_accum, seed, num_workers):
-        """This rank's micro-batches from the current step on: a resumed run continues where it stopped."""
-        epoch, done = divmod(self.step, self.steps_per_epoch)
-        return data.train_batches(dataset, micro_batch, seed, self.rank, self.world_size, num_workers, epoch,
-                                  done * grad_accum, self.steps_per_epoch * grad_accum)
+def make_loader(dataset, batch_size, shuffle, seed, rank, world_size, num_workers, drop_last=True, start=0):
+    """DataLoader over a ResumableSampler; `start` = samples of this rank's epoch already consumed (resume)."""
+    sampler = ResumableSampler(len(dataset), shuffle, seed, rank, world_size, drop_last)
+    sampler.set_start(start)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None, worker_init_fn=_worker_init,
+        generator=torch.Generator())  # its own: creating an iterator must not draw from torch's global RNG
+    return loader, sampler
 
-    def micro_batches(self, batches, grad_accum):
-        """(micro-step, batch) for each of the grad_accum micro-steps of one optimizer step."""
-        for micro in range(grad_accum):
-            yield micro, self.next_batch(batches)
+def train_batches(dataset, batch_size, seed, rank, world_size, num_workers, step, steps_per_epoch, per_step=1):
+    """This rank's training batches without end, from optimizer step `step` on (a resumed run continues where it
+    stopped): epoch after epoch, a new permutation each, steps_per_epoch x per_step batches per epoch (per_step:
+    micro-batches per optimizer step; the incomplete rest of an epoch is dropped)."""
+    loader, sampler = make_loader(dataset, batch_size, True, seed, rank, world_size, num_workers)
+    epoch, done = divmod(step, steps_per_epoch)
+    start, per_epoch = done * per_step, steps_per_epoch * per_step
+    while True:
+        sampler.set_epoch(epoch)
+        sampler.set_start(start * batch_size)
+        if start < per_epoch:
+            batches = iter(loader)
+            for _ in range(per_epoch - start):
+                yield next(batches)
+        epoch, start = epoch + 1, 0
 
-    def set_lr(self, lr):
-        """The learning rate of this step, times each parameter group's lr_scale (called first in every step)."""
-        if KILL_AFTER and self.step >= KILL_AFTER:
-            raise SystemExit(0)  # test: killed after step KILL_AFTER (and its checkpoint, if one was due)
-        for g in self.optimizer.param_groups:
-            g['lr'] = lr * g['lr_scale']  # lr_scale: layer-wise decay in fine-tuning, 1 elsewhere
-        self.lr = lr
-        return lr
+# ----------------------------------------------------------------------------------------------
+# OUT_DIR: one run at a time, resume, atomic checkpoints, the log
 
-    def next_batch(self, batches):
-        """The next batch, timing how long the step waited for it (the data-wait fraction in the log)."""
+def lock_out_dir(out_dir):
+    """Hold OUT_DIR/run.lock while this process lives (the master calls it): a second run on the same OUT_DIR stops
+    with a message. The lock is the kernel's (flock), freed when the process ends however it ends, even killed: the
+    file a crashed run leaves behind never blocks the next one; only a live process holds the lock."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f'OUT_DIR {out_dir!r} is a file: pass a folder (--out_dir=...)')
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, 'run.lock'), 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        fail(f'OUT_DIR {out_dir!r} is in use by another run ({f.read().strip() or "running"}): wait for it to end, '
+             'or pass another --out_dir')
+    f.truncate(0)
+    f.write(f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+    f.flush()
+    return f  # the lock lasts as long as this file stays open
+
+def read_checkpoint(path):
+    """A checkpoint file -> dict, read with weights_only=True (tensors and plain data, never code to run)."""
+    if os.path.isdir(path) or not os.path.exists(path):
+        fail(f'checkpoint {path!r} ' + ('is a folder' if os.path.isdir(path) else 'not found') +
+             ': pass a .pt / .pth file')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every way a file can fail to load is the file's, reported as such
+        why = (str(e).splitlines() or [type(e).__name__])[0].split('. ')[0]
+        if 'Unsupported global' in str(e):
+            fail(f'{path} holds pickled Python objects (official trainer checkpoints pickle their argparse settings), '
+                 "which are never loaded here. If you trust it, keep its weights once: torch.save(torch.load(path, "
+                 "weights_only=False)['model'], 'weights.pth')")
+        fail(f'{path} cannot be read ({type(e).__name__}: {why}): the file is truncated or corrupt, or not a '
+             'checkpoint')
+    if not isinstance(ckpt, dict) or not ckpt:
+        fail(f'{path} holds a {type(ckpt).__name__}, not a dict of weights: pass a checkpoint of this project or an '
+             'official UMT .pth')
+    return ckpt
+
+def save_checkpoint(obj, path):
+    """Write atomically: a temporary file, flushed to disk, then renamed over the old checkpoint.
+    A crash (or a full disk) half-way through leaves the previous checkpoint intact."""
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
+    with open(tmp, 'rb') as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX
+
+def resume(out_dir, world_size, device, kind_key='model_config'):
+    """OUT_DIR/last.pt as a dict, or None for a new run. Every rank must take the same decision, so a checkpoint
+    seen by some ranks only (OUT_DIR not on shared storage) stops the run; so does a file that cannot be read, or one
+    that another script wrote (no `kind_key`): starting over silently would throw the run away."""
+    path = os.path.join(out_dir, 'last.pt')
+    exists = os.path.exists(path)  # a stray last.pt.tmp (a crash mid-write) is ignored: last.pt is intact
+    if world_size > 1:
+        seen = torch.tensor([float(exists)], device=device)
+        dist.all_reduce(seen)
+        if 0 < seen.item() < world_size:
+            fail(f'{path} is visible on {int(seen.item())} of {world_size} ranks: put OUT_DIR on storage that every '
+                 'node sees')
+    if not exists:
+        return None
+    try:
+        ckpt = read_checkpoint(path)
+    except BadInput as e:
+        fail(f'{e}. Move it aside to start this run over (or restore a copy), then launch again.')
+    if kind_key not in ckpt or 'optimizer' not in ckpt:
+        fail(f'{path} was not written by this script (it has no {kind_key!r}): pass another --out_dir')
+    return ckpt
+
+def resumed_line(ckpt, config, path, steps_per_epoch):
+    """'resumed from PATH at step S (epoch E)' and the settings that changed since the checkpoint."""
+    old = ckpt['config']
+    diff = ', '.join(f'{k}: {old.get(k)!r} -> {v!r}' for k, v in config.items() if old.get(k) != v)
+    return f'resumed from {path} at step {ckpt["step"]} (epoch {ckpt["step"] // steps_per_epoch})' + \
+        (f'; settings changed since: {diff}' if diff else '')
+
+class Meter:
+    """Sums for one log record, since the last one: the losses of the good steps, samples, replaced samples and the
+    seconds spent waiting for data; and the count of skipped (non-finite) steps, in all and in a row. `record`
+    averages them over ranks and starts over."""
+
+    def __init__(self, sizes, device, step=0):
+        self.sizes, self.device, self.last_step = sizes, device, step  # sizes: {loss: 0 if a scalar, else its length}
+        self.skipped_steps = self.bad_in_a_row = 0
+        self.reset()
+
+    def reset(self):
+        self.sums, self.steps, self.samples, self.replaced, self.wait = {}, 0, 0, 0, 0.0
+        self.t0 = time.perf_counter()
+
+    def next(self, batches):
+        """The next batch, timing the wait for it."""
         t = time.perf_counter()
         batch = next(batches)
         self.wait += time.perf_counter() - t
-        self.skipped_samples += int(batch['skipped'].sum())  # unreadable files the dataset replaced
         self.samples += len(batch['index'])
+        self.replaced += int(batch['skipped'].sum())  # unreadable files the dataset replaced by others
         return batch
 
-    def update(self, losses, model):
-        """After the backward pass(es) of one optimizer step: update, or skip the update if the loss is not finite.
+    def add(self, good, **losses):
+        """One optimizer step: its losses (scalars or vectors) if it was good, else one more skipped step."""
+        self.skipped_steps, self.bad_in_a_row = self.skipped_steps + (not good), 0 if good else self.bad_in_a_row + 1
+        if good:
+            for k, v in losses.items():
+                self.sums[k] = self.sums.get(k, 0.0) + torch.as_tensor(v).detach().double().reshape(-1)
+            self.steps += 1
 
-        losses: {'loss': the total (decides), other name: a scalar or vector for the log}; model: the trained
-        module (its gradient norm is logged, or clipped). Logs every LOG_INTERVAL steps, stops after MAX_BAD_STEPS
-        non-finite losses in a row (keeping the last good checkpoint) and returns True when a checkpoint is due."""
-        self.step += 1
-        optimizer = self.optimizer
-        losses = {k: torch.as_tensor(v).detach().float() for k, v in losses.items()}
-        if self.step in NAN_STEPS:  # test: a step whose loss and gradients are NaN
-            losses['loss'] = losses['loss'] * float('nan')
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.fill_(float('nan'))
-        log_now = self.step % self.log_interval == 0 or self.step == self.total_steps
-        # The one host sync per step outside logging: skipping is decided on the host and identically on
-        # every rank, so the flag is all-reduced first.
-        bad = all_reduce_mean((~torch.isfinite(losses['loss'])).float().sum()).item() > 0
-        if bad:
-            optimizer.zero_grad(set_to_none=True)  # drop the poisoned gradients; weights and Adam state untouched
-            self.skipped_steps, self.bad_in_a_row, self.grad_norm = self.skipped_steps + 1, self.bad_in_a_row + 1, None
-            if self.master:
-                tqdm.write(f'step {self.step}: non-finite loss, update skipped ({self.skipped_steps} so far)')
-        else:
-            self.bad_in_a_row = 0
-            if self.grad_clip is not None or log_now:
-                self.scaler.unscale_(optimizer)  # the real gradient scale (fp16), before measuring or clipping
-                self.grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip or math.inf)
-            self.scaler.step(optimizer)  # = optimizer.step() unless fp16
-            self.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            flat = torch.cat([v.reshape(-1) for v in losses.values()])
-            self.sums = flat if self.sums is None else self.sums + flat
-            self.good_steps += 1
-        self.pbar.update(1)
-        stopping = self.bad_in_a_row >= self.max_bad_steps
-        if log_now or stopping:
-            self.log(losses)
-        if stopping:
-            fail(f'{self.bad_in_a_row} non-finite losses in a row (steps {self.step + 1 - self.bad_in_a_row}-'
-                 f'{self.step}): stopping. The last good checkpoint is {self.ckpt_path} (step {self.last_ckpt_step}). '
-                 'Lower the learning rate, use bf16 or fp32, check the data with `python data.py --check`, then '
-                 'launch again to resume.')
-        return self.bad_in_a_row == 0 and (self.step % self.ckpt_interval == 0 or self.step == self.total_steps
-                                           or (self.ckpt_every_epoch and self.step % self.steps_per_epoch == 0))
-
-    def log(self, losses):
-        """One record: losses averaged over the good steps since the last record and over ranks, lr, grad norm,
-        speed, the fraction of the time spent waiting for data, skipped samples and steps. JSONL + one line."""
-        sizes = [v.numel() for v in losses.values()]
-        sums = self.sums if self.sums is not None else torch.zeros(sum(sizes), device=self.device)
-        counts = torch.tensor([self.samples, self.skipped_samples, self.wait], device=self.device, dtype=torch.float64)
-        stats = all_reduce_mean(torch.cat([sums.double(), counts]))
-        dt, steps = time.perf_counter() - self.t_log, self.step - self.step_log
-        mean = (stats[:-3] / self.good_steps).tolist() if self.good_steps else [None] * len(stats[:-3])
-        record = {'step': self.step, 'epoch': self.step / self.steps_per_epoch}
-        for (name, value), n in zip(losses.items(), sizes):
-            part, mean = mean[:n], mean[n:]
-            record[name] = part[0] if value.ndim == 0 else (part if self.good_steps else None)
-        record.update(lr=self.lr, grad_norm=None if self.grad_norm is None else float(self.grad_norm),
-                      samples_per_s=stats[-3].item() * self.world_size / dt, ms_per_step=1000 * dt / steps,
-                      data_wait=min(1.0, stats[-1].item() / dt), skipped_steps=self.skipped_steps,
-                      skipped_samples=round(stats[-2].item() * self.world_size))
+    def record(self, step, steps_per_epoch, lr, grad_norm):
+        """{'step', 'epoch', every loss (None without a good step since the last record), 'lr', 'grad_norm' (None if
+        this step was skipped), 'samples_per_s', 'ms_per_step', 'data_wait' (a fraction of the time),
+        'skipped_steps', 'skipped_samples'}."""
+        width = {k: max(n, 1) for k, n in self.sizes.items()}
+        flat = [self.sums.get(k, torch.zeros(n, dtype=torch.float64)).to(self.device) for k, n in width.items()]
+        counts = torch.tensor([self.samples, self.replaced, self.wait], device=self.device, dtype=torch.float64)
+        stats = all_reduce_mean(torch.cat(flat + [counts])).tolist()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        seconds = time.perf_counter() - self.t0
+        record = {'step': step, 'epoch': step / steps_per_epoch}
+        for k, n in width.items():
+            part, stats = [x / max(self.steps, 1) for x in stats[:n]], stats[n:]
+            record[k] = None if not self.steps else part if self.sizes[k] else part[0]
+        record.update(lr=lr, grad_norm=None if self.bad_in_a_row else float(grad_norm),
+                      samples_per_s=stats[0] * world / seconds,
+                      ms_per_step=1000 * seconds / max(1, step - self.last_step),
+                      data_wait=min(1.0, stats[2] / seconds), skipped_steps=self.skipped_steps,
+                      skipped_samples=round(stats[1] * world))
         if self.device.type == 'cuda':
             record['max_memory_gib'] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-        if self.master:
-            self.write(record)
-            text = ' | '.join(f'{k} {v:.4f}' for k, v in record.items() if isinstance(v, float) and k in losses)
-            tqdm.write(f'step {self.step} | {text or "loss n/a"} | lr {self.lr:.3g} | grad norm '
-                       f'{record["grad_norm"] or 0:.3f} | {record["ms_per_step"]:.0f} ms/step | '
-                       f'{record["samples_per_s"]:.1f} samples/s | data wait {record["data_wait"]:.0%}')
-            self.pbar.set_postfix(loss=f'{record["loss"]:.4f}' if record['loss'] is not None else 'n/a',
-                                  wait=f'{record["data_wait"]:.0%}')
-            if record['data_wait'] > 0.2 and steps >= 5 and not self.hinted:  # once per run
-                self.hinted = True
-                tqdm.write(f'the step waited for data {record["data_wait"]:.0%} of the time: raise NUM_WORKERS, or '
-                           'prepare the videos for fast sampling (python data.py --prepare)')
-        self.sums, self.good_steps, self.wait, self.skipped_samples, self.samples = None, 0, 0.0, 0, 0
-        self.t_log, self.step_log = time.perf_counter(), self.step
+        self.last_step = step
+        self.reset()
+        return record
 
-    def write(self, record):
-        with open(self.log_path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+def stop_if_bad(meter, max_bad_steps, step, ckpt_path, last_ckpt_step):
+    """MAX_BAD_STEPS non-finite steps in a row end the run, naming the last good checkpoint to resume from."""
+    if meter.bad_in_a_row >= max_bad_steps:
+        last = f'{ckpt_path} (step {last_ckpt_step})' if last_ckpt_step else 'none: no checkpoint was written yet'
+        fail(f'{meter.bad_in_a_row} non-finite losses in a row (steps {step + 1 - meter.bad_in_a_row}-{step}): '
+             f'stopping. The last good checkpoint is {last}. Lower the learning rate, use bf16 or fp32, or check the '
+             'data (python -m tools.check_data), then launch again to resume.')
 
-    def save(self, model, **state):
-        """OUT_DIR/last.pt, atomically (master): the model's weights, `state` (its config, ...), the optimizer and
-        loss-scaler state, the step and the settings."""
-        if self.master:
-            checkpoints.save({'model': model.state_dict(), **state, 'optimizer': self.optimizer.state_dict(),
-                              'scaler': self.scaler.state_dict(), 'step': self.step, 'config': self.config},
-                             self.ckpt_path)
-        self.last_ckpt_step = self.step
+NOT_LOSSES = ('epoch', 'lr', 'grad_norm', 'samples_per_s', 'ms_per_step', 'data_wait', 'max_memory_gib', 'boxes')
 
-    def close(self):
-        """The end of the run: close the bar, say where the results are, leave the process group together."""
-        self.pbar.close()
-        if self.master:
-            print(f'done: {self.step} steps, {self.skipped_steps} skipped; weights in {self.ckpt_path}, '
-                  f'log in {self.log_path}')
-        if self.world_size > 1:
-            dist.barrier()  # tear the group down together: a rank that leaves first makes gloo abort the others
-            dist.destroy_process_group()
+def write_log(out_dir, record):
+    """One JSON line in OUT_DIR/log.jsonl (the master writes)."""
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+def log(out_dir, record, workers, device, bar=None):
+    """A Meter record into log.jsonl and onto the screen (the master calls it). When the step waited for data a
+    fifth of the time, it says once what can be done: more workers where cores are idle and, on a GPU, prepared
+    videos (on a CPU the model shares the cores with decoding: nothing to do)."""
+    write_log(out_dir, record)
+    scores = ' | '.join(f'{k} {v:.4f}' for k, v in record.items() if isinstance(v, float) and k not in NOT_LOSSES)
+    tqdm.write(f'step {record["step"]} | {scores or "loss n/a"} | lr {record["lr"]:.3g} | grad norm '
+               f'{record["grad_norm"] or 0:.3f} | {record["ms_per_step"]:.0f} ms/step | '
+               f'{record["samples_per_s"]:.1f} samples/s | data wait {record["data_wait"]:.0%}')
+    if bar is not None:
+        bar.set_postfix(loss='n/a' if record.get('loss') is None else f'{record["loss"]:.4f}')
+    cores = len(os.sched_getaffinity(0)) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))  # per process
+    remedies = ([f'raise NUM_WORKERS (now {workers}; {cores} cores per process)'] if workers < cores - 1 else []) + \
+        (['prepare the videos for fast sampling (python -m tools.prepare_data)'] if device.type == 'cuda' else [])
+    if record['data_wait'] > 0.2 and remedies and not getattr(log, 'hinted', False):
+        log.hinted = True
+        tqdm.write(f'the step waited for data {record["data_wait"]:.0%} of the time: ' + ', or '.join(remedies))
+
+# ----------------------------------------------------------------------------------------------
+# For the downstream scripts (tasks/): what the stage scripts write out, in three calls
+
+def start(device_name, dtype_name, out_dir):
+    """Processes, precision and the OUT_DIR lock, as train_stage1.py writes them out -> (rank, world_size, device,
+    autocast, scaler, lock): rank 0 holds the lock; the GradScaler only acts in fp16."""
+    rank, world_size, device = init_distributed(device_name)
+    dtype = pick_dtype(device, dtype_name)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return rank, world_size, device, autocast, scaler, lock_out_dir(out_dir) if rank == 0 else None
+
+def wrap(raw_model, part, compile, world_size, device):
+    """train_stage1.py's compile and DDP: torch.compile of `part` (raw_model or a piece with static shapes) in place,
+    so the weights keep their names; DistributedDataParallel around raw_model with several processes."""
+    if compile:
+        part.forward = torch.compile(part.forward)
+    model = torch.nn.parallel.DistributedDataParallel(
+        raw_model, device_ids=[device.index] if device.type == 'cuda' else None) if world_size > 1 else raw_model
+    return model.train()
+
+def update(optimizer, scaler, model, grad_clip, loss):
+    """train_stage1.py's update in one call: unscale, clip (or only measure), step unless the loss or a gradient is
+    not finite on some rank (in fp16 overflowing gradients are the scaler's to skip), the next loss scale, zero the
+    gradients -> (good, gradient norm)."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    good = finite_everywhere(loss, None if scaler.is_enabled() else grad_norm)
+    if good:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return good, grad_norm

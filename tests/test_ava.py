@@ -1,9 +1,10 @@
-"""Guards AVA localization (ava.py, finetune_ava.py, `evaluate.py ava-map`): frame-mAP against a hand-computed case,
+"""Guards AVA localization (tasks/ava.py, tasks/finetune_ava.py, `evaluate.py ava-map`): frame-mAP against a hand-computed case,
 the RoI head's pixels -> tokens mapping (one token, a padded batch, the resized position table), box jitter and
 extension, bad input (boxes outside the frame, unknown actions, missing movies, timestamps beyond a movie, too many
 boxes, malformed lines), and a tiny run of the script that is killed, resumed and must match an uninterrupted one."""
 import copy
 import dataclasses
+import gc
 import os
 import runpy
 import sys
@@ -14,15 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ava
 import data
 import evaluate
+import faults
+import tasks.ava as ava
 import training
 from model import VideoViT, get_config
 from conftest import log_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, 'finetune_ava.py')
+MODULE = 'tasks.finetune_ava'
 
 def detector(aligned=True, **kw):
     torch.manual_seed(0)
@@ -170,14 +172,14 @@ def test_bad_input_is_skipped_counted_or_refused(tmp_path):
     with pytest.warns(UserWarning, match='timestamp 905'):
         item = train[1]                                                  # replaced by a readable keyframe, counted
     assert item['index'] == 0 and item['skipped'] >= 1 and train.num_bad >= 1 and item['num_boxes'] <= 1
-    with pytest.raises(ValueError, match=r'action id 7 \(video m1, timestamp 900\) is outside 1 .. 3'):
+    with pytest.raises(training.BadInput, match=r'action id 7 \(video m1, timestamp 900\) is outside 1 .. 3'):
         ava.Keyframes([rows[0]._replace(action=7)], str(tmp_path / 'movies'), 'train', **kw)
     crowded = ava.Keyframes([rows[0], rows[0]._replace(box=(0.6, 0.6, 0.9, 0.9))], str(tmp_path / 'movies'), 'train',
                             **kw, max_boxes=1)
     with pytest.raises(ValueError, match='more than max_boxes=1'):
         crowded.load(0, np.random.default_rng(0))
     (tmp_path / 'bad.csv').write_text('m1,0900,0.1,0.1,0.5,0.5,1,0\nm1,09x0,0.1,0.1,0.5,0.5,1,0\n')
-    with pytest.raises(ValueError, match='bad.csv line 2'):
+    with pytest.raises(training.BadInput, match='bad.csv line 2'):
         ava.read_csv(tmp_path / 'bad.csv')
     # the test: an unreadable keyframe gets no detections (not those of its replacement) and is reported
     test = ava.Keyframes(rows, str(tmp_path / 'movies'), 'test', **kw)
@@ -208,13 +210,16 @@ def small_run(tmp_path_factory):
                  '--eval_epochs=1', '--drop_path=0.1', '--log_interval=1', '--device=cpu']
 
 def run(args, monkeypatch, kill_after=0):
-    """finetune_ava.py in this process (the imports are paid once), stopped after step kill_after if given."""
+    """tasks/finetune_ava.py in this process (the imports are paid once), stopped after step kill_after if given."""
     monkeypatch.delenv('RANK', raising=False)
     monkeypatch.delenv('WORLD_SIZE', raising=False)
-    monkeypatch.setattr(training, 'KILL_AFTER', kill_after)
-    monkeypatch.setattr(sys, 'argv', [SCRIPT, *args])
-    with pytest.raises(SystemExit) if kill_after else nullcontext():
-        runpy.run_path(SCRIPT, run_name='__main__')
+    monkeypatch.setattr(training, 'lr_at', faults.hooks(kill_after=kill_after)[0])   # tests/faults.py
+    monkeypatch.setattr(sys, 'argv', [MODULE, *args])
+    try:
+        with pytest.raises(SystemExit) if kill_after else nullcontext():
+            runpy.run_module(MODULE, run_name='__main__')
+    finally:
+        gc.collect()  # the run's globals (its OUT_DIR lock among them) go, as they would with its process
 
 
 def test_bad_constants_fail_fast(small_run, monkeypatch):
@@ -223,7 +228,7 @@ def test_bad_constants_fail_fast(small_run, monkeypatch):
                          ('--init=missing.pt', "INIT 'missing.pt' not found"),
                          ('--labelmap=missing.pbtxt', "LABELMAP 'missing.pbtxt' not found"),
                          ('--num_classes=1', r'action id 2 .* is outside 1 .. 1')):
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(training.BadInput, match=message):
             run(args + [bad, f'--out_dir={tmp / "bad"}'], monkeypatch)
 
 def test_resume_is_exact_and_the_reported_map_is_the_files(small_run, monkeypatch, capsys):

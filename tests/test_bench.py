@@ -1,4 +1,4 @@
-"""Runs bench.py's tiny configuration so the benchmark cannot rot, and checks what it reports."""
+"""Runs tools/bench.py's tiny configuration so the benchmark cannot rot, and checks what it reports."""
 import re
 import subprocess
 import sys
@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_tiny_stage1():
-    out = subprocess.run([sys.executable, 'bench.py', '--preset=tiny'], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, '-m', 'tools.bench', '--preset=tiny'], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert '104/512 tokens kept' in out.stdout                     # 8 frames x (64 - int(64 * 0.8)) tokens
@@ -20,7 +20,7 @@ def test_bench_tiny_stage1():
 
 
 def test_bench_tiny_stage2():
-    out = subprocess.run([sys.executable, 'bench.py', '--preset=tiny', '--stage=2', '--frames=4'], cwd=ROOT,
+    out = subprocess.run([sys.executable, '-m', 'tools.bench', '--preset=tiny', '--stage=2', '--frames=4'], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert 'stage 2' in out.stdout and '+ text' in out.stdout

@@ -16,6 +16,9 @@ from PIL import Image
 
 import data
 import demo
+import training
+from tools import prepare_data
+from tools.prepare_data import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -279,7 +282,7 @@ def test_bad_fraction_threshold_raises_with_examples(bad_folder):
 def test_check_separates_good_and_bad(bad_folder):
     folder, good, bad, _ = bad_folder
     lst = str(folder / 'list.txt')
-    out = subprocess.run([sys.executable, os.path.join(ROOT, 'data.py'), '--check', lst, '--root', str(folder)],
+    out = subprocess.run([sys.executable, '-m', 'tools.check_data', lst, '--root', str(folder)], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     assert '4 good, 6 bad' in out.stdout
     assert [line.split()[0] for line in open(lst + '.clean')] == good
@@ -292,22 +295,22 @@ def test_check_separates_good_and_bad(bad_folder):
 # Sampler and determinism
 
 def test_resumable_sampler():
-    full = list(data.ResumableSampler(10, seed=3))
-    assert full == list(data.ResumableSampler(10, seed=3)) and sorted(i for i, _ in full) == list(range(10))
-    s = data.ResumableSampler(10, seed=3)
+    full = list(training.ResumableSampler(10, seed=3))
+    assert full == list(training.ResumableSampler(10, seed=3)) and sorted(i for i, _ in full) == list(range(10))
+    s = training.ResumableSampler(10, seed=3)
     s.set_epoch(1)
     assert [i for i, _ in s] != [i for i, _ in full]  # a new order every epoch
     for world, drop_last in [(3, True), (3, False), (4, False)]:
-        ranks = [list(data.ResumableSampler(10, seed=3, rank=r, world_size=world, drop_last=drop_last))
+        ranks = [list(training.ResumableSampler(10, seed=3, rank=r, world_size=world, drop_last=drop_last))
                  for r in range(world)]
-        assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == len(data.ResumableSampler(
+        assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == len(training.ResumableSampler(
             10, rank=0, world_size=world, drop_last=drop_last))
         flat = [ranks[p % world][p // world] for p in range(world * len(ranks[0]))]
         if drop_last:  # disjoint slices of one global permutation, the same (index, seed) per position
             assert flat == full[:9] and len({i for i, _ in flat}) == 9
         else:          # padded with the first indices to a multiple of world_size
             assert flat[:10] == full and {i for i, _ in flat} == set(range(10))
-    s = data.ResumableSampler(10, seed=3, rank=1, world_size=2)
+    s = training.ResumableSampler(10, seed=3, rank=1, world_size=2)
     whole = list(s)
     s.set_start(3)
     assert list(s) == whole[3:]  # skips exactly, without touching the skipped items
@@ -323,12 +326,12 @@ def test_items_reproducible_and_independent_of_workers(demo_dir):
     assert torch.equal(ds[7]['video'], ds[7]['video'])  # int key: seed derived from the index
     batches = {}
     for workers in (0, 2):
-        loader, sampler = data.make_loader(ds, 4, True, 0, 0, 1, workers, start=8)
+        loader, sampler = training.make_loader(ds, 4, True, 0, 0, 1, workers, start=8)
         sampler.set_epoch(2)
         batches[workers] = [batch for _, batch in zip(range(3), loader)]
     for x, y in zip(batches[0], batches[2]):
         assert torch.equal(x['video'], y['video']) and torch.equal(x['index'], y['index'])
-    loader, sampler = data.make_loader(ds, 4, True, 0, 0, 1, 0)
+    loader, sampler = training.make_loader(ds, 4, True, 0, 0, 1, 0)
     sampler.set_epoch(2)
     first = [batch for _, batch in zip(range(3), loader)]
     assert torch.equal(first[2]['video'], batches[0][0]['video'])  # start=8 resumes at batch 2 exactly
@@ -376,7 +379,7 @@ def test_video_text(demo_dir, tmp_path):
 def test_prepare_keeps_the_frames_reports_failures_and_resumes(demo_dir, tmp_path):
     lines = open(os.path.join(demo_dir, 'train.csv')).readlines()[::64] + ['videos/missing.mp4,0\n']
     (tmp_path / 'list.csv').write_text(''.join(lines))                       # 3 demo videos and a missing one
-    new, failed = data.prepare(str(tmp_path / 'list.csv'), demo_dir, str(tmp_path / 'out'), workers=2)
+    new, failed = prepare(str(tmp_path / 'list.csv'), demo_dir, str(tmp_path / 'out'), workers=2)
     assert list(failed) == [os.path.join(demo_dir, 'videos/missing.mp4')]    # reported, not fatal, left out
     assert open(new).read() == ''.join(lines[:3])                            # same relative paths, now in out/
     for line in lines[:3]:
@@ -389,11 +392,11 @@ def test_prepare_keeps_the_frames_reports_failures_and_resumes(demo_dir, tmp_pat
         #                                                                      re-encoding loss (crf 26: ~2 / 255)
         with av.open(dst) as c:                                              # a keyframe every 8 frames, no B-frames
             keys = [p.is_keyframe for p in c.demux(video=0) if p.size]
-        assert keys == [k % data.PREP_KEYINT == 0 for k in range(16)] and data.PREP_KEYINT == 8
+        assert keys == [k % prepare_data.KEYINT == 0 for k in range(16)] and prepare_data.KEYINT == 8
     stamp = os.path.getmtime(tmp_path / 'out' / lines[0].split(',')[0])
-    data.prepare(str(tmp_path / 'list.csv'), demo_dir, str(tmp_path / 'out'), workers=1)  # a second run ...
+    prepare(str(tmp_path / 'list.csv'), demo_dir, str(tmp_path / 'out'), workers=1)  # a second run ...
     assert os.path.getmtime(tmp_path / 'out' / lines[0].split(',')[0]) == stamp           # ... skips finished files
     ann = [{'video': lines[0].split(',')[0], 'caption': 'a'}, {'image': 'images/red.jpg', 'caption': 'b'}]
     (tmp_path / 'ann.json').write_text(json.dumps(ann))
-    new, _ = data.prepare(str(tmp_path / 'ann.json'), demo_dir, str(tmp_path / 'out'), workers=1)
+    new, _ = prepare(str(tmp_path / 'ann.json'), demo_dir, str(tmp_path / 'out'), workers=1)
     assert json.load(open(new)) == [ann[0], {'image': os.path.join(demo_dir, 'images/red.jpg'), 'caption': 'b'}]

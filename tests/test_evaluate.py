@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import evaluate as ev
+import training
+import util.evaluation as E
 from model import VideoClassifier, VideoViT, get_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,13 +28,13 @@ def test_recall_ties_count_against_the_model():
     sim = torch.tensor([[0.9, 0.1, 0.2],    # text 0 -> video 0: first
                         [0.5, 0.5, 0.1],    # text 1 -> video 1: tied with video 0 -> ranked second
                         [0.3, 0.8, 0.2]])   # text 2 -> video 2: third
-    m = ev.retrieval_metrics(sim, torch.tensor([0, 1, 2]))
+    m = E.retrieval_metrics(sim, torch.tensor([0, 1, 2]))
     assert m['t2v_R@1'] == pytest.approx(100 / 3) and m['t2v_R@5'] == 100
     # v2t, per column: video 0 -> text 0 first; video 1 -> text 2 scores higher; video 2 -> tie with text 0
     assert m['v2t_R@1'] == pytest.approx(100 / 3) and m['v2t_R@10'] == 100
     assert m['mean'] == pytest.approx((m['t2v_mean'] + m['v2t_mean']) / 2)
     # a constant scorer gets nothing at R@1
-    assert ev.retrieval_metrics(torch.zeros(3, 3), torch.tensor([0, 1, 2]))['t2v_R@1'] == 0
+    assert E.retrieval_metrics(torch.zeros(3, 3), torch.tensor([0, 1, 2]))['t2v_R@1'] == 0
 
 
 def test_recall_at_5_and_10():
@@ -40,7 +42,7 @@ def test_recall_at_5_and_10():
     sim = torch.zeros(2, 12)
     sim[0, :7] = torch.tensor([1.0, .9, .8, .7, .6, .5, .4])   # correct: video 6 (0.4)
     sim[1, 9:] = torch.tensor([.9, .8, .7])                       # correct: video 11 (0.7)
-    m = ev.retrieval_metrics(sim, torch.tensor([6, 11]))
+    m = E.retrieval_metrics(sim, torch.tensor([6, 11]))
     assert (m['t2v_R@1'], m['t2v_R@5'], m['t2v_R@10']) == (0, 50, 100)
     assert m['t2v_mean'] == pytest.approx(50)
 
@@ -51,7 +53,7 @@ def test_recall_multi_caption_videos():
                         [0.8, 0.1, 0.0],    # t1 -> v0: rank 0
                         [0.3, 0.3, 0.0],    # t2 -> v1: tie -> rank 1
                         [0.1, 0.7, 0.0]])   # t3 -> v1: rank 0
-    m = ev.retrieval_metrics(sim, txt2vid)
+    m = E.retrieval_metrics(sim, txt2vid)
     assert m['t2v_R@1'] == 50
     # v2t: v0's best caption t1 (0.8) beats every wrong text -> rank 0; v1's best caption t3 (0.7) is beaten by t0
     # (0.9) -> rank 1; v2 has no caption and is left out (else it would count as a miss)
@@ -59,7 +61,7 @@ def test_recall_multi_caption_videos():
     # the other captions of the same video never push the best one down
     sim2 = sim.clone()
     sim2[0, 1] = 0.75   # t0 (a v0 caption) now also scores 0.75 on v1: still only one wrong text (t0) >= 0.7
-    assert ev.retrieval_metrics(sim2, txt2vid)['v2t_R@1'] == 50
+    assert E.retrieval_metrics(sim2, txt2vid)['v2t_R@1'] == 50
 
 
 def test_rerank_only_reorders_the_top_k():
@@ -71,31 +73,31 @@ def test_rerank_only_reorders_the_top_k():
         calls.extend(zip(t.tolist(), v.tolist()))
         return -sim[t, v] * 10
 
-    t2v, v2t = ev.rerank(sim, 3, pair_scores, batch=4)
+    t2v, v2t = E.rerank(sim, 3, pair_scores, batch=4)
     assert len(calls) == len(set(calls))                     # every pair scored once
     top_t2v = sim.topk(3, dim=1).indices
     top_v2t = sim.topk(3, dim=0).indices
     for j in range(7):
         inside = set(top_t2v[j].tolist())
         assert set(t2v[j].topk(3).indices.tolist()) == inside
-        assert all(t2v[j, i] == ev.NO_MATCH for i in range(10) if i not in inside)
+        assert all(t2v[j, i] == E.NO_MATCH for i in range(10) if i not in inside)
         assert t2v[j].argmax() == top_t2v[j, 2]               # the third-best by VTC is first after VTM
     for i in range(10):
         inside = set(top_v2t[:, i].tolist())
         assert set(v2t[:, i].topk(3).indices.tolist()) == inside
-        assert all(v2t[j, i] == ev.NO_MATCH for j in range(7) if j not in inside)
+        assert all(v2t[j, i] == E.NO_MATCH for j in range(7) if j not in inside)
     assert set(calls) == {(j, i) for j in range(7) for i in range(10)
                           if i in top_t2v[j].tolist() or j in top_v2t[:, i].tolist()}
     # k larger than the gallery is capped: everything is re-scored, nothing is NO_MATCH
-    t2v, v2t = ev.rerank(sim, 128, lambda t, v: sim[t, v])
+    t2v, v2t = E.rerank(sim, 128, lambda t, v: sim[t, v])
     assert torch.equal(t2v, sim) and torch.equal(v2t, sim)
 
 
 def test_multiview_average_and_topk():
     logits = torch.log(torch.tensor([[[1.0, 1.0, 2.0], [3.0, 1.0, 1.0]]]))  # softmax: [.25 .25 .5], [.6 .2 .2]
-    assert torch.allclose(ev.multiview_average(logits), torch.tensor([[0.425, 0.225, 0.35]]))
+    assert torch.allclose(E.multiview_average(logits), torch.tensor([[0.425, 0.225, 0.35]]))
     scores = torch.tensor([[0.1, 0.5, 0.4], [0.7, 0.2, 0.1]])
-    assert ev.topk_accuracy(scores, torch.tensor([2, 0]), ks=(1, 2)) == {'top1': 50.0, 'top2': 100.0}
+    assert E.topk_accuracy(scores, torch.tensor([2, 0]), ks=(1, 2)) == {'top1': 50.0, 'top2': 100.0}
 
 
 def separable(n_per_class, num_classes=4, dim=32, seed=0, offset=None):
@@ -111,10 +113,10 @@ def test_knn_separates_clusters():
     test_x, test_y = separable(5, seed=1)
     votes = ev.knn_predict(train_x, train_y, test_x, 4, k=20, temp=0.07)
     assert votes.shape == (20, 4) and torch.allclose(votes.sum(1), torch.ones(20))
-    assert ev.topk_accuracy(votes, test_y)['top1'] == 100
+    assert E.topk_accuracy(votes, test_y)['top1'] == 100
     # with scrambled training labels the neighbours no longer carry the class
     scrambled = train_y[torch.randperm(40, generator=torch.Generator().manual_seed(0))]
-    assert ev.topk_accuracy(ev.knn_predict(train_x, scrambled, test_x, 4), test_y)['top1'] < 70
+    assert E.topk_accuracy(ev.knn_predict(train_x, scrambled, test_x, 4), test_y)['top1'] < 70
     # k = 1 is the nearest neighbour's label
     nearest = train_y[(torch.nn.functional.normalize(test_x, dim=1) @
                        torch.nn.functional.normalize(train_x, dim=1).t()).argmax(1)]
@@ -126,7 +128,7 @@ def test_linear_probe_separates_clusters():
     train_x, train_y = separable(10, offset=offset)
     test_x, test_y = separable(5, seed=1, offset=offset)
     probe = ev.train_linear_probe(train_x, train_y, 4, epochs=30)
-    assert ev.topk_accuracy(probe(test_x), test_y)['top1'] == 100
+    assert E.topk_accuracy(probe(test_x), test_y)['top1'] == 100
     # the standardization is folded into the layer: same weights from the same seed
     assert torch.equal(ev.train_linear_probe(train_x, train_y, 4, epochs=30).weight, probe.weight)
 
@@ -166,7 +168,7 @@ def test_features_skip_unreadable_videos(demo_dir, tmp_path):
     feats = torch.load(tmp_path / 'f.pt', weights_only=True)
     assert feats['paths'] == good and sorted(feats['skipped']) == sorted(bad)   # the rows belong to these paths
     assert feats['pooled'].shape == (2, 96) and all(feats['skipped'].values())  # every skip has its reason
-    with pytest.raises(SystemExit, match='none of the 2 videos could be read'):
+    with pytest.raises(training.BadInput, match='none of the 2 videos could be read'):
         ev.main(['features', '--ckpt', str(tmp_path / 'stage1.pt'), *bad, '--out', str(tmp_path / 'g.pt')])
 
 
@@ -175,8 +177,12 @@ def test_show_mask_command(demo_dir, tmp_path):
     out = tmp_path / 'mask.png'
     ev.main(['show-mask', videos(demo_dir, 1)[0], '--teacher', 'tiny', '--frames', '4', '--out', str(out)])
     image = Image.open(out)
-    assert image.size == (4 * 64, 3 * 64) and image.mode == 'RGB'   # 4 frames wide; frames, attention, kept
-    pixels = torch.from_numpy(np.array(image)).float().view(3, 64, 4 * 64, 3)
+    assert image.size == (4 * 64, 3 * (14 + 64)) and image.mode == 'RGB'  # 4 frames wide; frames, attention, kept
+    pixels = torch.from_numpy(np.array(image)).float().view(3, 14 + 64, 4 * 64, 3)
+    captions, pixels = pixels[:, :14], pixels[:, 14:]                  # a caption strip above each row
+    assert all((c.amin(-1) < 100).any() and (c.amin(-1) > 250).float().mean() > 0.5 for c in captions)  # text
+    with pytest.raises(training.BadInput, match='exists'):            # never written over
+        ev.main(['show-mask', videos(demo_dir, 1)[0], '--teacher', 'tiny', '--frames', '4', '--out', str(out)])
     kept_row, frame_row = pixels[2], pixels[0]
     # kept tokens show the frame unchanged, hidden ones are darkened: about 20% of the 8x8 patches per frame
     same = (kept_row - frame_row).abs().amax(-1).view(8, 8, 4 * 8, 8).amax((1, 3)) <= 1   # [8, 32] patches
@@ -199,7 +205,7 @@ def test_classify_command(demo_dir, tmp_path):
     args = ['--root', demo_dir, '--val', val, '--workers', '0', '--device', 'cpu']
     res = ev.main(['classify', '--ckpt', str(tmp_path / 'stage1.pt'), '--train', train, *args, '--clips', '2',
                    '--crops', '3'])  # 6 views per test video
-    assert set(res) == {'knn', 'linear', 'chance_top1'} and res['chance_top1'] == 100 / 12
+    assert set(res) == {'knn', 'linear', 'chance_top1'} and res['chance_top1'] == round(100 / 12, 2)
     assert all(0 <= r[k] <= 100 for r in (res['knn'], res['linear']) for k in ('top1', 'top5'))
     # a fine-tuned classifier (our convention), and the same weights in the official layout, through their head
     torch.manual_seed(0)
@@ -250,5 +256,5 @@ def test_retrieval_two_processes_equal_one(demo_dir, tmp_path):
 def test_pickled_objects_are_refused_with_a_hint(tmp_path):
     import argparse
     torch.save({'model': {}, 'args': argparse.Namespace(lr=1e-3)}, tmp_path / 'official_trainer.pth')
-    with pytest.raises(SystemExit, match="keep only its weights"):
+    with pytest.raises(training.BadInput, match="keep its weights"):
         ev.load_model(str(tmp_path / 'official_trainer.pth'))

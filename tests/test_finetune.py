@@ -1,6 +1,6 @@
 """Guards fine-tuning: layer-wise lr decay (training.py), mixup / cutmix targets, RandAugment and random erasing
-(data.py), multi-view averaging (evaluate.py), the classifier from the official fine-tuned layout and from our own
-stage-1 / stage-2 checkpoints (checkpoints.py), and finetune.py itself: bad constants, NaN skips, exact resume of a
+(data.py), multi-view averaging (util/evaluation.py), the classifier from the official fine-tuned layout and from our
+own stage-1 / stage-2 checkpoints (util/checkpoints.py), and tasks/finetune.py itself: bad constants, NaN skips, exact resume of a
 short run (with the whole augmentation recipe on) and 2 processes = 1."""
 import dataclasses
 import os
@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
 import data
-import evaluate
 import training
+import util.evaluation
+from util import checkpoints
 from model import VideoClassifier, VideoViT, get_config, sincos_table
 from conftest import log_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, 'finetune.py')
+MODULE = 'tasks.finetune'
+FAULTS = os.path.join(ROOT, 'tests', 'faults.py')
 
 
 def tiny_vit(**kw):
@@ -138,12 +139,12 @@ def test_random_erase_one_box_per_frame():
 
 def test_multiview_average_is_mean_of_softmax():
     logits = torch.tensor([[[10.0, 0.0], [0.0, 3.0], [0.0, 3.0]]])   # [B=1, V=3, C=2]
-    probs = evaluate.multiview_average(logits)
+    probs = util.evaluation.multiview_average(logits)
     assert torch.allclose(probs, logits.softmax(-1).mean(1)) and torch.allclose(probs.sum(-1), torch.ones(1))
     # the order matters: averaging logits would pick class 0, averaging probabilities picks class 1
     assert logits.mean(1).argmax().item() == 0 and probs.argmax().item() == 1
     logits = torch.randn(4, 12, 7)
-    assert torch.allclose(evaluate.multiview_average(logits), torch.stack([l.softmax(-1).mean(0) for l in logits]))
+    assert torch.allclose(util.evaluation.multiview_average(logits), torch.stack([l.softmax(-1).mean(0) for l in logits]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ def test_head_transfer_keeps_the_rows_of_the_classes():
         model, report = checkpoints.load(sd, 'classifier', 4, head_rows=rows, num_frames=8, img_size=64)
         assert torch.equal(model.head.weight, ref.head.weight[list(rows)]) and 'new: none' in report
         assert torch.equal(model.head.bias, ref.head.bias[list(rows)]) and 'head = 4 of its rows' in report[0]
-    with pytest.raises(ValueError, match='3 rows for 4 classes'):
+    with pytest.raises(training.BadInput, match='3 rows for 4 classes'):
         checkpoints.load(sd, 'classifier', 4, head_rows=[1, 2, 3], num_frames=8, img_size=64)
 
 def test_from_our_stage1_and_stage2_checkpoints():
@@ -227,7 +228,7 @@ def test_from_our_stage1_and_stage2_checkpoints():
 
     # an incomplete backbone is an error that names what is missing
     del ckpt['model']['blocks.2.attn.qkv.weight']
-    with pytest.raises(ValueError, match='blocks.2.attn.qkv.weight'):
+    with pytest.raises(training.BadInput, match='blocks.2.attn.qkv.weight'):
         checkpoints.load(ckpt, 'classifier', 5)
 
 
@@ -253,12 +254,12 @@ def small_run(tmp_path_factory, demo_dir):
 
 
 def run(args, nproc=1, **env):
-    """finetune.py in fresh processes (1, or nproc under torchrun); env: training.py's fault injection."""
+    """tasks/finetune.py in fresh processes (1, or nproc under torchrun); env: tests/faults.py's UMT_TEST_*."""
     env = {**{k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}, **env}
     env['OMP_NUM_THREADS'] = '1'  # the same thread count in every run: identical float results
     launcher = [sys.executable] if nproc == 1 else \
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
-    return subprocess.run(launcher + ['finetune.py', *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run(launcher + [FAULTS, '-m', MODULE, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -266,25 +267,25 @@ def test_bad_constants_fail_fast(small_run, monkeypatch):
     tmp, args = small_run
     monkeypatch.delenv('RANK', raising=False)
     monkeypatch.delenv('WORLD_SIZE', raising=False)
-    for bad, message in (('--total_batch=10', 'TOTAL_BATCH=10 is not divisible by MICRO_BATCH=4'),
+    for bad, message in (('--total_batch=10', 'TOTAL_BATCH=10 must be a positive multiple of MICRO_BATCH=4'),
                          ('--init=missing.pt', "INIT 'missing.pt' not found"),
                          ('--test_crops=2', 'TEST_CROPS=2 must be 1 or 3'),
                          ('--random_erase=1.5', 'RANDOM_ERASE=1.5 must lie in'),
                          ('--rand_augment=(4,12,0.5)', 'RAND_AUGMENT=.* be None or'),
                          ('--num_classes=5', 'has label 11, but NUM_CLASSES=5')):
-        monkeypatch.setattr(sys, 'argv', [SCRIPT, *map(str, args), bad, f'--out_dir={tmp / "bad"}'])
-        with pytest.raises(SystemExit, match=message):
-            runpy.run_path(SCRIPT, run_name='__main__')
+        monkeypatch.setattr(sys, 'argv', [MODULE, *map(str, args), bad, f'--out_dir={tmp / "bad"}'])
+        with pytest.raises(training.BadInput, match=message):
+            runpy.run_module(MODULE, run_name='__main__')
 
 
 def test_nan_loss_skips_the_update(small_run):
     tmp, args = small_run
-    r = run(args + [f'--out_dir={tmp / "nan"}', '--epochs=1'], UMT_NAN_STEPS='2')
+    r = run(args + [f'--out_dir={tmp / "nan"}', '--epochs=1'], UMT_TEST_NAN_STEPS='2')
     assert r.returncode == 0, r.stderr
     log = {x['step']: x for x in log_records(tmp / 'nan') if 'loss' in x}
     assert log[1]['loss'] is not None and log[2]['loss'] is None and log[2]['skipped_steps'] == 1
     assert any('test_top1' in x for x in log_records(tmp / 'nan'))         # the run went on to the end
-    r = run(args + [f'--out_dir={tmp / "nan2"}', '--max_bad_steps=2'], UMT_NAN_STEPS='1,2')
+    r = run(args + [f'--out_dir={tmp / "nan2"}', '--max_bad_steps=2'], UMT_TEST_NAN_STEPS='1,2')
     assert r.returncode != 0 and '2 non-finite losses in a row (steps 1-2)' in r.stderr
 
 
@@ -292,7 +293,7 @@ def test_resume_is_exact(small_run):
     tmp, args = small_run
     r = run(args + [f'--out_dir={tmp / "a"}'])                        # 2 epochs x 2 steps, uninterrupted
     assert r.returncode == 0, r.stderr
-    r = run(args + [f'--out_dir={tmp / "b"}', '--ckpt_interval=1'], UMT_KILL_AFTER='3')  # killed after step 3 ...
+    r = run(args + [f'--out_dir={tmp / "b"}', '--ckpt_interval=1'], UMT_TEST_KILL_AFTER='3')  # killed after step 3 ...
     assert r.returncode == 0, r.stderr
     assert not any('test_top1' in line for line in open(tmp / 'b' / 'log.jsonl'))
     r = run(args + [f'--out_dir={tmp / "b"}'])                        # ... and resumed from b/last.pt
@@ -301,7 +302,7 @@ def test_resume_is_exact(small_run):
     a, b = log_records(tmp / 'a'), log_records(tmp / 'b')
     assert [x['step'] for x in a if 'loss' in x] == [1, 2, 3, 4]
     assert a == b                                                      # losses, lr, grad norms, val and test: exact
-    wa, wb = checkpoints.read(tmp / 'a' / 'last.pt'), checkpoints.read(tmp / 'b' / 'last.pt')
+    wa, wb = training.read_checkpoint(tmp / 'a' / 'last.pt'), training.read_checkpoint(tmp / 'b' / 'last.pt')
     assert wa['num_classes'] == 12 and wa['step'] == 4
     assert all(torch.equal(wa['model'][k], wb['model'][k]) for k in wa['model'])
 
@@ -316,7 +317,7 @@ def test_two_processes_match_one(small_run):
     assert r.returncode == 0, r.stderr
     r = run(args + [f'--out_dir={tmp / "two"}'], nproc=2)
     assert r.returncode == 0, r.stderr
-    w1, w2 = (checkpoints.read(tmp / name / 'last.pt')['model'] for name in ('one', 'two'))
+    w1, w2 = (training.read_checkpoint(tmp / name / 'last.pt')['model'] for name in ('one', 'two'))
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
     one, two = log_records(tmp / 'one'), log_records(tmp / 'two')
     assert [x['loss'] for x in one if 'loss' in x] == pytest.approx([x['loss'] for x in two if 'loss' in x], abs=1e-5)
@@ -333,14 +334,14 @@ def test_the_test_uses_the_best_epoch(small_run, monkeypatch):
     def scripted(classifier, dataset, *args, **kwargs):  # validation: 60% after epoch 1, 40% after epoch 2
         calls.append((dataset.mode, {k: v.clone() for k, v in classifier.state_dict().items()}))
         return {'top1': {1: 60.0, 2: 40.0}.get(len(calls), 0.0), 'top5': 100.0}
-    monkeypatch.setattr(evaluate, 'head_accuracy', scripted)
+    monkeypatch.setattr(util.evaluation, 'head_accuracy', scripted)
     monkeypatch.delenv('RANK', raising=False)
     monkeypatch.delenv('WORLD_SIZE', raising=False)
-    monkeypatch.setattr(sys, 'argv', [SCRIPT, *map(str, args), f'--out_dir={tmp / "best"}', '--mixup=0.0'])
-    runpy.run_path(SCRIPT, run_name='__main__')
+    monkeypatch.setattr(sys, 'argv', [MODULE, *map(str, args), f'--out_dir={tmp / "best"}', '--mixup=0.0'])
+    runpy.run_module(MODULE, run_name='__main__')
     assert [mode for mode, _ in calls] == ['val', 'val', 'test']
     (_, epoch1), (_, epoch2), (_, tested) = calls
     assert all(torch.equal(tested[k], epoch1[k]) for k in tested)              # the best epoch's weights ...
     assert not all(torch.equal(tested[k], epoch2[k]) for k in tested)          # ... not the last epoch's
-    assert checkpoints.read(tmp / 'best' / 'best.pt')['epoch'] == 1
-    assert log_records(tmp / 'best')[-1]['epoch'] == 1 and checkpoints.read(tmp / 'best' / 'last.pt')['best_top1'] == 60
+    assert training.read_checkpoint(tmp / 'best' / 'best.pt')['epoch'] == 1
+    assert log_records(tmp / 'best')[-1]['epoch'] == 1 and training.read_checkpoint(tmp / 'best' / 'last.pt')['best_top1'] == 60

@@ -1,12 +1,13 @@
 """Guards the student (model.py): shapes, attention maths, the UTA loss, bad input; and the official checkpoint
-layouts it loads through checkpoints.load."""
+layouts it loads through util/checkpoints.load."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoints
+import training
+from util import checkpoints
 from model import CONFIGS, Attention, VideoClassifier, VideoViT, get_config, sincos_table, uta_loss
 
 
@@ -144,7 +145,7 @@ def test_load_official_finetuned_with_pos_embed():
 def test_load_official_wrong_shape_names_the_key():
     sd = official_stage1_keys(96, 4, 2, 64)
     sd['encoder.blocks.2.mlp.fc2.weight'] = torch.randn(96, 100)
-    with pytest.raises(ValueError, match=r'blocks\.2\.mlp\.fc2\.weight'):
+    with pytest.raises(training.BadInput, match=r'blocks\.2\.mlp\.fc2\.weight'):
         checkpoints.load(sd, img_size=64, num_heads=3)
 
 

@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import checkpoints
 import model
+import training
 import video_language as M
+from util import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -238,14 +239,15 @@ def test_mlm_rates_and_never_masked_tokens():
 
 def run_stage2(out_dir, files, check=True, **overrides):
     """train_stage2.py in a fresh process on a small slice of the demo set; returns the process."""
-    settings = dict(preset='demo', teacher_pretrained=None, device='cpu', num_workers=0, video_batch=2, image_batch=2, epochs=2,
-                    warmup_epochs=1, lr=1e-3, log_interval=1, ckpt_interval=100, out_dir=str(out_dir), **files)
+    settings = dict(preset='demo', teacher_pretrained=None, device='cpu', num_workers=0, video_batch=2, image_batch=2,
+                    epochs=2, warmup_epochs=1, lr=1e-3, log_interval=1, ckpt_interval=100, out_dir=str(out_dir), **files)
     settings.update(overrides)
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
     env['OMP_NUM_THREADS'] = '1'  # the same thread count in every run: identical float results
-    env['UMT_NAN_STEPS'] = ','.join(map(str, settings.pop('nan_steps', ())))  # training.py's fault injection
-    env['UMT_KILL_AFTER'] = str(settings.pop('max_steps', 0))
-    out = subprocess.run([sys.executable, os.path.join(ROOT, 'train_stage2.py')] + [f'--{k}={v}' for k, v in settings.items()],
+    env['UMT_TEST_NAN_STEPS'] = ','.join(map(str, settings.pop('nan_steps', ())))  # tests/faults.py injects them
+    env['UMT_TEST_KILL_AFTER'] = str(settings.pop('max_steps', 0))
+    script = [os.path.join(ROOT, 'tests', 'faults.py'), os.path.join(ROOT, 'train_stage2.py')]
+    out = subprocess.run([sys.executable, *script] + [f'--{k}={v}' for k, v in settings.items()],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert out.returncode == 0, out.stdout + out.stderr
@@ -267,7 +269,8 @@ def stage2_files(demo_dir, tmp_path_factory):
         json.dump(items, open(folder / name, 'w'))
     torch.manual_seed(0)
     config = model.get_config('tiny')
-    torch.save({'model': model.VideoViT(config).state_dict(), 'model_config': dataclasses.asdict(config)}, folder / 's1.pt')
+    torch.save({'model': model.VideoViT(config).state_dict(), 'model_config': dataclasses.asdict(config)},
+               folder / 's1.pt')
     return dict(video_ann=folder / 'captions_train.json', video_root=demo_dir, val_ann=folder / 'captions_val.json',
                 val_root=demo_dir, image_ann=folder / 'captions_images.json', image_root=demo_dir,
                 init=folder / 's1.pt')
@@ -280,7 +283,7 @@ def test_resume_repeats_the_uninterrupted_run(stage2_files, tmp_path):
     assert ': 64 tensors (vit' in full.stdout and 'text_encoder.blocks.*.cross_attn' in full.stdout
     killed = tmp_path / 'killed'
     run_stage2(killed, stage2_files, nan_steps=(3,), ckpt_interval=4, max_steps=5)
-    assert checkpoints.read(killed / 'last.pt')['step'] == 4
+    assert training.read_checkpoint(killed / 'last.pt')['step'] == 4
     resumed = run_stage2(killed, stage2_files, nan_steps=(3,), ckpt_interval=4)
     assert f'resumed from {killed / "last.pt"} at step 4' in resumed.stdout
     (a, val_a), (b, val_b) = read_log(tmp_path / 'full'), read_log(killed)
@@ -290,7 +293,7 @@ def test_resume_repeats_the_uninterrupted_run(stage2_files, tmp_path):
         assert [a[s][k] for k in ('loss', 'vtc', 'vtm', 'mlm', 'uta', 'temp', 'grad_norm')] == \
                [b[s][k] for k in ('loss', 'vtc', 'vtm', 'mlm', 'uta', 'temp', 'grad_norm')], f'step {s}'
     assert [r['val_t2v_r1'] for r in val_a] == [r['val_t2v_r1'] for r in val_b[-2:]]  # epochs 1 and 2
-    ckpt_a, ckpt_b = checkpoints.read(tmp_path / 'full' / 'last.pt'), checkpoints.read(killed / 'last.pt')
+    ckpt_a, ckpt_b = (training.read_checkpoint(d / 'last.pt') for d in (tmp_path / 'full', killed))
     assert all(torch.equal(ckpt_a['model'][k], ckpt_b['model'][k]) for k in ckpt_a['model'])
     # what evaluate.py does with it
     checkpoints.load(ckpt_a, 'umt')
@@ -314,5 +317,5 @@ def test_invalid_settings_fail_fast(overrides, world_size, message, monkeypatch)
     monkeypatch.setattr(sys, 'argv', [script, '--out_dir=/nonexistent/out'] + overrides)
     monkeypatch.setenv('WORLD_SIZE', str(world_size))          # read before init_process_group
     monkeypatch.delenv('RANK', raising=False)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(training.BadInput, match=message):
         runpy.run_path(script, run_name='__main__')

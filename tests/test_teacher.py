@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import teacher as tm
+from training import BadInput
 
 MEAN_IN, STD_IN, MEAN_CLIP, STD_CLIP = (torch.tensor(c).view(1, 3, 1, 1, 1) for c in
                                         (tm.IMAGENET_MEAN, tm.IMAGENET_STD, tm.CLIP_MEAN, tm.CLIP_STD))
@@ -80,7 +81,7 @@ def test_image_size_resizes_positional_embedding():
     targets, attn = t(torch.randn(2, 3, 4, 64, 64))  # the 64-px clip is resized down to 56
     assert targets.shape == (1, 2, 4 * 49, 64) and attn.shape == (2, 4, 49)
     assert torch.isfinite(targets).all() and (attn > 0).all() and (attn.sum(-1) < 1).all()
-    with pytest.raises(ValueError, match='multiple of the patch size'):
+    with pytest.raises(BadInput, match='multiple of the patch size'):
         tm.build_teacher('tiny', align_layers=1, image_size=60)
 
 
@@ -90,7 +91,7 @@ def test_bad_inputs_and_arguments_raise(teacher):
     with pytest.raises(ValueError, match=r'\[B, 3, T, H, W\]'):
         teacher.encode(torch.randn(2, 4, 2, 64, 64))  # 4 channels
     for bad in (0, 5, 2.0):
-        with pytest.raises(ValueError, match='align_layers'):
+        with pytest.raises(BadInput, match='align_layers'):
             tm.build_teacher('tiny', align_layers=bad)
 
 
@@ -107,7 +108,7 @@ def test_frozen_deterministic_and_no_grad(teacher):
 
 def test_quickgelu_check():
     tm.check_quickgelu(tm.tiny_clip(quick_gelu=True))  # passes
-    with pytest.raises(ValueError, match='-quickgelu'):
+    with pytest.raises(BadInput, match='-quickgelu'):
         tm.check_quickgelu(tm.tiny_clip(quick_gelu=False))
 
 
@@ -116,14 +117,14 @@ def test_build_clip_checks_quickgelu_for_weight_files(monkeypatch, tmp_path):
     weights = tmp_path / 'weights.bin'
     weights.write_bytes(b'')
     monkeypatch.setattr(tm.open_clip, 'create_model', lambda name, pretrained: tm.tiny_clip(quick_gelu=False))
-    with pytest.raises(ValueError, match='QuickGELU'):
+    with pytest.raises(BadInput, match='QuickGELU'):
         tm.build_clip('ViT-B-16', str(weights))
     tm.build_clip('ViT-B-16', None)  # random weights: GELU is fine, no check
 
 
 def test_missing_weights_file_gives_hint(tmp_path):
     missing = str(tmp_path / 'no_such_weights.bin')  # open_clip rejects it before any download
-    with pytest.raises(RuntimeError, match='open_clip_pytorch_model.bin') as err:
+    with pytest.raises(BadInput, match='open_clip_pytorch_model.bin') as err:
         tm.build_clip('ViT-B-16-quickgelu', missing)
     assert 'quickgelu' in str(err.value) and missing in str(err.value)
 

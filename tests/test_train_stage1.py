@@ -6,7 +6,7 @@
 - a last.pt that cannot be read stops the relaunch with a message that says what to do (never a silent restart);
 - each invalid constant stops the script with its message before any data or model is built, and the demo
   teacher says what it needs when pointed at other videos.
-Faults are injected through training.py's environment variables (UMT_NAN_STEPS, UMT_KILL_AFTER).
+Faults are injected by tests/faults.py, which runs the script with training.lr_at and GradScaler.scale wrapped.
 """
 import json
 import math
@@ -20,11 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoints
 import data
+import training
+from tools.prepare_data import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / 'train_stage1.py')
+FAULTS = str(ROOT / 'tests' / 'faults.py')
 
 
 @pytest.fixture(scope='module')
@@ -48,8 +50,8 @@ def train(demo_dir, small_list, out_dir, nproc=1, check=True, **overrides):
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
     env['OMP_NUM_THREADS'] = '1'  # same thread count in every run: identical float results
-    env['UMT_NAN_STEPS'], env['UMT_KILL_AFTER'] = ','.join(map(str, nan_steps)), str(kill_after)
-    out = subprocess.run(launcher + [SCRIPT] + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    env['UMT_TEST_NAN_STEPS'], env['UMT_TEST_KILL_AFTER'] = ','.join(map(str, nan_steps)), str(kill_after)
+    out = subprocess.run(launcher + [FAULTS, SCRIPT] + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert out.returncode == 0, out.stdout + out.stderr
     return out
@@ -62,7 +64,7 @@ def log(out_dir):
 
 
 def weights(out_dir):
-    return checkpoints.read(os.path.join(out_dir, 'last.pt'))['model']
+    return training.read_checkpoint(os.path.join(out_dir, 'last.pt'))['model']
 
 
 def test_two_processes_equal_one(demo_dir, small_list, tmp_path):
@@ -85,7 +87,7 @@ def test_two_processes_equal_one(demo_dir, small_list, tmp_path):
 def prepared_list(demo_dir, small_list, tmp_path_factory):
     """The same 12 videos re-encoded by data.prepare (a keyframe every 4 frames): (list, root)."""
     out = str(tmp_path_factory.mktemp('prepared'))
-    return data.prepare(small_list, demo_dir, out, workers=2)[0], out
+    return prepare(small_list, demo_dir, out, workers=2)[0], out
 
 @pytest.mark.parametrize('prepared', [False, True], ids=['original', 'prepared'])
 def test_resume_repeats_the_uninterrupted_run(demo_dir, small_list, prepared_list, tmp_path, prepared):
@@ -96,7 +98,7 @@ def test_resume_repeats_the_uninterrupted_run(demo_dir, small_list, prepared_lis
     train(demo_dir, small_list, tmp_path / 'full', **common_settings)
     killed = tmp_path / 'killed'
     train(demo_dir, small_list, killed, max_steps=3, **common_settings)          # checkpoint at 2, killed after 3
-    assert checkpoints.read(killed / 'last.pt')['step'] == 2
+    assert training.read_checkpoint(killed / 'last.pt')['step'] == 2
     # A crash in the middle of the next checkpoint write would leave a half-written temporary file:
     # the resume must ignore it and take the intact last.pt.
     (killed / 'last.pt.tmp').write_bytes((killed / 'last.pt').read_bytes()[:1000])
@@ -122,7 +124,7 @@ def test_nan_loss_is_skipped_then_stops(demo_dir, small_list, tmp_path):
     assert records[2]['loss'] is None and records[2]['skipped_steps'] == 1
     assert math.isfinite(records[3]['loss']) and records[3]['skipped_steps'] == 1  # the skip kept the weights clean
     assert records[8]['skipped_steps'] == 6 and 9 not in records
-    ckpt = checkpoints.read(tmp_path / 'last.pt')
+    ckpt = training.read_checkpoint(tmp_path / 'last.pt')
     assert ckpt['step'] == 3                                         # no checkpoint during the bad streak
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
 
@@ -143,19 +145,19 @@ def test_demo_teacher_says_what_it_needs(small_list, tmp_path, monkeypatch):
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     monkeypatch.setattr(sys, 'argv', [SCRIPT, '--preset=demo', f'--data_list={small_list}', '--device=cpu',
                                       f'--data_root={tmp_path / "my_videos"}', f'--out_dir={tmp_path / "out"}'])
-    with pytest.raises(SystemExit, match="TEACHER_PRETRAINED='demo' is a tiny CLIP that knows only the demo's "
+    with pytest.raises(training.BadInput, match="TEACHER_PRETRAINED='demo' is a tiny CLIP that knows only the demo's "
                                          r"coloured squares.*captions_train.json.*--teacher_pretrained=None"):
         runpy.run_path(SCRIPT, run_name='__main__')
 
 
 @pytest.mark.parametrize('overrides, world_size, message', [
-    (['--preset=demo', '--total_batch=6', '--micro_batch=4'], 1, 'TOTAL_BATCH=6 is not divisible by MICRO_BATCH=4'),
+    (['--preset=demo', '--total_batch=6', '--micro_batch=4'], 1, 'TOTAL_BATCH=6 must be a positive multiple of MICRO_BATCH=4'),
     (['--preset=demo', '--total_batch=8', '--micro_batch=8'], 2, 'MICRO_BATCH=8 x 2 processes'),
     (['--preset=demo', '--mask_ratio=1.0'], 1, 'MASK_RATIO=1.0 must lie strictly between 0 and 1'),
     (['--preset=demo', '--mask_ratio=0'], 1, 'MASK_RATIO=0.0 must lie strictly between 0 and 1'),
     (['--preset=demo', '--mask_type=block'], 1, "MASK_TYPE='block'"),
     (['--preset=demo', '--img_size=60'], 1, 'IMG_SIZE=60 must be a multiple of the patch size 8'),
-    (['--preset=demo', '--model=vit_s16'], 1, "unknown model preset 'vit_s16'"),
+    (['--preset=demo', '--model=vit_s16'], 1, "MODEL='vit_s16' is not a model preset"),
     (['--data_list=missing.csv'], 1, "DATA_LIST 'missing.csv' not found.*path,label.*--preset=demo"),
     (['--teacher_pretrained=no/such/clip.bin', '--data_list=missing.csv'], 1, "teacher weights file .* not found"),
 ])
@@ -168,7 +170,7 @@ def test_invalid_settings_fail_fast(overrides, world_size, message, monkeypatch)
     monkeypatch.setattr(sys, 'argv', [SCRIPT, '--out_dir=/nonexistent/out'] + overrides)
     monkeypatch.setenv('WORLD_SIZE', str(world_size))            # read before init_process_group
     monkeypatch.delenv('RANK', raising=False)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(training.BadInput, match=message):
         runpy.run_path(SCRIPT, run_name='__main__')
 
 
@@ -178,12 +180,12 @@ def test_checks_that_need_the_data_or_the_teacher(demo_dir, small_list, tmp_path
     monkeypatch.delenv('RANK', raising=False)
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     monkeypatch.setattr(sys, 'argv', base)  # 12 videos, 16 clips per step
-    with pytest.raises(SystemExit, match='has 12 videos, fewer than one global batch of TOTAL_BATCH=16'):
+    with pytest.raises(training.BadInput, match='has 12 videos, fewer than one global batch of TOTAL_BATCH=16'):
         runpy.run_path(SCRIPT, run_name='__main__')
     # The tiny teacher at 72 px cuts frames into 9x9 patches, the student at 64 px into 8x8: UTA pairs tokens
     # by position, so this must stop and name the size that fits.
     monkeypatch.setattr(sys, 'argv', base + ['--total_batch=4', '--micro_batch=4', '--teacher_size=72'])
-    with pytest.raises(SystemExit, match='student cuts a clip into 4x8x8 tokens but the teacher into 4x9x9.*'
+    with pytest.raises(training.BadInput, match='student cuts a clip into 4x8x8 tokens but the teacher into 4x9x9.*'
                                          'TEACHER_SIZE = 64'):
         runpy.run_path(SCRIPT, run_name='__main__')
 

@@ -1,8 +1,9 @@
-"""Guards video question answering (video_qa.py, finetune_qa.py, `evaluate.py mc`): the multiple-choice score and its
+"""Guards video question answering (tasks/video_qa.py, tasks/finetune_qa.py, `evaluate.py mc`): the multiple-choice score and its
 accuracy (an oracle scores 100%, shuffled answers about chance), rank_answer on a hand-made vocabulary, the answer
 decoder's masks, the QA model built from a stage-2 checkpoint (what is copied, what is new), bad annotation input,
 and finetune_qa.py: bad constants, exact resume and 2 processes = 1."""
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -15,17 +16,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoints
 import data
 import evaluate
+import faults
 import training
-import video_qa as Q
+import tasks.video_qa as Q
+from util import checkpoints
 from model import VideoViT, get_config
 from video_language import build_umt, tokenize
 from conftest import log_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, 'finetune_qa.py')
+MODULE = 'tasks.finetune_qa'
 
 
 def tiny_stage2():
@@ -214,13 +216,13 @@ def test_annotations_and_bad_input(demo_dir, tmp_path):
     assert got['weights'].tolist() == pytest.approx([2 / 3, 1 / 3])
     # answer list: an entry that gives no token is an error that names it; long entries are cut and counted
     json.dump(['cat', '', 5, 'a very long answer with many words'], open(tmp_path / 'bad_list.json', 'w'))
-    with pytest.raises(ValueError, match=r"2 answer-list entries give no token, e\.g\. #1 '', #2 5"):
+    with pytest.raises(training.BadInput, match=r"2 answer-list entries give no token, e\.g\. #1 '', #2 5"):
         Q.read_answer_list(tmp_path / 'bad_list.json', 5)
     json.dump(['cat', 'a very long answer with many words'], open(tmp_path / 'list.json', 'w'))
     answers, ids, mask, cut = Q.read_answer_list(tmp_path / 'list.json', 5)
     assert cut == 1 and ids.shape == (2, 5) and mask.sum(1).tolist() == [3, 5]
     json.dump([{'video': video, 'caption': ['a', 'b'], 'answer': 2}], open(tmp_path / 'mc.json', 'w'))
-    with pytest.raises(ValueError, match='entry #0'):
+    with pytest.raises(training.BadInput, match='entry #0'):
         Q.read_mc(tmp_path / 'mc.json')
     # the demo files: parsed from the caption template, or from explicit fields
     assert Q.demo_attributes({'caption': 'a dark red circle moving down'}) == \
@@ -258,24 +260,26 @@ def qa_run(demo_dir, tmp_path_factory):
 
 
 def run_here(args, monkeypatch, kill_after=0):
-    """finetune_qa.py in this process (no start-up cost); kill_after: training.py's fault injection."""
-    monkeypatch.setattr(training, 'KILL_AFTER', kill_after)
-    monkeypatch.setattr(sys, 'argv', [SCRIPT, *map(str, args)])
+    """tasks/finetune_qa.py in this process (no start-up cost); kill_after: tests/faults.py's simulated kill."""
+    monkeypatch.setattr(training, 'lr_at', faults.hooks(kill_after=kill_after)[0])
+    monkeypatch.setattr(sys, 'argv', [MODULE, *map(str, args)])
     for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
         monkeypatch.delenv(k, raising=False)
     try:
-        runpy.run_path(SCRIPT, run_name='__main__')
+        runpy.run_module(MODULE, run_name='__main__')
     except SystemExit as e:
         if not (kill_after and e.code == 0):  # not the simulated kill
             raise
+    finally:
+        gc.collect()  # the run's globals (its OUT_DIR lock among them) go, as they would with its process
 
 
-@pytest.mark.parametrize('bad, message', [('--total_batch=5', 'TOTAL_BATCH=5 is not divisible by MICRO_BATCH=2'),
+@pytest.mark.parametrize('bad, message', [('--total_batch=5', 'TOTAL_BATCH=5 must be a positive multiple of MICRO_BATCH=2'),
                                           ('--init=missing.pt', "INIT 'missing.pt' not found"),
                                           ('--test_ann=missing.json', "TEST_ANN 'missing.json' not found")])
 def test_bad_constants_fail_fast(qa_run, bad, message, monkeypatch):
     tmp, args = qa_run
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(training.BadInput, match=message):
         run_here(args + [bad, f'--out_dir={tmp / "bad"}'], monkeypatch)
 
 
@@ -291,16 +295,16 @@ def test_resume_is_exact_and_two_processes_match_one(qa_run, monkeypatch, capsys
     assert 'resumed from' in capsys.readouterr().out
     ra, rb = log_records(tmp / 'a'), log_records(tmp / 'b')
     assert [r['step'] for r in ra if 'loss' in r] == [1, 2, 3] and ra == rb     # losses, grad norms, val, test
-    wa, wb = (checkpoints.read(tmp / d / 'last.pt')['model'] for d in ('a', 'b'))
+    wa, wb = (training.read_checkpoint(tmp / d / 'last.pt')['model'] for d in ('a', 'b'))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # 2 gloo processes x 2 questions = 1 process x 2 micro-steps x 2
     env = {**{k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')},
            'OMP_NUM_THREADS': '1'}
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', SCRIPT,
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', MODULE,
                         *args, f'--out_dir={tmp / "two"}'], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    two, w2 = log_records(tmp / 'two'), checkpoints.read(tmp / 'two' / 'last.pt')['model']
+    two, w2 = log_records(tmp / 'two'), training.read_checkpoint(tmp / 'two' / 'last.pt')['model']
     for k in wa:
         a, b = wa[k].clone(), w2[k].clone()
         if k.endswith('attn.in_proj.bias'):  # the key bias has a zero gradient in exact arithmetic (softmax ignores

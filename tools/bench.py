@@ -2,15 +2,17 @@
 Speed, memory and FLOPs of one complete UMT training step, with random weights; and the data loader's speed.
 
 A stage-1 step is: teacher forward on the full clip -> semantic mask from its CLS attention ->
-student forward on the kept tokens -> UTA loss -> backward -> AdamW step. bench.py times each
+student forward on the kept tokens -> UTA loss -> backward -> AdamW step. tools.bench times each
 phase, counts the model FLOPs analytically and reports the achieved FLOP/s against the hardware:
 the bf16 peak of the GPU (MFU), or on CPU a dense fp32 matmul measured in the same run.
 
-    python bench.py                                   # ViT-B/16 + CLIP-B/16, 8 x 224^2, batch 2, fp32 on CPU
-    python bench.py --preset=gpu                      # batch 64, bf16, compiled student (one GPU)
-    python bench.py --frames=16 --mask_ratio=0.9      # any constant below can be overridden
-    python bench.py --stage=2                         # one stage-2 step (VTC + VTM + MLM + UTA)
-    python bench.py --loader_dir=bench_clips          # loader clips/s per core, before / after data.py --prepare
+    python -m tools.bench                             # ViT-B/16 + CLIP-B/16, 8 x 224^2, batch 2, fp32 on CPU
+    python -m tools.bench --preset=gpu                # batch 64, bf16, compiled student (one GPU)
+    python -m tools.bench --frames=16 --mask_ratio=0.9   # any constant below can be overridden
+    python -m tools.bench --preset=stage2             # one stage-2 step (VTC + VTM + MLM + UTA)
+    python -m tools.bench --loader_dir=bench_clips    # loader clips/s per core, before / after tools.prepare_data
+
+Weights are random (open_clip says so when it builds the teacher: intended, speed does not depend on them).
 """
 
 import os
@@ -26,6 +28,7 @@ import model as M
 import training
 from masking import make_mask
 from teacher import CLIPTeacher, build_clip
+from tools.prepare_data import prepare
 from video_language import build_umt, tokenize
 
 # ----------------------------------------------------------------------------------------------
@@ -54,6 +57,11 @@ PRESETS = {
     'stage2': {'STAGE': 2, 'FRAMES': 4},  # the paper's stage-2 video step: 4 frames, plus text
 }
 config = training.configure(globals(), PRESETS, sys.argv[1:])
+if STAGE not in (1, 2):
+    training.fail(f'STAGE={STAGE} must be 1 (video-only alignment) or 2 (video-text)')
+training.need_positive(BATCH=BATCH, FRAMES=FRAMES, IMG_SIZE=IMG_SIZE, STEPS=STEPS)
+if not 0 < MASK_RATIO < 1 or WARMUP_STEPS < 0:
+    training.fail(f'MASK_RATIO={MASK_RATIO} must lie strictly between 0 and 1, WARMUP_STEPS={WARMUP_STEPS} >= 0')
 
 # ----------------------------------------------------------------------------------------------
 # The data loader (LOADER_DIR)
@@ -76,12 +84,12 @@ def bench_loader(out_dir, n=4, clips=96, keyints=(2, 4, 8)):
     size = lambda folder: sum(os.path.getsize(f'{folder}/clip{k}.mp4') for k in range(n))
     rows = [('original (x264 default GOP, B-frames)', f'{out_dir}/list.csv', out_dir)]
     for k in keyints:
-        prepared, _ = data.prepare(f'{out_dir}/list.csv', out_dir, f'{out_dir}/keyint{k}', workers=1, keyint=k)
+        prepared, _ = prepare(f'{out_dir}/list.csv', out_dir, f'{out_dir}/keyint{k}', workers=1, keyint=k)
         rows.append((f'prepared, keyframe every {k}', prepared, f'{out_dir}/keyint{k}'))
     print(f'{"":40s} {"clips/s per core":>17s} {"ms per clip":>12s} {"file size":>10s}')
     for name, file, root in rows:
         ds = data.VideoClassification(file, root, 8, 224, mode='train', aug='multiscale', flip=True)
-        loader, _ = data.make_loader(ds, 8, True, 0, 0, 1, num_workers=1)
+        loader, _ = training.make_loader(ds, 8, True, 0, 0, 1, num_workers=1)
         batches, done = iter(loader), 0
         next(batches)  # the worker starts, the first batch is not timed
         t0 = time.perf_counter()
@@ -99,8 +107,10 @@ if LOADER_DIR:
 # ----------------------------------------------------------------------------------------------
 # Models and a random batch
 
-_, _, device = training.setup_distributed(DEVICE)
-ctx, scaler, dtype = training.precision(device, DTYPE)
+_, _, device = training.init_distributed(DEVICE)
+dtype = training.pick_dtype(device, DTYPE)
+ctx = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 torch.manual_seed(0)
 cfg = M.get_config(MODEL, num_frames=FRAMES, img_size=IMG_SIZE, align_layers=ALIGN_LAYERS,
                    checkpoint_blocks=CHECKPOINT_BLOCKS)
@@ -195,7 +205,7 @@ def matmul_rate(n=2048, reps=10):
 
 hardware = torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'
 print(f'device {device} ({hardware}), '
-      f'dtype {dtype}, compile {COMPILE}, batch {BATCH} x {FRAMES} x {IMG_SIZE}^2, mask {MASK_RATIO} '
+      f'dtype {str(dtype)[6:]}, compile {COMPILE}, batch {BATCH} x {FRAMES} x {IMG_SIZE}^2, mask {MASK_RATIO} '
       f'({n_vis}/{N} tokens kept), stage {STAGE}, student {MODEL}, teacher {TEACHER}')
 for _ in range(WARMUP_STEPS):
     step()

@@ -1,7 +1,8 @@
 """
 Spatiotemporal action localization on AVA v2.2 with the UMT student: the annotation files, the clip around a
-keyframe, person boxes, the RoI head and frame-mAP, for finetune_ava.py and `python evaluate.py ava-map`. Paper: AVA
-v2.2 (UMT-B 33.5, UMT-L 39.8 mAP); official code: single_modality/action_detection/ (modeling_finetune.py, data/).
+keyframe, person boxes, the RoI head and frame-mAP, for tasks/finetune_ava.py and `python evaluate.py ava-map`.
+Paper: AVA v2.2 (UMT-B 33.5, UMT-L 39.8 mAP); official code: single_modality/action_detection/
+(modeling_finetune.py, data/).
 
 Files, as released by AVA (a box is x1, y1, x2, y2 normalized to [0, 1] by the keyframe's width and height):
     ava_{train,val}_v2.2.csv   video_id, timestamp, x1, y1, x2, y2, action_id, person_id: one row per action
@@ -12,7 +13,7 @@ Files, as released by AVA (a box is x1, y1, x2, y2 normalized to [0, 1] by the k
 Movies: MOVIE_ROOT/<video_id>.<any extension>, each file starting at second `movie_start` of the movie (900 for the
 15-minute cuts, 0 for whole movies); timestamp t (AVA: 902 .. 1798) is frame round((t - movie_start) x file fps).
 
-    python ava.py demo_ava      # the synthetic demo set (finetune_ava.py --preset=demo writes it itself)
+    python -m tasks.ava demo_ava      # the synthetic demo set (tasks.finetune_ava --preset=demo writes it itself)
 
 Shapes: B clips, T frames, H, W pixels (of the resized, padded clip), h, w token grid, D width, R boxes in the
 batch (RoIs), M = max boxes per keyframe, C classes.
@@ -32,9 +33,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import roi_align  # torchvision comes with open_clip
+from torchvision.transforms.v2 import InterpolationMode, functional as TF
 
 import data
-from demo import DEMO_COLORS
+from training import fail
 
 JITTER = (0.2, 0.1, 0.1, 0.05)  # training boxes: each side moves by U(-out, in) x the box size; (x out, x in, y out,
                                 # y in) as the official random_aug, so boxes mostly grow
@@ -48,21 +50,26 @@ IOU_THRESHOLD = 0.5             # frame-mAP: a detection hits a ground-truth box
 
 Row = namedtuple('Row', 'video ts box action score')  # box: normalized (x1, y1, x2, y2); action: None if empty
 
-def read_csv(path, with_score=False):
+def read_csv(path, with_score=False, what='CSV'):
     """An AVA CSV -> (rows, skipped): a box outside the frame (or empty) is skipped and counted; a line that does not
-    parse is an error that names it. The 8th column is the score with_score, else a person id (not needed)."""
+    parse is bad input that names the file and the line. Columns: video_id, timestamp, x1, y1, x2, y2, action_id (may
+    be empty in detections), then the score (with_score; a finite number) or an optional person id."""
     rows, skipped = [], 0
-    for n, line in enumerate(open(path), 1):
+    fields = f'video_id, timestamp, x1, y1, x2, y2, action_id, {"score" if with_score else "person_id"}'
+    for n, line in enumerate(data.read_text(path, what).splitlines(), 1):
         r = [x.strip() for x in line.split(',')]
         if not line.strip() or line.startswith('#'):
             continue
         try:
+            if len(r) < (8 if with_score else 7):
+                raise ValueError(f'{len(r)} columns')
             video, ts, (x1, y1, x2, y2) = r[0], int(r[1]), map(float, r[2:6])
-            action = int(r[6]) if len(r) > 6 and r[6] else None
+            action = int(r[6]) if r[6] else None
             score = float(r[7]) if with_score else 1.0
-        except (ValueError, IndexError) as e:
-            raise ValueError(f'{path} line {n}: {line.strip()!r} is not video_id, timestamp, x1, y1, x2, y2, '
-                             f'action_id, {"score" if with_score else "person_id"} ({e})') from e
+            if not np.isfinite([x1, y1, x2, y2, score]).all():
+                raise ValueError('a number that is not finite')
+        except ValueError as e:
+            fail(f'{path} line {n}: {line.strip()[:80]!r} is not {fields} ({e})')
         lo, hi = -BOX_TOLERANCE, 1 + BOX_TOLERANCE
         if not (lo <= x1 < x2 <= hi and lo <= y1 < y2 <= hi):
             skipped += 1
@@ -73,17 +80,24 @@ def read_csv(path, with_score=False):
 def read_labelmap(path):
     """A .pbtxt label map -> {action id: name}, in file order."""
     names = {}
-    for block in open(path).read().split('}'):
+    for block in data.read_text(path, 'label map').split('}'):
         name, num = re.search(r'name:\s*"([^"]*)"', block), re.search(r'(?:label_id|\bid):\s*(\d+)', block)
         if name and num:
             names[int(num.group(1))] = name.group(1)
     if not names:
-        raise ValueError(f'{path} has no `name: "..."` + `id: N` (or `label_id: N`) blocks')
+        fail(f'{path} has no `name: "..."` + `id: N` (or `label_id: N`) blocks: pass the .pbtxt label map of AVA')
     return names
 
 def read_exclusions(path):
     """video_id, timestamp per line -> a set of (video_id, timestamp) keys."""
-    return {(r[0].strip(), int(r[1])) for r in (line.split(',') for line in open(path)) if len(r) >= 2}
+    keys = set()
+    for n, line in enumerate(data.read_text(path, 'exclusions file').splitlines(), 1):
+        r = [x.strip() for x in line.split(',')]
+        if line.strip():
+            if len(r) < 2 or not r[1].isdigit():
+                fail(f'{path} line {n}: {line.strip()[:80]!r} is not video_id, timestamp')
+            keys.add((r[0], int(r[1])))
+    return keys
 
 # ----------------------------------------------------------------------------------------------
 # Frame-mAP (the official AVA evaluation: PASCAL VOC per class over all keyframes)
@@ -144,20 +158,34 @@ def frame_map(gt, detections, labelmap, excluded=frozenset(), iou_threshold=IOU_
     return (float(np.mean(scored)) if scored else float('nan')), aps
 
 def evaluate_files(labelmap, groundtruth, detections, exclusions=None, iou_threshold=IOU_THRESHOLD):
-    """`python evaluate.py ava-map`: frame-mAP of a detections CSV; prints the per-class AP and the mean and returns
-    {'mAP': %, 'AP': {name: %}, ...}."""
+    """`python evaluate.py ava-map`: frame-mAP of a detections CSV; prints the per-class AP, the mean, and what matched
+    nothing (rows of classes outside the label map, detections on keyframes without ground truth, exclusions of
+    unknown videos) -> {'mAP': %, 'AP': {name: %}, ...}."""
     names = read_labelmap(labelmap)
-    (gt, bad_gt), (dets, bad_dets) = read_csv(groundtruth), read_csv(detections, with_score=True)
+    (gt, bad_gt), (dets, bad_dets) = read_csv(groundtruth, what='ground truth'), \
+        read_csv(detections, with_score=True, what='detections')
     excluded = read_exclusions(exclusions) if exclusions else set()
     mean, aps = frame_map(gt, dets, names, excluded, iou_threshold)
     for c, ap in aps.items():
         print(f'{c:3d} {names[c]:50s} {"no ground truth" if np.isnan(ap) else f"{100 * ap:6.2f}"}')
     scored = sum(not np.isnan(ap) for ap in aps.values())
-    skipped = f'; skipped boxes outside the frame: {bad_gt} ground truth, {bad_dets} detections' if bad_gt + bad_dets \
-        else ''
+    keyframes = {(r.video, r.ts) for r in gt}
+    unmatched = {'ground-truth rows of a class outside the label map': sum(r.action not in names for r in gt),
+                 'detection rows of a class outside the label map': sum(r.action not in names for r in dets),
+                 'detection rows on keyframes without ground truth': sum((r.video, r.ts) not in keyframes
+                                                                         for r in dets),
+                 'excluded keyframes of videos not in the ground truth': sum(v not in {r.video for r in gt}
+                                                                             for v, _ in excluded),
+                 'boxes outside the frame, skipped': bad_gt + bad_dets}
+    for what, count in unmatched.items():
+        if count:
+            print(f'{count} {what}')
     print(f'frame-mAP@{iou_threshold}IoU {100 * mean:.2f} over {scored} classes with ground truth (label map: '
-          f'{len(names)}); {len(dets)} detections, {len(excluded)} excluded keyframes{skipped}')
-    return {'mAP': 100 * mean, 'AP': {names[c]: 100 * ap for c, ap in aps.items()}, 'classes_scored': scored}
+          f'{len(names)}); {len(dets)} detections, {len(excluded)} excluded keyframes')
+    if scored == 0:
+        fail(f'no class of {labelmap} has a ground-truth row in {groundtruth}: the action ids do not match')
+    return {'mAP': round(100 * mean, 2), 'AP': {names[c]: round(100 * ap, 2) for c, ap in aps.items()},
+            'classes_scored': scored, 'unmatched': unmatched}
 
 # ----------------------------------------------------------------------------------------------
 # Boxes, in pixels of the clip (continuous coordinates: x2 is the right edge)
@@ -185,6 +213,16 @@ def extend_boxes(boxes, width, height, amounts=EXTEND):
 # ----------------------------------------------------------------------------------------------
 # Keyframes: a clip of T frames around each, and its person boxes
 
+OFFICIAL_FPS, OFFICIAL_SPAN = 25, 300  # the official clips: AlphAction's 25 fps, a 300-frame span around the keyframe
+
+def clip_times(num_frames, stride):
+    """Seconds from the keyframe to each of the T frames, as the official code takes them: in its 25 fps clips, a span
+    of 300 frames with the keyframe at 150, TemporalCrop(T, s, sparse) from (300 - T s) // 2 + (s - 1) // 2 on, every
+    s = stride x 25 frames (T = 8, s = 8: -29, -21, ..., +27 frames: 1 frame early of centred, an official quirk)."""
+    s = round(stride * OFFICIAL_FPS)
+    first = (OFFICIAL_SPAN - num_frames * s) // 2 + (s - 1) // 2 - OFFICIAL_SPAN // 2
+    return (first + s * np.arange(num_frames)) / OFFICIAL_FPS
+
 class Keyframes(data._RobustDataset):
     """One item per keyframe (video_id, timestamp): T frames `stride` seconds apart, centred on it, and its boxes.
 
@@ -199,13 +237,13 @@ class Keyframes(data._RobustDataset):
                  flip=True, movie_start=900, max_boxes=100, max_bad_fraction=0.05, threads=1):
         assert mode in ('train', 'test')
         if not os.path.isdir(movie_root):
-            raise ValueError(f'movie folder {movie_root!r} not found')
+            fail(f'movie folder {movie_root!r} not found: MOVIE_ROOT holds <video_id>.<ext> files')
         files = {os.path.splitext(f)[0]: os.path.join(movie_root, f) for f in sorted(os.listdir(movie_root))}
         groups = {}                                                         # keyframe -> box -> [actions, score]
         for r in rows:
             if mode == 'train' and not (r.action and 1 <= r.action <= num_classes):
-                raise ValueError(f'action id {r.action} (video {r.video}, timestamp {r.ts}) is outside 1 .. '
-                                 f'{num_classes}: check the file, or NUM_CLASSES')
+                fail(f'action id {r.action} (video {r.video}, timestamp {r.ts}) is outside 1 .. {num_classes}: check '
+                     'the file, or NUM_CLASSES')
             person = groups.setdefault((r.video, r.ts), {}).setdefault(r.box, [set(), 0.0])
             person[0].add(r.action)
             person[1] = max(person[1], r.score)
@@ -218,7 +256,7 @@ class Keyframes(data._RobustDataset):
         super().__init__([files[v] for v, _ in self.keys], max_bad_fraction)
 
     def frames(self, i):
-        """uint8 [T, H0, W0, 3]: frame round((t - movie_start) x fps) for t = timestamp + (k - (T-1)/2) x stride."""
+        """uint8 [T, H0, W0, 3]: frame round((t - movie_start) x fps) at the times t of clip_times (the official)."""
         (_, ts), path = self.keys[i], self.paths[i]
         if path not in self.fps:                                            # one look per movie and worker
             with av.open(path) as c:
@@ -226,9 +264,9 @@ class Keyframes(data._RobustDataset):
             if not rate:
                 raise ValueError(f'{path}: no video stream with a frame rate')
             self.fps[path] = float(rate)
-        fps, T = self.fps[path], self.num_frames
+        fps = self.fps[path]
         key = round((ts - self.movie_start) * fps)
-        times = ts - self.movie_start + (np.arange(T) - (T - 1) / 2) * self.stride
+        times = ts - self.movie_start + clip_times(self.num_frames, self.stride)
 
         def indices(n):  # near either end of the file the edge frame repeats
             if not 0 <= key < n:
@@ -241,10 +279,10 @@ class Keyframes(data._RobustDataset):
         people = self.people[i]
         if len(people) > self.max_boxes:
             raise ValueError(f'{len(people)} boxes at {self.keys[i]}, more than max_boxes={self.max_boxes}')
-        clip = torch.from_numpy(self.frames(i)).permute(0, 3, 1, 2).float()    # [T, 3, H0, W0]
+        clip = torch.from_numpy(self.frames(i)).permute(0, 3, 1, 2)            # [T, 3, H0, W0] uint8
         H0, W0 = clip.shape[-2:]
         H, W = round(H0 * self.short_side / min(H0, W0)), round(W0 * self.short_side / min(H0, W0))
-        clip = F.interpolate(clip, size=(H, W), mode='bilinear', antialias=True, align_corners=False).clamp_(0, 255)
+        clip = TF.resize(clip, [H, W], InterpolationMode.BILINEAR, antialias=True)  # uint8 (official: cv2 on uint8)
         source = np.array(list(people), dtype=np.float32).reshape(-1, 4)         # [R, 4] normalized
         labels = np.zeros((len(people), self.num_classes), dtype=np.float32)   # [R, C] multi-hot, ids 1.. -> 0..
         for r, (actions, _) in enumerate(people.values()):
@@ -263,7 +301,7 @@ class Keyframes(data._RobustDataset):
             boxes = jitter_boxes(boxes, S, S, rng)      # the labels stay those of the un-jittered box (official)
         else:
             boxes = extend_boxes(boxes, W, H)
-        video = (clip.permute(1, 0, 2, 3) / 255 - data.MEAN) / data.STD        # [3, T, H, W]
+        video = clip.permute(1, 0, 2, 3)                                        # [3, T, H, W] uint8, as every dataset
 
         def pad(a):  # [R, ...] -> [M, ...]: a fixed size, so the default collate can stack keyframes
             out = torch.zeros(self.max_boxes, *a.shape[1:])
@@ -273,14 +311,22 @@ class Keyframes(data._RobustDataset):
                 'scores': pad(scores), 'num_boxes': len(boxes)}
 
 def collate(items, multiple):
-    """Test batches: clips of different sizes zero-padded at the bottom and right to the largest, rounded up to a
-    multiple of the patch size (official), so pixel boxes keep their meaning. Zero = the mean colour."""
+    """Test batches: clips of different sizes padded at the bottom and right to the largest, rounded up to a multiple
+    of the patch size (official), so pixel boxes keep their meaning; 'sizes' [B, 2] says what is real (normalize_padded
+    sets the rest to 0 = the mean colour after normalization, as the official)."""
     H, W = (-(-max(it['video'].shape[d] for it in items) // multiple) * multiple for d in (2, 3))
     video = items[0]['video'].new_zeros(len(items), 3, items[0]['video'].shape[1], H, W)   # [B, 3, T, H, W]
     for b, it in enumerate(items):
         video[b, :, :, :it['video'].shape[2], :it['video'].shape[3]] = it['video']
     batch = torch.utils.data.default_collate([{k: v for k, v in it.items() if k != 'video'} for it in items])
-    return dict(batch, video=video)
+    return dict(batch, video=video, sizes=torch.tensor([it['video'].shape[2:] for it in items]))
+
+def normalize_padded(video, sizes):
+    """uint8 [B, 3, T, H, W] (on the device), sizes [B, 2] -> data.normalize(video) with the padding at 0."""
+    H, W = video.shape[-2:]
+    real = (torch.arange(H, device=video.device)[None, :, None] < sizes[:, :1, None].to(video.device)) & \
+        (torch.arange(W, device=video.device)[None, None, :] < sizes[:, 1:, None].to(video.device))  # [B, H, W]
+    return data.normalize(video) * real[:, None, None]
 
 def rois(batch):
     """A batch -> (rois [R, 5] = (clip in the batch, x1, y1, x2, y2), labels [R, C], valid [B, M]): its real boxes."""
@@ -370,7 +416,8 @@ def write_detections(model, dataset, path, device, batch, workers, ctx):
             if len(boxes) == 0:
                 continue
             with ctx:
-                logits = model(b['video'].to(device, non_blocking=True), boxes.to(device))  # [R, C]
+                video = normalize_padded(b['video'].to(device, non_blocking=True), b['sizes'])   # [B, 3, T, H, W]
+                logits = model(video, boxes.to(device))                                        # [R, C]
             scores = logits.float().sigmoid().cpu() * b['scores'][valid][:, None]              # [R, C]
             for clip, box, s in zip(boxes[:, 0].long().tolist(), b['source'][valid].tolist(), scores.tolist()):
                 video_id, ts = dataset.keys[int(b['index'][clip])]
@@ -393,6 +440,7 @@ def write_detections(model, dataset, path, device, batch, workers, ctx):
 DEMO_ACTIONS = {1: 'move up', 2: 'move down', 3: 'stand still'}
 DEMO_FPS, DEMO_SECONDS, DEMO_H, DEMO_W = 10, 3, 96, 160   # each movie: 3 s from second 900, keyframes 901, 902
 DEMO_SPEED = 24                                           # pixels per second: 29 px over a 1.2 s demo clip
+DEMO_PALETTE = [(225, 45, 40), (40, 185, 60), (45, 95, 235), (235, 205, 40), (150, 60, 200), (240, 140, 30)]  # squares
 
 def _demo_movie(rng):
     """Frames [30, 96, 160, 3] uint8 and, per square, (action id, boxes [30, 4] normalized). 2 or 3 squares, each in
@@ -406,7 +454,7 @@ def _demo_movie(rng):
         v = {1: -DEMO_SPEED, 2: DEMO_SPEED, 3: 0}[action]
         y0 = rng.uniform(r + max(-v, 0) * DEMO_SECONDS, DEMO_H - r - max(v, 0) * DEMO_SECONDS)  # stays in the frame
         ys = y0 + v * np.arange(n) / DEMO_FPS
-        color = DEMO_COLORS[list(DEMO_COLORS)[rng.integers(len(DEMO_COLORS))]]
+        color = DEMO_PALETTE[rng.integers(len(DEMO_PALETTE))]
         for f, y in enumerate(ys):
             frames[f][(np.abs(yy - y) <= r) & (np.abs(xx - x) <= r)] = color
         tracks.append((action, np.stack([np.full(n, x - r) / DEMO_W, (ys - r) / DEMO_H, np.full(n, x + r) / DEMO_W,

@@ -3,11 +3,12 @@ Video question answering on top of the stage-2 model: multiple choice (MSRVTT-MC
 MSVD-QA, ActivityNet-QA), the paper's multi-modal downstream tasks (section 4), with the protocols of the official
 multi_modality/tasks/retrieval_mc.py, multi_modality/tasks/vqa.py and multi_modality/models/umt_qa.py.
 
-Multiple choice needs no new weights (`mc_scores`; `python evaluate.py mc`). Open-ended QA (`UMTQA`, finetune_qa.py):
-the stage-2 text encoder reads the question and all video tokens, a causal copy of its fusion blocks generates the
-answer (BERT officially, the CLIP text tower here); at test time `rank_answer` picks it from a closed answer list.
+Multiple choice needs no new weights (`mc_scores`; `python evaluate.py mc`). Open-ended QA (`UMTQA`,
+tasks/finetune_qa.py): the stage-2 text encoder reads the question and all video tokens, a causal copy of its fusion
+blocks generates the answer (BERT officially, the CLIP text tower here); at test time `rank_answer` picks it from a
+closed answer list.
 
-    python video_qa.py demo_data     # demo QA and MC files from demo_data/captions_{train,val}.json
+    python -m tasks.video_qa demo_data   # demo QA and MC files from demo_data/captions_{train,val}.json
 
 Shapes: as video_language.py (B, N, D, L, Dt), plus Lq question length, La answer length, A answers (per question,
 or in the answer list), O options, k candidates re-scored, V vocabulary.
@@ -25,9 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoints
 import data
 from model import VideoViT, VideoViTConfig, load_strict
+from training import fail
+from util.checkpoints import group
 from video_language import TextBlock, TextEncoder, text_mask, tokenize
 
 MC_ITM_WEIGHT = 0.7  # score = 0.7 VTM probability + 0.3 VTC softmax over the options (official retrieval_mc.py)
@@ -172,14 +174,17 @@ def from_stage2(umt, name='the stage-2 model'):
     encoders = [k for k in unused if k.startswith(('vision_encoder.', 'text_encoder.'))]
     return qa, [f'QA model from {name}: {len(feed)} of {len(own)} tensors; the answer decoder is a causal copy of '
                 f'text blocks {list(range(fusion, len(umt.text_encoder.blocks)))} (the fusion blocks), its LM head the '
-                f'MLM head', f'new: {checkpoints.group([k for k in own if k not in feed], parts=5)}',
-                f'unused: {checkpoints.group(encoders, parts=2)}, '
-                f'{checkpoints.group([k for k in unused if k not in encoders], parts=1)}']
+                f'MLM head', f'new: {group([k for k in own if k not in feed], parts=5)}',
+                f'unused: {group(encoders, parts=2)}, '
+                f'{group([k for k in unused if k not in encoders], parts=1)}']
 
-def load_qa(ckpt):
-    """A finetune_qa.py checkpoint dict -> UMTQA (strict)."""
-    qa = UMTQA(ckpt['model_config'], ckpt['text_config'])
-    load_strict(qa, ckpt['model'])
+def load_qa(ckpt, name='the checkpoint'):
+    """A tasks/finetune_qa.py checkpoint dict -> UMTQA (strict)."""
+    try:
+        qa = UMTQA(ckpt['model_config'], ckpt['text_config'])
+        load_strict(qa, ckpt['model'])
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f'{name} is not a checkpoint of tasks.finetune_qa ({type(e).__name__}: {e}): pass another --out_dir')
     return qa
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +198,7 @@ def read_qa(ann_file, root=None):
     ([QAItem], positions skipped). Questions are cleaned by data.pre_text, answers never. A list's unique answers weigh
     count / len (official). An entry without a video, a question or a non-empty answer is skipped and counted."""
     items, skipped = [], []
-    for i, o in enumerate(json.load(open(ann_file))):
+    for i, o in enumerate(data.load_json(ann_file, 'QA file')):
         answers = o.get('answer') if isinstance(o.get('answer'), list) else [o.get('answer')]
         answers = [a for a in answers if isinstance(a, str) and a.strip()]
         if not (isinstance(o.get('video'), str) and isinstance(o.get('question'), str) and answers):
@@ -202,17 +207,24 @@ def read_qa(ann_file, root=None):
         counts = Counter(answers)
         items.append(QAItem(os.path.join(root or '', o['video']), data.pre_text(o['question']), list(counts),
                             [c / len(answers) for c in counts.values()], o.get('question_id', i)))
+    if not items:
+        fail(f'{ann_file}: none of its {len(skipped)} entries has a video, a question and an answer')
     return items, skipped
 
 def read_answer_list(path, max_len):
     """JSON list of answer strings -> (answers, ids [A, La], mask [A, La], entries cut to max_len tokens). An entry
     that gives no token (not a string, empty, blank) could never be generated: a ValueError names it."""
-    answers = json.load(open(path))
+    try:
+        answers = json.loads(data.read_text(path, 'answer list'))
+    except json.JSONDecodeError as e:
+        fail(f'answer list {path} is not JSON ({e})')
+    if not isinstance(answers, list) or not answers:
+        fail(f'answer list {path} must be a non-empty JSON list of answer strings')
     ids, mask = tokenize([a if isinstance(a, str) else '' for a in answers], max_len)      # [A, La]
     bad = [(i, answers[i]) for i in (mask.sum(1) < 3).nonzero()[:, 0].tolist()]           # only [sot] [eot]
     if bad:
-        raise ValueError(f'{path}: {len(bad)} answer-list entries give no token, e.g. ' +
-                         ', '.join(f'#{i} {a!r}' for i, a in bad[:5]))
+        fail(f'{path}: {len(bad)} answer-list entries give no token, e.g. ' +
+             ', '.join(f'#{i} {a!r}' for i, a in bad[:5]))
     cut = int((tokenize(answers, 77)[1].sum(1) > max_len).sum())  # 77: CLIP's longest text
     return answers, ids, mask, cut
 
@@ -220,14 +232,16 @@ def read_mc(ann_file, root=None):
     """Official MSRVTT-MC list of {"video", "caption": [options], "answer": index} -> [MCItem], options cleaned by
     data.pre_text. Every question needs the same number of options (5 in MSRVTT-MC) and an answer among them."""
     items = []
-    for i, o in enumerate(json.load(open(ann_file))):
+    for i, o in enumerate(data.load_json(ann_file, 'MC file')):
         options, answer = o.get('caption'), o.get('answer')
-        if not (isinstance(options, list) and len(options) >= 2 and isinstance(answer, int)
-                and 0 <= answer < len(options) and isinstance(o.get('video'), str)):
-            raise ValueError(f'{ann_file}: entry #{i} is not {{"video": path, "caption": [options], "answer": index}}')
+        if not (isinstance(options, list) and len(options) >= 2 and type(answer) is int and 0 <= answer < len(options)
+                and isinstance(o.get('video'), str)
+                and all(isinstance(c, str) and data.pre_text(c) for c in options)):
+            fail(f'{ann_file}: entry #{i} is not {{"video": path, "caption": [2 or more non-empty options], '
+                 f'"answer": index of the right one}}: {json.dumps(o)[:80]}')
         items.append(MCItem(os.path.join(root or '', o['video']), [data.pre_text(c) for c in options], answer))
     if len({len(it.options) for it in items}) > 1:
-        raise ValueError(f'{ann_file}: the questions have different numbers of options')
+        fail(f'{ann_file}: the questions have different numbers of options')
     return items
 
 class VideoQuestions(data._RobustDataset):

@@ -3,17 +3,17 @@ Open-ended video question answering: fine-tuning the stage-2 model on MSRVTT-QA,
 official recipe (multi_modality/tasks/vqa.py, multi_modality/models/umt_qa.py, exp/finetuning/qa_*; paper section 4).
 
 The stage-2 text encoder becomes the question encoder (its fusion blocks read all video tokens: no mask, no
-teacher); a causal copy of its fusion blocks, cross-attending to the question, generates the answer (video_qa.py).
+teacher); a causal copy of its fusion blocks, cross-attending to the question, generates the answer (tasks/video_qa.py).
 Loss: each answer's summed token NLL, weighted, averaged over questions. Test: the answer-list entry ranked best by
 rank_answer (the 128 best first tokens, re-scored by the whole answer's likelihood), exact match with the
 annotation. The defaults are the official UMT-B/16 recipe for MSRVTT-QA after 5M pre-training: 12 frames, 8 GPUs x
 32 questions, lr 2e-5, 8 epochs.
 
-    torchrun --standalone --nproc_per_node=8 finetune_qa.py --init=out/stage2/last.pt --data_root=/data/msrvtt
-    torchrun --standalone --nproc_per_node=8 finetune_qa.py --preset=msvd_b16 --data_root=/data/msvd
-    python finetune_qa.py --preset=anet_b16 --micro_batch=8 --data_root=/data/anet     # 1 GPU, accumulation
+    torchrun --standalone --nproc_per_node=8 -m tasks.finetune_qa --init=out/stage2/last.pt --data_root=/data/msrvtt
+    torchrun --standalone --nproc_per_node=8 -m tasks.finetune_qa --preset=msvd_b16 --data_root=/data/msvd
+    python -m tasks.finetune_qa --preset=anet_b16 --micro_batch=8 --data_root=/data/anet     # 1 GPU, accumulation
     python train_stage1.py --preset=demo && python train_stage2.py --preset=demo && \
-        python finetune_qa.py --preset=demo                                            # CPU, 5-10 minutes
+        python -m tasks.finetune_qa --preset=demo                                      # CPU, 5-10 minutes
 
 After a crash, the same command resumes from OUT_DIR/last.pt (and a finished run tests again).
 """
@@ -21,14 +21,17 @@ After a crash, the same command resumes from OUT_DIR/last.pt (and a finished run
 import json
 import os
 import sys
+from collections import defaultdict
+from contextlib import nullcontext
 
 import torch
+from tqdm import tqdm
 
-import checkpoints
 import data
-import evaluate
 import training
-import video_qa
+from tasks import video_qa
+from util import checkpoints
+from util.evaluation import gather_rows, run_videos
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: the official MSRVTT-QA fine-tuning of UMT-B/16 (5M); --preset=NAME, --name=value
@@ -107,23 +110,21 @@ training.need_files({'TRAIN_ANN': TRAIN_ANN, 'VAL_ANN': VAL_ANN, 'TEST_ANN': TES
                     "pass --NAME=PATH (--val_ann='' for none). To try the script: --preset=demo.", MAKE_DEMO)
 
 # ----------------------------------------------------------------------------------------------
-# Processes (torchrun's environment: one per GPU, or gloo processes on CPU), precision, OUT_DIR
+# Processes, precision and the OUT_DIR lock (train_stage1.py's, in one call)
 
-run = training.Run(config, OUT_DIR, DEVICE, DTYPE, GRAD_CLIP, MAX_BAD_STEPS, LOG_INTERVAL, CKPT_INTERVAL)
-rank, device, autocast = run.rank, run.device, run.autocast
+rank, world_size, device, autocast, scaler, lock = training.start(DEVICE, DTYPE, OUT_DIR)
+master, ckpt_path = rank == 0, os.path.join(OUT_DIR, 'last.pt')
 min_lr = LR * MIN_LR_RATIO
 
 # ----------------------------------------------------------------------------------------------
 # Data: training questions (a bad entry is skipped and counted), the test sets and the answer list
 
-if MAKE_DEMO and run.master and not os.path.exists(TRAIN_ANN):
+if MAKE_DEMO and master and not os.path.exists(TRAIN_ANN):
     video_qa.make_demo_qa(DATA_ROOT)  # from the demo set's captions (train_stage2.py --preset=demo wrote them)
-run.barrier()
+if world_size > 1:
+    torch.distributed.barrier()  # the others wait for rank 0's files
 train_items, train_skipped = video_qa.read_qa(TRAIN_ANN, DATA_ROOT)
-try:
-    answers, answer_ids, answer_mask, answers_cut = video_qa.read_answer_list(ANSWER_LIST, MAX_ANSWER_LEN)
-except ValueError as e:  # an answer-list entry that gives no token
-    fail(str(e))
+answers, answer_ids, answer_mask, answers_cut = video_qa.read_answer_list(ANSWER_LIST, MAX_ANSWER_LEN)
 answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
 kw = dict(text_len=MAX_QUESTION_LEN, answer_len=MAX_ANSWER_LEN, threads=DECODE_THREADS)
 train_set = video_qa.VideoQuestions(train_items, NUM_FRAMES, IMG_SIZE, 'train', max_bad_fraction=MAX_BAD_FRACTION, **kw)
@@ -139,39 +140,47 @@ total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_
 # Model: resume from OUT_DIR/last.pt, or the QA model from the stage-2 INIT (checkpoints.load, then a report)
 
 torch.manual_seed(SEED)  # the same new weights on every rank (DDP broadcasts rank 0's anyway)
-ckpt = run.resume()  # OUT_DIR/last.pt, or None
-try:
-    if ckpt is not None:
-        raw_model, report = video_qa.load_qa(ckpt), [f'QA model from {run.ckpt_path}']
-    else:  # the video position table is regenerated for NUM_FRAMES x IMG_SIZE
-        umt, report = checkpoints.load(INIT, 'umt', num_frames=NUM_FRAMES, img_size=IMG_SIZE, drop_path=DROP_PATH,
-                                       checkpoint_blocks=CHECKPOINT_BLOCKS)
-        raw_model, qa_report = video_qa.from_stage2(umt, INIT)
-        report += qa_report
-        del umt
-except ValueError as e:  # a checkpoint that does not fit
-    fail(str(e))
-raw_model.to(device)  # unwrapped and uncompiled: what is saved and evaluated
+ckpt = training.resume(OUT_DIR, world_size, device, 'text_config')  # OUT_DIR/last.pt, or None for a new run
+if ckpt is not None:
+    raw_model, report = video_qa.load_qa(ckpt, ckpt_path), [f'QA model from {ckpt_path}']
+else:  # the video position table is regenerated for NUM_FRAMES x IMG_SIZE
+    umt, report = checkpoints.load(INIT, 'umt', num_frames=NUM_FRAMES, img_size=IMG_SIZE, drop_path=DROP_PATH,
+                                   checkpoint_blocks=CHECKPOINT_BLOCKS)
+    raw_model, qa_report = video_qa.from_stage2(umt, INIT)
+    report += qa_report
+    del umt
+raw_model.to(device)  # unwrapped: what is saved and evaluated
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer (AdamW, no decay on 1-D parameters, one lr for everything as the official), compile, DDP
+# Optimizer (AdamW, no decay on 1-D parameters, one lr for everything as the official), resume, compile, DDP
 
 optimizer = training.adamw(raw_model, LR, WEIGHT_DECAY, BETAS)
-if COMPILE:  # in place: the state_dict keys stay the same
-    raw_model.vision_encoder.compile(dynamic=False)
-report.append(f'{MICRO_BATCH} questions x {world_size} processes x {grad_accum} accumulation steps = {TOTAL_BATCH} per '
-              f'step | lr {LR:g} after {warmup_steps} warmup steps, floor {min_lr:g} | {len(train_set)} questions, '
-              f'{len(train_skipped)} skipped: no video, question or answer | answer list: {len(answers)} entries, '
-              f'{answers_cut} cut to {MAX_ANSWER_LEN} tokens')
-model = run.start(raw_model, optimizer, ckpt, total_steps, steps_per_epoch, report, ckpt_every_epoch=True, desc='QA')
+step = 0
+if ckpt is not None:  # weights (above), optimizer, loss scale and step
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    step = ckpt['step']
+    report.append(training.resumed_line(ckpt, config, ckpt_path, steps_per_epoch))
+    ckpt = None
+# torch.compile of the video encoder (all tokens: static shapes) in place, then DDP around the whole model
+model = training.wrap(raw_model, raw_model.vision_encoder, COMPILE, world_size, device)
+if master:
+    print('\n'.join(report + [
+        f'{MICRO_BATCH} questions x {world_size} processes x {grad_accum} accumulation steps = {TOTAL_BATCH} per step '
+        '| '
+        f'lr {LR:g} after {warmup_steps} warmup steps, floor {min_lr:g} | {len(train_set)} questions, '
+        f'{len(train_skipped)} skipped: no video, question or answer | answer list: {len(answers)} entries, '
+        f'{answers_cut} cut to {MAX_ANSWER_LEN} tokens | {total_steps} steps']))
+    training.write_log(OUT_DIR, {'config': config, 'world_size': world_size, 'start_step': step})
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation: rank_answer over the answer list, exact match
 
 def evaluate_qa(split):
-    """Exact-match accuracy (%) on one test set, every rank scoring its share. A question whose video cannot be read
-    counts as wrong (the official metric counts a missing prediction as wrong); entries without a video, question
-    or answer were skipped and are only counted. -> (results, predictions)."""
+    """Exact-match accuracy (%) on one test set, every rank scoring its share, in all and per question type (its
+    first word: what, who, how, ...). A question whose video cannot be read counts as wrong (the official metric
+    counts a missing prediction as wrong); entries without a video, question or answer were skipped and are only
+    counted. -> (results, predictions)."""
     dataset, skipped = tests[split]
     raw_model.eval()
 
@@ -180,43 +189,69 @@ def evaluate_qa(split):
             pred = raw_model.answer(video, b['ids'].to(device), b['mask'].to(device), answer_ids, answer_mask, K_TEST,
                                     DOUBLE_FIRST_TOKEN)
         return pred, b['bad'].long().to(device)
-    (pred, bad), index = evaluate.run_videos(dataset, answer, device, EVAL_BATCH, NUM_WORKERS, split)
-    pred, bad = (evaluate.gather_rows(x, index.to(device), len(dataset)).tolist() for x in (pred, bad))
+    (pred, bad), index = run_videos(dataset, answer, device, EVAL_BATCH, NUM_WORKERS, split)
+    pred, bad = (gather_rows(x, index.to(device), len(dataset)).tolist() for x in (pred, bad))
     raw_model.train()
     correct = [not b and answers[p] in it.answers for p, b, it in zip(pred, bad, dataset.items)]
-    known = sum(any(a in answers for a in it.answers) for it in dataset.items)
-    result = {'accuracy': 100 * sum(correct) / len(dataset), 'questions': len(dataset),
-              'skipped_entries': len(skipped), 'unreadable_videos': sum(bad), 'answer_in_list': known}
+    by_type = defaultdict(list)
+    for c, it in zip(correct, dataset.items):
+        by_type[it.question.split()[0] if it.question.split() else '?'].append(c)
+    result = {'accuracy': round(100 * sum(correct) / len(dataset), 2), 'questions': len(dataset),
+              'by_type': {t: round(100 * sum(cs) / len(cs), 2) for t, cs in sorted(by_type.items())},
+              'skipped_entries': len(skipped), 'unreadable_videos': sum(bad),
+              'answer_in_list': sum(any(a in answers for a in it.answers) for it in dataset.items)}
     return result, [{'question_id': it.qid, 'pred': answers[p], 'answer': it.answers[0]}
                     for p, it in zip(pred, dataset.items)]
 
 # ----------------------------------------------------------------------------------------------
 # Training loop
 
-batches = run.batches(train_set, MICRO_BATCH, grad_accum, SEED, NUM_WORKERS)
-while run.step < total_steps:
-    run.set_lr(training.lr_at(run.step, total_steps, warmup_steps, LR, min_lr, start=min_lr))
+batches = training.train_batches(train_set, MICRO_BATCH, SEED, rank, world_size, NUM_WORKERS, step, steps_per_epoch,
+                                 grad_accum)
+meter = training.Meter({'loss': 0}, device, step)
+bar = tqdm(total=total_steps, initial=step, disable=not master, desc='QA', dynamic_ncols=True)
+last_ckpt_step = step
+while step < total_steps:
+    lr = training.lr_at(step, total_steps, warmup_steps, LR, min_lr, clamp=True)  # the official LambdaLR
+    training.set_lr(optimizer, lr)
     step_loss = torch.zeros((), device=device)
-    for micro, batch in run.micro_batches(batches, grad_accum):
+    for micro in range(grad_accum):
+        batch = meter.next(batches)
         video = data.normalize(batch['video'].to(device, non_blocking=True))      # [b, 3, T, S, S] float
         text = [batch[k].to(device) for k in ('ids', 'mask', 'answer_ids', 'answer_mask', 'weights')]
-        torch.manual_seed(training.seed_for(SEED, run.step, micro, rank))        # stochastic depth, replayed on resume
-        # Gradients of the micro-steps add up; DDP averages them over ranks only on the last one.
-        with training.no_sync(model, micro < grad_accum - 1):
+        torch.manual_seed(training.seed_for(SEED, step, micro, rank))            # stochastic depth, replayed on resume
+        # DDP all-reduces the gradients in every backward; the micro-steps before the last only add them up locally.
+        with nullcontext() if micro == grad_accum - 1 or world_size == 1 else model.no_sync():
             with autocast:
                 loss = model(video, *text)  # L = sum over answers of weight x summed token NLL, / questions
-            run.scaler.scale(loss / grad_accum).backward()  # / grad_accum: the mean over the whole step
+            scaler.scale(loss / grad_accum).backward()  # / grad_accum: the summed gradients are the mean's
         step_loss += loss.detach() / grad_accum
 
-    # ---- update (or skip a non-finite step), log; validation after every epoch; checkpoint
-    due = run.update({'loss': step_loss}, raw_model)
-    if 'val' in tests and run.step % steps_per_epoch == 0:
+    # ---- the update of train_stage1.py in one call: unscale, clip, step unless not finite, loss scale, zero_grad
+    good, grad_norm = training.update(optimizer, scaler, raw_model, GRAD_CLIP, step_loss)
+    step += 1
+    bar.update()
+    meter.add(good, loss=step_loss)  # a skipped step is counted, its loss left out of the average
+    if step % LOG_INTERVAL == 0 or step == total_steps or meter.bad_in_a_row == MAX_BAD_STEPS:
+        record = meter.record(step, steps_per_epoch, lr, grad_norm)
+        if master:
+            training.log(OUT_DIR, record, NUM_WORKERS, device, bar)
+    training.stop_if_bad(meter, MAX_BAD_STEPS, step, ckpt_path, last_ckpt_step)
+
+    # ---- validation after every epoch; a checkpoint too
+    if 'val' in tests and step % steps_per_epoch == 0:
         val = evaluate_qa('val')[0]
-        if run.master:
-            print(f'epoch {run.step // steps_per_epoch}/{EPOCHS} | val accuracy {val["accuracy"]:.2f}')
-            run.write({'step': run.step, 'epoch': run.step // steps_per_epoch, 'val': val})
-    if due:
-        run.save(raw_model, model_config=raw_model.vision_config, text_config=raw_model.text_config)
+        if master:
+            tqdm.write(f'epoch {step // steps_per_epoch}/{EPOCHS} | val accuracy {val["accuracy"]:.2f}')
+            training.write_log(OUT_DIR, {'step': step, 'epoch': step // steps_per_epoch, 'val': val})
+    if good and (step % CKPT_INTERVAL == 0 or step % steps_per_epoch == 0 or step == total_steps):
+        if master:
+            training.save_checkpoint({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                                      'scaler': scaler.state_dict(), 'step': step, 'config': config,
+                                      'model_config': raw_model.vision_config, 'text_config': raw_model.text_config},
+                                     ckpt_path)
+        last_ckpt_step = step
+bar.close()
 
 # ----------------------------------------------------------------------------------------------
 # Final test with the last weights (no model selection on the test set), and the answer-prior baselines
@@ -224,12 +259,17 @@ while run.step < total_steps:
 if 'test' in tests:
     test, predictions = evaluate_qa('test')
     prior = video_qa.prior_baselines(train_items, tests['test'][0].items)
-    if run.master:
-        print(f'test: accuracy {test["accuracy"]:.2f} on {test["questions"]} questions ({test["answer_in_list"]} '
-              f'with their answer in the list, {test["unreadable_videos"]} unreadable videos, '
-              f'{test["skipped_entries"]} entries skipped) | without the video: always '
-              f'{prior["majority_answer"]!r} {prior["majority"]:.2f}, most frequent answer per question text '
-              f'{prior["question_prior"]:.2f}')
-        run.write({'step': run.step, 'test': test, 'prior': prior})
+    if master:
+        print(f'test: accuracy {test["accuracy"]:.2f} on {test["questions"]} questions (' +
+              ', '.join(f'{t} {a:.2f}' for t, a in test['by_type'].items()) + f'; {test["answer_in_list"]} with '
+              f'their answer in the list, {test["unreadable_videos"]} unreadable videos, {test["skipped_entries"]} '
+              f'entries skipped) | without the video: always {prior["majority_answer"]!r} {prior["majority"]:.2f}, '
+              f'most frequent answer per question text {prior["question_prior"]:.2f}')
+        training.write_log(OUT_DIR, {'step': step, 'test': test, 'prior': prior})
         json.dump(predictions, open(os.path.join(OUT_DIR, 'test_predictions.json'), 'w'), indent=1)
-run.close()
+        print(f'wrote {OUT_DIR}/test_predictions.json')
+if master:
+    print(f'done: {step} steps, {meter.skipped_steps} skipped; weights in {ckpt_path}, log in {OUT_DIR}/log.jsonl')
+if world_size > 1:
+    torch.distributed.barrier()  # leave together: a rank that leaves first makes gloo abort the others
+    torch.distributed.destroy_process_group()

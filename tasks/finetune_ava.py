@@ -10,11 +10,11 @@ scores each action as sigmoid x detector score; the detections are written as an
 official frame-mAP (`python evaluate.py ava-map` computes the same number from the file). The recipe is the
 official one: AdamW with layer-wise lr decay, warmup + cosine per step, stochastic depth, 30 epochs (B).
 
-    # UMT-B/16 from the K710 fine-tuned classifier (finetune.py), the official route, on 8 GPUs (16 x 8 in the paper)
-    torchrun --standalone --nproc_per_node=8 finetune_ava.py --init=out/k710_b16/last.pt --movie_root=/data/ava/movies
-    torchrun --standalone --nproc_per_node=8 finetune_ava.py --preset=ava_l16 --movie_root=/data/ava/movies
-    python finetune_ava.py --init=b16_ptk710_ftk710_f8_res224.pth --micro_batch=16    # 1 GPU, an official checkpoint
-    python train_stage1.py --preset=demo && python finetune_ava.py --preset=demo      # CPU, a few minutes
+    # UMT-B/16 from the K710 fine-tuned classifier (tasks.finetune), the official route, on 8 GPUs (16 x 8 in the paper)
+    torchrun --standalone --nproc_per_node=8 -m tasks.finetune_ava --init=out/k710_b16/last.pt --movie_root=/data/ava
+    torchrun --standalone --nproc_per_node=8 -m tasks.finetune_ava --preset=ava_l16 --movie_root=/data/ava
+    python -m tasks.finetune_ava --init=b16_ptk710_ftk710_f8_res224.pth --micro_batch=16   # 1 GPU, an official .pth
+    python train_stage1.py --preset=demo && python -m tasks.finetune_ava --preset=demo  # CPU, a few minutes
 
 After a crash, the same command resumes from OUT_DIR/last.pt.
 """
@@ -22,19 +22,22 @@ After a crash, the same command resumes from OUT_DIR/last.pt.
 import dataclasses
 import os
 import sys
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-import ava
-import checkpoints
+import data
 import training
 from model import load_strict
+from tasks import ava
+from util import checkpoints
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: the official AVA v2.2 fine-tuning of UMT-B/16; --preset=NAME, --name=value
 
-# starting point and data (ava.py describes the files)
+# starting point and data (tasks/ava.py describes the files)
 INIT = 'out/k710_b16/last.pt'      # ours (classifier, stage 1 or 2) or an official .pth (paper: the K710 classifier)
 MOVIE_ROOT = 'data/ava/movies'     # <video_id>.<ext>, each the movie from second MOVIE_START on
 MOVIE_START = 900                  # the movie second where the files start: 900 for the 15-minute cuts, 0 for whole
@@ -114,34 +117,36 @@ training.need_files({'TRAIN_CSV': TRAIN_CSV, 'VAL_CSV': VAL_CSV, 'DETECTIONS': D
                      'EXCLUSIONS': EXCLUSIONS}, 'one of the AVA v2.2 files (README). To try: --preset=demo.', MAKE_DEMO)
 
 # ----------------------------------------------------------------------------------------------
-# Processes, precision, OUT_DIR
+# Processes, precision and the OUT_DIR lock (train_stage1.py's, in one call)
 
-run = training.Run(config, OUT_DIR, DEVICE, DTYPE, GRAD_CLIP, MAX_BAD_STEPS, LOG_INTERVAL, CKPT_INTERVAL)
-rank, device, autocast = run.rank, run.device, run.autocast
+rank, world_size, device, autocast, scaler, lock = training.start(DEVICE, DTYPE, OUT_DIR)
+master, ckpt_path = rank == 0, os.path.join(OUT_DIR, 'last.pt')
 peak_lr, min_lr = BASE_LR * TOTAL_BATCH / 256, MIN_LR * TOTAL_BATCH / 256
 
 # ----------------------------------------------------------------------------------------------
-# Data: training keyframes with their ground-truth boxes; test keyframes with the detector's boxes
+# Data: training keyframes with their ground-truth boxes; test keyframes with the detector's boxes. Every file the
+# test reads is read now: a bad one costs seconds, not a training run.
 
-if MAKE_DEMO and run.master and not os.path.exists(TRAIN_CSV):
+if MAKE_DEMO and master and not os.path.exists(TRAIN_CSV):
     print(f'writing the synthetic AVA-style demo set to {os.path.dirname(TRAIN_CSV)}/ (a few seconds)')
     ava.make_demo(os.path.dirname(TRAIN_CSV))
-run.barrier()
+if world_size > 1:
+    torch.distributed.barrier()  # the others wait for rank 0's files
 kw = dict(num_classes=NUM_CLASSES, num_frames=NUM_FRAMES, stride=FRAME_STRIDE, short_side=SHORT_SIDE, crop=CROP,
           flip=FLIP, movie_start=MOVIE_START, max_boxes=MAX_BOXES, max_bad_fraction=MAX_BAD_FRACTION,
           threads=DECODE_THREADS)
-try:
-    (gt, bad_gt), (dets, bad_dets) = ava.read_csv(TRAIN_CSV), ava.read_csv(DETECTIONS, with_score=True)
-    val_videos = {r.video for r in ava.read_csv(VAL_CSV)[0]}  # the metric's movies: other detections are ignored
-    train_set = ava.Keyframes(gt, MOVIE_ROOT, 'train', **kw)
-    test_set = ava.Keyframes([r for r in dets if r.score >= DET_THRESHOLD and r.video in val_videos], MOVIE_ROOT,
-                             'test', **kw)
-    ava.read_labelmap(LABELMAP)
-except (ValueError, OSError) as e:
-    fail(str(e))
+(gt, bad_gt), (dets, bad_dets) = ava.read_csv(TRAIN_CSV, what='TRAIN_CSV'), \
+    ava.read_csv(DETECTIONS, with_score=True, what='DETECTIONS')
+val_videos = {r.video for r in ava.read_csv(VAL_CSV, what='VAL_CSV')[0]}  # the metric's movies: other detections
+train_set = ava.Keyframes(gt, MOVIE_ROOT, 'train', **kw)                 # are ignored
+test_set = ava.Keyframes([r for r in dets if r.score >= DET_THRESHOLD and r.video in val_videos], MOVIE_ROOT, 'test',
+                         **kw)
+ava.read_labelmap(LABELMAP)
+if EXCLUSIONS:
+    ava.read_exclusions(EXCLUSIONS)
 steps_per_epoch = training.epoch_steps(len(train_set), TOTAL_BATCH, TRAIN_CSV, 'keyframes with a movie')
 total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_epoch
-if run.master:
+if master:
     for name, ds, bad in (('train', train_set, bad_gt), ('test', test_set, bad_dets)):
         print(f'{name}: {len(ds)} keyframes, {sum(map(len, ds.people))} boxes; {bad} boxes outside the frame skipped'
               + (f'; {len(ds.missing)} movies not in {MOVIE_ROOT} (e.g. {ds.missing[0]}): their keyframes left out'
@@ -151,31 +156,40 @@ if run.master:
 # Model: resume from OUT_DIR/last.pt, or the video encoder of INIT (checkpoints.load reports) with a new head
 
 torch.manual_seed(SEED)  # the same new head on every rank
-ckpt = run.resume()
+ckpt = training.resume(OUT_DIR, world_size, device, 'num_classes')  # OUT_DIR/last.pt, or None for a new run
 if ckpt is not None and ckpt['num_classes'] != NUM_CLASSES:
-    fail(f'{run.ckpt_path} has {ckpt["num_classes"]} classes but NUM_CLASSES={NUM_CLASSES}: another OUT_DIR?')
-try:  # any checkpoint gives a classifier's backbone; the sin-cos table is regenerated for NUM_FRAMES x CROP
-    encoder, report = checkpoints.load(INIT if ckpt is None else ckpt, 'classifier', NUM_CLASSES, num_frames=NUM_FRAMES,
-                                       img_size=CROP, drop_path=DROP_PATH)
-    raw_model = ava.ActionDetector(encoder.backbone, NUM_CLASSES, INIT_SCALE, ROI_ALIGNED)
-    if ckpt is not None:
-        load_strict(raw_model, ckpt['model'])
-except ValueError as e:
-    fail(str(e))
-raw_model.to(device)
+    fail(f'{ckpt_path} has {ckpt["num_classes"]} classes but NUM_CLASSES={NUM_CLASSES}: another OUT_DIR?')
+# any checkpoint gives a classifier's backbone; the sin-cos table is regenerated for NUM_FRAMES x CROP
+encoder, report = checkpoints.load(INIT if ckpt is None else ckpt, 'classifier', NUM_CLASSES, num_frames=NUM_FRAMES,
+                                   img_size=CROP, drop_path=DROP_PATH, name=INIT if ckpt is None else ckpt_path)
+raw_model = ava.ActionDetector(encoder.backbone, NUM_CLASSES, INIT_SCALE, ROI_ALIGNED)
+if ckpt is not None:
+    load_strict(raw_model, ckpt['model'])
+raw_model.to(device)  # unwrapped: what is saved and evaluated
 model_config = raw_model.backbone.config
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer: AdamW with layer-wise lr decay, warmup from 0 then cosine; compile, DDP
+# Optimizer: AdamW with layer-wise lr decay, warmup from 0 then cosine; resume, compile, DDP
 
 decay = training.layer_decay(model_config.depth, LAYER_DECAY, prefix='backbone.')  # norm and head: full lr
 optimizer = training.adamw(raw_model, peak_lr, WEIGHT_DECAY, BETAS, decay)
-report += ['the detector keeps the video encoder only: its final norm and head are new',
-           f'{MICRO_BATCH} keyframes x {world_size} processes x {grad_accum} accumulation steps = {TOTAL_BATCH} per '
-           f'step | peak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH} / 256), layer decay {LAYER_DECAY}, '
-           f'warmup {warmup_steps} steps']
-model = run.start(raw_model, optimizer, ckpt, total_steps, steps_per_epoch, report, COMPILE, ckpt_every_epoch=True,
-                  desc='ava')
+step = 0
+if ckpt is not None:  # weights (above), optimizer, loss scale and step
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    step = ckpt['step']
+    report.append(training.resumed_line(ckpt, config, ckpt_path, steps_per_epoch))
+    ckpt = None
+# torch.compile of the video encoder in place (RoIs vary in number), then DDP around the whole detector
+model = training.wrap(raw_model, raw_model.backbone, COMPILE, world_size, device)
+if master:
+    print('\n'.join(report + [
+        'the detector keeps the video encoder only: its final norm and head are new',
+        f'{MICRO_BATCH} keyframes x {world_size} processes x {grad_accum} accumulation steps = {TOTAL_BATCH} per step '
+        '| '
+        f'peak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH} / 256), layer decay {LAYER_DECAY}, warmup '
+        f'{warmup_steps} steps | {total_steps} steps']))
+    training.write_log(OUT_DIR, {'config': config, 'world_size': world_size, 'start_step': step})
 
 def test(step):
     """Detections for the test keyframes -> OUT_DIR/detections_step{step}.csv, and their frame-mAP (master)."""
@@ -183,41 +197,69 @@ def test(step):
     unread = ava.write_detections(raw_model, test_set, path, device, TEST_BATCH, NUM_WORKERS, autocast)
     if unread:
         print(f'rank {rank}: {len(unread)} test keyframes could not be read and have no detections, e.g. {unread[0]}')
-    if run.master:
+    if master:
         result = ava.evaluate_files(LABELMAP, VAL_CSV, path, EXCLUSIONS or None)
-        run.write({'step': step, 'epoch': step / steps_per_epoch, 'val_mAP': result['mAP'],
-                   'detections': os.path.basename(path)})
+        training.write_log(OUT_DIR, {'step': step, 'epoch': step / steps_per_epoch, 'val_mAP': result['mAP'],
+                                     'detections': os.path.basename(path)})
+        print(f'wrote {path}')
 
 # ----------------------------------------------------------------------------------------------
 # Training loop
 
-batches = run.batches(train_set, MICRO_BATCH, grad_accum, SEED, NUM_WORKERS)
-while run.step < total_steps:
-    run.set_lr(training.lr_at(run.step, total_steps, warmup_steps, peak_lr, min_lr))
+batches = training.train_batches(train_set, MICRO_BATCH, SEED, rank, world_size, NUM_WORKERS, step, steps_per_epoch,
+                                 grad_accum)
+meter = training.Meter({'loss': 0, 'boxes': 0}, device, step)
+bar = tqdm(total=total_steps, initial=step, disable=not master, desc='ava', dynamic_ncols=True)
+last_ckpt_step = step
+while step < total_steps:
+    lr = training.lr_at(step, total_steps, warmup_steps, peak_lr, min_lr)
+    training.set_lr(optimizer, lr)
     step_loss, step_boxes = torch.zeros((), device=device), 0
-    for micro, batch in run.micro_batches(batches, grad_accum):
-        video = batch['video'].to(device, non_blocking=True)             # [b, 3, T, CROP, CROP]
+    for micro in range(grad_accum):
+        batch = meter.next(batches)
+        video = data.normalize(batch['video'].to(device, non_blocking=True))  # [b, 3, T, CROP, CROP]
         rois, target, _ = ava.rois(batch)                                # [R, 5] (clip, x1, y1, x2, y2), [R, C]
-        torch.manual_seed(training.seed_for(SEED, run.step, micro, rank))  # stochastic depth, replayed on resume
-        with training.no_sync(model, micro < grad_accum - 1):
+        torch.manual_seed(training.seed_for(SEED, step, micro, rank))    # stochastic depth, replayed on resume
+        # DDP all-reduces the gradients in every backward; the micro-steps before the last only add them up locally.
+        with nullcontext() if micro == grad_accum - 1 or world_size == 1 else model.no_sync():
             with autocast:
                 logits = model(video, rois.to(device))                   # [R, C]
             # official loss: BCE-with-logits averaged over the R x C terms, times R = the sum over boxes of the
             # mean over classes; a micro-batch whose boxes all fell outside the crops adds 0
             loss = F.binary_cross_entropy_with_logits(logits.float(), target.to(device), reduction='sum') / NUM_CLASSES
-            run.scaler.scale(loss / grad_accum).backward()               # summed micro-steps = the step's mean
+            scaler.scale(loss / grad_accum).backward()                   # summed micro-steps = the step's mean
         step_loss += loss.detach() / grad_accum
         step_boxes += len(rois)
 
-    # ---- update (or skip a non-finite step), log; frame-mAP every EVAL_EPOCHS epochs; checkpoint
-    due = run.update({'loss': step_loss, 'boxes': step_boxes / grad_accum}, raw_model)
-    if run.step % (EVAL_EPOCHS * steps_per_epoch) == 0 and run.step < total_steps:
-        test(run.step)
-    if due:
-        run.save(raw_model, model_config=dataclasses.asdict(model_config), num_classes=NUM_CLASSES)
+    # ---- the update of train_stage1.py in one call: unscale, clip, step unless not finite, loss scale, zero_grad
+    good, grad_norm = training.update(optimizer, scaler, raw_model, GRAD_CLIP, step_loss)
+    step += 1
+    bar.update()
+    meter.add(good, loss=step_loss, boxes=step_boxes / grad_accum)  # a skipped step is counted, its loss left out
+    if step % LOG_INTERVAL == 0 or step == total_steps or meter.bad_in_a_row == MAX_BAD_STEPS:
+        record = meter.record(step, steps_per_epoch, lr, grad_norm)
+        if master:
+            training.log(OUT_DIR, record, NUM_WORKERS, device, bar)
+    training.stop_if_bad(meter, MAX_BAD_STEPS, step, ckpt_path, last_ckpt_step)
+
+    # ---- frame-mAP every EVAL_EPOCHS epochs; a checkpoint after every epoch
+    if step % (EVAL_EPOCHS * steps_per_epoch) == 0 and step < total_steps:
+        test(step)
+    if good and (step % CKPT_INTERVAL == 0 or step % steps_per_epoch == 0 or step == total_steps):
+        if master:
+            training.save_checkpoint({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                                      'scaler': scaler.state_dict(), 'step': step, 'config': config,
+                                      'model_config': dataclasses.asdict(model_config), 'num_classes': NUM_CLASSES},
+                                     ckpt_path)
+        last_ckpt_step = step
+bar.close()
 
 # ----------------------------------------------------------------------------------------------
 # Final test: every class of every detected person box, scored by frame-mAP@0.5 IoU
 
-test(run.step)
-run.close()
+test(step)
+if master:
+    print(f'done: {step} steps, {meter.skipped_steps} skipped; weights in {ckpt_path}, log in {OUT_DIR}/log.jsonl')
+if world_size > 1:
+    torch.distributed.barrier()  # leave together: a rank that leaves first makes gloo abort the others
+    torch.distributed.destroy_process_group()

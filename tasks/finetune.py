@@ -11,11 +11,11 @@ erasing. Every epoch is validated on 1 clip x 1 crop; the final test averages th
 
     # 1. K710 fine-tuning of the stage-1 model (UMT-B/16) on 8 GPUs: 16 videos x 8 GPUs x 2 accumulation
     #    steps = the paper's 256 videos per step on 16 GPUs
-    torchrun --standalone --nproc_per_node=8 finetune.py --init=out/stage1/last.pt --data_root=/data/k710
+    torchrun --standalone --nproc_per_node=8 -m tasks.finetune --init=out/stage1/last.pt --data_root=/data/k710
     # 2. K400 from the K710 model: the paper's route to 87.4% top-1
-    torchrun --standalone --nproc_per_node=8 finetune.py --preset=k400_b16 --data_root=/data/k400
-    python finetune.py --preset=ssv2_b16 --init=umt_b16_stage1.pth     # one GPU, from an official checkpoint
-    python train_stage1.py --preset=demo && python finetune.py --preset=demo     # CPU, a few minutes
+    torchrun --standalone --nproc_per_node=8 -m tasks.finetune --preset=k400_b16 --data_root=/data/k400
+    python -m tasks.finetune --preset=ssv2_b16 --init=umt_b16_stage1.pth     # one GPU, from an official checkpoint
+    python train_stage1.py --preset=demo && python -m tasks.finetune --preset=demo     # CPU, a few minutes
 
 After a crash, the same command resumes from OUT_DIR/last.pt.
 """
@@ -24,15 +24,17 @@ import dataclasses
 import json
 import os
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-import checkpoints
 import data
 import demo
-import evaluate
 import training
+from util import checkpoints
+from util.evaluation import head_accuracy
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: the paper's K710 fine-tuning of UMT-B/16; --preset=NAME, --name=value
@@ -47,7 +49,9 @@ NUM_CLASSES = 710                  # K710: 710, K400: 400, SSv2: 174
 SAMPLER = 'kinetics'               # frame sampling: 'kinetics' (official kinetics_sparse.py) or 'ssv2' (ssv2.py)
 HEAD_ROWS = None                   # None: a new head unless INIT's head has NUM_CLASSES outputs; 'first': the first
                                    # NUM_CLASSES rows of INIT's head (K710 -> K400: K710's label order starts with
-                                   # K400's); or a JSON list of INIT's head rows, one per class (label_mixto600.json)
+                                   # K400's); a JSON list of INIT's head rows, one per class (official
+                                   # label_mixto600.json); or 'names:K710_NAMES,NAMES': text files of class names, one
+                                   # per line in label order, K710's then this dataset's (head_rows)
 NUM_FRAMES = 8                     # T (paper: 8; 16 for the 16-frame L/16); the sin-cos table follows T and S
 IMG_SIZE = 224                     # S (paper: 224)
 NUM_WORKERS = 10                   # decoding processes per GPU
@@ -132,6 +136,34 @@ PRESETS = {
              'LOG_INTERVAL': 30, 'CKPT_INTERVAL': 100, 'OUT_DIR': 'out/demo_finetune'},
 }
 
+def head_rows_from(spec, num_classes):
+    """HEAD_ROWS -> the rows of INIT's head that become the new head, one per class (None: a new head).
+    'names:A,B': class i of list B is row A.index(B[i]); a class of B missing from A is an error that names it."""
+    if spec is None:
+        return None
+    if spec == 'first':
+        return list(range(num_classes))
+    if spec.startswith('names:'):
+        lists = [[n.strip() for n in data.read_text(f, 'HEAD_ROWS file').splitlines() if n.strip()]
+                 for f in spec[6:].split(',')]
+        if len(lists) != 2:
+            fail(f"HEAD_ROWS={spec!r}: 'names:' takes two files, K710's class names and this dataset's")
+        missing = [n for n in lists[1] if n not in lists[0]]
+        if missing:
+            fail(f'HEAD_ROWS: {len(missing)} classes of {spec[6:].split(",")[1]} are not in {spec[6:].split(",")[0]}, '
+                 f'e.g. {missing[0]!r}: check the spelling, or start those classes from a new head')
+        rows = [lists[0].index(n) for n in lists[1]]
+    elif spec.endswith('.json'):
+        try:
+            rows = json.loads(data.read_text(spec, 'HEAD_ROWS'))
+        except json.JSONDecodeError as e:
+            fail(f'HEAD_ROWS {spec} is not JSON ({e})')
+    else:
+        fail(f"HEAD_ROWS={spec!r} must be None, 'first', a .json list of rows or 'names:K710_NAMES,NAMES'")
+    if not isinstance(rows, list) or len(rows) != num_classes or not all(isinstance(r, int) and r >= 0 for r in rows):
+        fail(f'HEAD_ROWS={spec!r} gives {len(rows)} rows, but NUM_CLASSES={num_classes} (one row number per class)')
+    return rows
+
 config = training.configure(globals(), PRESETS, sys.argv[1:])
 fail = training.fail
 
@@ -147,9 +179,10 @@ if not (0 <= RANDOM_ERASE <= 1 and (RAND_AUGMENT is None or (len(RAND_AUGMENT) =
                                                              and 0 <= RAND_AUGMENT[1] <= 10))):
     fail(f'RANDOM_ERASE={RANDOM_ERASE} must lie in [0, 1] and RAND_AUGMENT={RAND_AUGMENT} be None or '
          f'(ops >= 1, magnitude in [0, 10], magnitude std), e.g. (4, 7, 0.5) for rand-m7-n4-mstd0.5')
-if SAMPLER not in ('kinetics', 'ssv2') or HEAD_ROWS not in (None, 'first') and not os.path.isfile(HEAD_ROWS):
-    fail(f"SAMPLER={SAMPLER!r} must be 'kinetics' or 'ssv2', HEAD_ROWS={HEAD_ROWS!r} None, 'first' or a JSON file")
-training.need_init(INIT, OUT_DIR, 'ours (train_stage1.py, train_stage2.py, finetune.py) or an official UMT .pth',
+if SAMPLER not in ('kinetics', 'ssv2'):
+    fail(f"SAMPLER={SAMPLER!r} must be 'kinetics' or 'ssv2'")
+head_rows = head_rows_from(HEAD_ROWS, NUM_CLASSES)  # read now: a bad file costs seconds
+training.need_init(INIT, OUT_DIR, 'ours (train_stage1.py, train_stage2.py, tasks.finetune) or an official UMT .pth',
                    'python train_stage1.py --preset=demo')
 training.need_files({'TRAIN_LIST': TRAIN_LIST, 'VAL_LIST': VAL_LIST}, 'it lists one video per line as `path,label` (or '
                     '`path label`), paths relative to DATA_ROOT, labels 0 .. NUM_CLASSES-1. To try the script: '
@@ -158,8 +191,9 @@ training.need_files({'TRAIN_LIST': TRAIN_LIST, 'VAL_LIST': VAL_LIST}, 'it lists 
 # ----------------------------------------------------------------------------------------------
 # Processes (torchrun's environment: one per GPU, or gloo processes on CPU), precision, OUT_DIR
 
-run = training.Run(config, OUT_DIR, DEVICE, DTYPE, GRAD_CLIP, MAX_BAD_STEPS, LOG_INTERVAL, CKPT_INTERVAL)
-rank, device, autocast = run.rank, run.device, run.autocast
+# train_stage1.py's process group, precision (autocast, GradScaler) and OUT_DIR lock, in one call
+rank, world_size, device, autocast, scaler, lock = training.start(DEVICE, DTYPE, OUT_DIR)
+master, ckpt_path = rank == 0, os.path.join(OUT_DIR, 'last.pt')
 best_path = os.path.join(OUT_DIR, 'best.pt')
 # The official rule scales the lr with the clips per step, which repeated augmentation multiplies.
 lr_factor = TOTAL_BATCH * NUM_SAMPLE / 256
@@ -169,7 +203,7 @@ peak_lr, warmup_lr, min_lr = BASE_LR * lr_factor, WARMUP_LR * lr_factor, MIN_LR 
 # Data: repeated augmentation for training; 1 clip x 1 crop to validate; clips x crops to test
 
 if MAKE_DEMO:
-    demo.setup(DATA_ROOT, TRAIN_LIST, True, None, run.master, run.barrier, SEED)
+    demo.setup(DATA_ROOT, TRAIN_LIST, True, None, master, SEED)
 kw = dict(max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS, sampler=SAMPLER)
 train_set = data.RepeatedAugClassification(TRAIN_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, flip=FLIP, rrc_scale=RRC_SCALE,
                                            num_sample=NUM_SAMPLE, rand_augment=RAND_AUGMENT, erase_prob=RANDOM_ERASE,
@@ -187,89 +221,122 @@ total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_
 # Model: resume from OUT_DIR/last.pt, or the classifier on the INIT checkpoint (checkpoints.load reports)
 
 torch.manual_seed(SEED)  # the same new head on every rank (DDP broadcasts rank 0's anyway)
-ckpt = run.resume()  # OUT_DIR/last.pt, or None
+ckpt = training.resume(OUT_DIR, world_size, device, 'num_classes')  # OUT_DIR/last.pt, or None for a new run
 if ckpt is not None and ckpt['num_classes'] != NUM_CLASSES:
-    fail(f'{run.ckpt_path} has {ckpt["num_classes"]} classes but NUM_CLASSES={NUM_CLASSES}: another OUT_DIR?')
-head_rows = range(NUM_CLASSES) if HEAD_ROWS == 'first' else json.load(open(HEAD_ROWS)) if HEAD_ROWS else None
-try:  # the sin-cos table is regenerated for NUM_FRAMES x IMG_SIZE
-    raw_model, report = checkpoints.load(INIT if ckpt is None else ckpt, 'classifier', NUM_CLASSES,
-                                         head_rows=head_rows if ckpt is None else None, head_dropout=HEAD_DROPOUT,
-                                         init_scale=INIT_SCALE, num_frames=NUM_FRAMES, img_size=IMG_SIZE,
-                                         drop_path=DROP_PATH, checkpoint_blocks=CHECKPOINT_BLOCKS)
-except ValueError as e:  # a checkpoint that does not fit, or frames / size that do not divide into patches
-    fail(str(e))
+    fail(f'{ckpt_path} has {ckpt["num_classes"]} classes but NUM_CLASSES={NUM_CLASSES}: another OUT_DIR?')
+# the sin-cos table is regenerated for NUM_FRAMES x IMG_SIZE
+raw_model, report = checkpoints.load(INIT if ckpt is None else ckpt, 'classifier', NUM_CLASSES,
+                                     head_rows=head_rows if ckpt is None else None, head_dropout=HEAD_DROPOUT,
+                                     init_scale=INIT_SCALE, num_frames=NUM_FRAMES, img_size=IMG_SIZE,
+                                     drop_path=DROP_PATH, checkpoint_blocks=CHECKPOINT_BLOCKS,
+                                     name=INIT if ckpt is None else ckpt_path)
 best_top1 = -1.0 if ckpt is None else ckpt.get('best_top1', -1.0)  # the best validation top-1 so far (TEST_BEST)
-raw_model.to(device)  # unwrapped and uncompiled: what is saved and evaluated
+raw_model.to(device)  # unwrapped: what is saved and evaluated
 model_config = raw_model.backbone.config
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer: AdamW with layer-wise lr decay (warmup from WARMUP_LR, then cosine); compile, DDP
+# Optimizer: AdamW with layer-wise lr decay (warmup from WARMUP_LR, then cosine); resume, compile, DDP
 
 decay = training.layer_decay(model_config.depth, LAYER_DECAY, prefix='backbone.')
 optimizer = training.adamw(raw_model, peak_lr, WEIGHT_DECAY, BETAS, decay)
-report.append(f'{MICRO_BATCH} videos x {NUM_SAMPLE} clips x {world_size} processes x {grad_accum} accumulation steps = '
-              f'{TOTAL_BATCH} videos per step | peak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH} x '
-              f'{NUM_SAMPLE} / 256), layer decay {LAYER_DECAY}, warmup {warmup_steps} steps | {len(train_set)} videos')
-model = run.start(raw_model, optimizer, ckpt, total_steps, steps_per_epoch, report, COMPILE, ckpt_every_epoch=True,
-                  desc='fine-tune')
+step = 0
+if ckpt is not None:  # weights (above), optimizer, loss scale and step
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    step = ckpt['step']
+    report.append(training.resumed_line(ckpt, config, ckpt_path, steps_per_epoch))
+    ckpt = None
+model = training.wrap(raw_model, raw_model, COMPILE, world_size, device)  # torch.compile in place, then DDP
+if master:
+    print('\n'.join(report + [
+        f'{MICRO_BATCH} videos x {NUM_SAMPLE} clips x {world_size} processes x {grad_accum} accumulation steps = '
+        f'{TOTAL_BATCH} videos per step | peak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH} x {NUM_SAMPLE} / '
+        f'256), layer decay {LAYER_DECAY}, warmup {warmup_steps} steps | {len(train_set)} videos, {total_steps} '
+        'steps']))
+    training.write_log(OUT_DIR, {'config': config, 'world_size': world_size, 'start_step': step})
 
 # ----------------------------------------------------------------------------------------------
 # Training loop
 
 state = dict(model_config=dataclasses.asdict(model_config), num_classes=NUM_CLASSES)  # what a checkpoint describes
-batches = run.batches(train_set, MICRO_BATCH, grad_accum, SEED, NUM_WORKERS)
-while run.step < total_steps:
-    run.set_lr(training.lr_at(run.step, total_steps, warmup_steps, peak_lr, min_lr, start=warmup_lr))
+batches = training.train_batches(train_set, MICRO_BATCH, SEED, rank, world_size, NUM_WORKERS, step, steps_per_epoch,
+                                 grad_accum)
+meter = training.Meter({'loss': 0}, device, step)
+bar = tqdm(total=total_steps, initial=step, disable=not master, desc='fine-tune', dynamic_ncols=True)
+last_ckpt_step = step
+while step < total_steps:
+    lr = training.lr_at(step, total_steps, warmup_steps, peak_lr, min_lr, start=warmup_lr)
+    training.set_lr(optimizer, lr)
     step_loss = torch.zeros((), device=device)
-    for micro, batch in run.micro_batches(batches, grad_accum):
+    for micro in range(grad_accum):
+        batch = meter.next(batches)
         video = data.normalize(batch['video'].to(device, non_blocking=True)).flatten(0, 1)  # [b*NUM_SAMPLE, 3, T, S, S]
         label = batch['label'].to(device).repeat_interleave(NUM_SAMPLE)     # both clips of a video: its label
         # Randomness is a function of (SEED, step, micro-step, rank): mixup / cutmix here and stochastic
         # depth in the model, so a resumed run replays it exactly, with any number of processes.
-        torch.manual_seed(training.seed_for(SEED, run.step, micro, rank))
-        rng = np.random.default_rng(training.seed_for(SEED, run.step, micro, rank, 'mix'))
+        torch.manual_seed(training.seed_for(SEED, step, micro, rank))
+        rng = np.random.default_rng(training.seed_for(SEED, step, micro, rank, 'mix'))
         target = data.smooth_one_hot(label, NUM_CLASSES, LABEL_SMOOTHING)    # [b x NUM_SAMPLE, C], rows sum to 1
         video, target = data.mixup_cutmix(video, target, rng, MIXUP, CUTMIX, MIX_SWITCH_PROB)
-        # Gradients of the micro-steps add up; DDP averages them over ranks only on the last one.
-        with training.no_sync(model, micro < grad_accum - 1):
+        # DDP all-reduces the gradients in every backward; the micro-steps before the last only add them up locally.
+        with nullcontext() if micro == grad_accum - 1 or world_size == 1 else model.no_sync():
             with autocast:
                 logits = model(video)                                          # [b x NUM_SAMPLE, C]
             # soft-target cross-entropy, in fp32: -sum_c target_c log softmax(logits)_c, mean over clips
             loss = -(target * logits.float().log_softmax(-1)).sum(-1).mean()
-            # Divide by grad_accum: the summed gradients are then those of the mean over the whole step.
-            run.scaler.scale(loss / grad_accum).backward()
+            scaler.scale(loss / grad_accum).backward()  # / grad_accum: the summed gradients are the mean's
         step_loss += loss.detach() / grad_accum
 
-    # ---- update (or skip a non-finite step), log; validation after every epoch; checkpoint
-    due = run.update({'loss': step_loss}, raw_model)
-    if run.step % steps_per_epoch == 0:
-        val = evaluate.head_accuracy(raw_model, val_set, device, MICRO_BATCH * NUM_SAMPLE, NUM_WORKERS, autocast)
-        epoch = run.step // steps_per_epoch
-        if run.master:
-            print(f'epoch {epoch}/{EPOCHS} | val top-1 {val["top1"]:.2f} | top-5 {val["top5"]:.2f} '
-                  f'(1 clip x 1 crop, {len(val_set)} videos)')
-            run.write({'step': run.step, 'epoch': epoch, 'val_top1': val['top1'], 'val_top5': val['top5']})
+    # ---- the update of train_stage1.py in one call: unscale, clip, step unless not finite, loss scale, zero_grad
+    good, grad_norm = training.update(optimizer, scaler, raw_model, GRAD_CLIP, step_loss)
+    step += 1
+    bar.update()
+    meter.add(good, loss=step_loss)  # a skipped step is counted, its loss left out of the average
+    if step % LOG_INTERVAL == 0 or step == total_steps or meter.bad_in_a_row == MAX_BAD_STEPS:
+        record = meter.record(step, steps_per_epoch, lr, grad_norm)
+        if master:
+            training.log(OUT_DIR, record, NUM_WORKERS, device, bar)
+    training.stop_if_bad(meter, MAX_BAD_STEPS, step, ckpt_path, last_ckpt_step)
+
+    # ---- validation after every epoch (1 clip x 1 crop); checkpoints: last.pt, and best.pt for TEST_BEST
+    if step % steps_per_epoch == 0:
+        val = head_accuracy(raw_model, val_set, device, MICRO_BATCH * NUM_SAMPLE, NUM_WORKERS, autocast)
+        epoch = step // steps_per_epoch
+        if master:
+            tqdm.write(f'epoch {epoch}/{EPOCHS} | val top-1 {val["top1"]:.2f} | top-5 {val["top5"]:.2f} '
+                       f'(1 clip x 1 crop, {len(val_set)} videos)')
+            training.write_log(OUT_DIR, {'step': step, 'epoch': epoch, 'val_top1': round(val['top1'], 2),
+                                         'val_top5': round(val['top5'], 2)})
         if val['top1'] > best_top1:  # the weights of the best epoch so far, beside last.pt
             best_top1 = val['top1']
-            if run.master:
-                checkpoints.save({'model': raw_model.state_dict(), 'epoch': epoch, 'val_top1': best_top1, **state},
-                                 best_path)
-    if due:
-        run.save(raw_model, best_top1=best_top1, **state)
+            if master:
+                training.save_checkpoint({'model': raw_model.state_dict(), 'epoch': epoch, 'val_top1': best_top1,
+                                          **state}, best_path)
+    if good and (step % CKPT_INTERVAL == 0 or step % steps_per_epoch == 0 or step == total_steps):
+        if master:
+            training.save_checkpoint({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                                      'scaler': scaler.state_dict(), 'step': step, 'config': config,
+                                      'best_top1': best_top1, **state}, ckpt_path)
+        last_ckpt_step = step
+bar.close()
 
 # ----------------------------------------------------------------------------------------------
 # Final test: TEST_CLIPS x TEST_CROPS views per video, softmax averaged (the official multi-view test)
 
 views, tested = TEST_CLIPS * TEST_CROPS, {'epoch': EPOCHS}
 if TEST_BEST:  # the official --test_best: reload the epoch with the best validation top-1
-    run.barrier()
-    tested = checkpoints.read(best_path)
+    if world_size > 1:
+        torch.distributed.barrier()  # rank 0 wrote best.pt
+    tested = training.read_checkpoint(best_path)
     raw_model.load_state_dict(tested['model'])
-test = evaluate.head_accuracy(raw_model, test_set, device, max(1, MICRO_BATCH * NUM_SAMPLE // views), NUM_WORKERS,
-                              autocast)
-if run.master:
+test = head_accuracy(raw_model, test_set, device, max(1, MICRO_BATCH * NUM_SAMPLE // views), NUM_WORKERS, autocast)
+if master:
     print(f'test of epoch {tested["epoch"]}: top-1 {test["top1"]:.2f} | top-5 {test["top5"]:.2f} ({TEST_CLIPS} clips '
           f'x {TEST_CROPS} crops, {len(test_set)} videos; chance {100 / NUM_CLASSES:.1f})')
-    run.write({'step': run.step, 'test_top1': test['top1'], 'test_top5': test['top5'], 'views': views,
-               'epoch': tested['epoch']})
-run.close()
+    training.write_log(OUT_DIR, {'step': step, 'test_top1': round(test['top1'], 2), 'test_top5': round(test['top5'], 2),
+                                 'views': views, 'epoch': tested['epoch']})
+    print(f'done: {step} steps, {meter.skipped_steps} skipped; weights in {ckpt_path}, the best epoch in {best_path}, '
+          f'log in {OUT_DIR}/log.jsonl')
+if world_size > 1:
+    torch.distributed.barrier()  # leave together: a rank that leaves first makes gloo abort the others
+    torch.distributed.destroy_process_group()
