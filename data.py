@@ -65,7 +65,7 @@ def read_frames(path, indices, threads=1, max_seconds=None):
     """Frames `indices` of a video as uint8 [len(indices), H, W, 3], pixel-identical to sequential decoding.
     `indices` may be unsorted, repeated, or past the end (-> last frame); it may also be a function n_frames ->
     indices, so a caller can sample once the true length is known without opening the file twice.
-    max_seconds: only the frames of the first max_seconds count (the official DiDeMo protocol reads 30 s)."""
+    max_seconds: only the first int(max_seconds x fps) frames count (the official DiDeMo reading of 30 s)."""
     if path.lower().endswith(IMAGE_EXTS):  # a still image is a 1-frame video
         with Image.open(path) as im:
             img = np.asarray(im.convert('RGB'))
@@ -74,8 +74,9 @@ def read_frames(path, indices, threads=1, max_seconds=None):
     with av.open(path) as c:  # `with`: containers leak in DataLoader workers otherwise
         s = _video_stream(c, threads)
         pts, keys = _scan(c, s)
-        if max_seconds is not None:
-            pts = [p for p in pts if (p - pts[0]) * s.time_base < max_seconds] or pts[:1]
+        if max_seconds is not None:  # as decord's count: int(seconds x the mean frame rate) frames (29.97 fps: 899)
+            fps = float(s.average_rate) if s.average_rate else (len(pts) - 1) / float((pts[-1] - pts[0]) * s.time_base)
+            pts = pts[:max(1, int(max_seconds * fps))]
         idx = np.asarray(indices(len(pts)) if callable(indices) else indices, dtype=np.int64)
         if idx.size == 0 or idx.min() < 0:
             raise ValueError(f'bad frame indices {idx}')
@@ -500,10 +501,12 @@ class VideoClassification(_RobustDataset):
         if self.mode == 'train':
             frames = read_frames(path, lambda n: sample_indices(n, T, 'tsn', rng), self.threads)
             return {'video': augment(frames, self.size, self.aug, rng, self.flip)[0], 'label': label}
-        # val / test: all clips decoded in one pass, then C clips x crops views
+        # val / test: all clips decoded in one pass, then C clips x crops views. The official SSv2 validation
+        # (ssv2.py) takes the segment middles: its test clip 2 of 2
+        rule = 'test' if self.sampler == 'kinetics' else 'ssv2'
+        clips = [(1, 2)] if rule == 'ssv2' and self.mode == 'val' else [(c, C) for c in range(C)]
         frames = read_frames(path, lambda n: np.concatenate(
-            [sample_indices(n, T, 'test' if self.sampler == 'kinetics' else 'ssv2', clip=c, num_clips=C)
-             for c in range(C)]), self.threads)
+            [sample_indices(n, T, rule, clip=c, num_clips=k) for c, k in clips]), self.threads)
         views = [v for c in range(C) for v in augment(frames[c * T:(c + 1) * T], self.size, 'center',
                                                       num_crops=self.num_crops)]
         return {'video': torch.stack(views) if len(views) > 1 else views[0], 'label': label}

@@ -51,13 +51,17 @@ from util.evaluation import (BATCH, K_TEST, MAX_TEXT_LEN, WORKERS, evaluate_retr
 
 RET_FRAMES = 4        # frames per video for retrieval, middle of 4 equal segments (official zero-shot configs)
 MC_FRAMES = 12        # frames per video for multiple choice (official MSRVTT-MC: 12)
-PROTOCOLS = {         # the official zero-shot retrieval configs (exp/zero_shot/ret_*/b16.py): caption tokens, the
-    'msrvtt': dict(max_len=32, paragraph=False, seconds=None),   # captions of a video joined into one paragraph,
-    'msvd': dict(max_len=64, paragraph=False, seconds=None),     # seconds of video read (DiDeMo: the first 30)
-    'lsmdc': dict(max_len=64, paragraph=False, seconds=None),
-    'didemo': dict(max_len=64, paragraph=True, seconds=30),
-    'anet': dict(max_len=150, paragraph=True, seconds=None),     # 150 > CLIP's 77 positions: cut at 77 (README)
+PROTOCOLS = {         # the official zero-shot retrieval configs (exp/zero_shot/ret_*/{b16,l16}.py): caption tokens
+    'msrvtt': dict(max_len=(32, 32), paragraph=False, seconds=None),   # (B/16, L/16), the captions of a video joined
+    'msvd': dict(max_len=(64, 64), paragraph=False, seconds=None),     # into one paragraph, seconds of video read
+    'lsmdc': dict(max_len=(64, 96), paragraph=False, seconds=None),    # (DiDeMo: the first 30). More than CLIP's 77
+    'didemo': dict(max_len=(64, 64), paragraph=True, seconds=30),      # positions is cut at 77 (README)
+    'anet': dict(max_len=(150, 150), paragraph=True, seconds=None),
 }
+
+def protocol_text_len(protocol, width):
+    """Caption tokens of a retrieval protocol for a vision encoder of this width (1024 = L/16, else B/16)."""
+    return PROTOCOLS[protocol]['max_len'][width >= 1024]
 KNN_K = 20            # neighbours that vote in k-NN classification (DINO's protocol, Caron et al. 2021)
 KNN_TEMP = 0.07       # a neighbour's vote weighs exp(cos / KNN_TEMP) (DINO)
 PROBE_EPOCHS = 30     # linear probe: passes over the (pre-computed) training features
@@ -358,7 +362,7 @@ def main(argv=None):
         data = VideoText(args.ann, args.root, num_frames=args.frames or RET_FRAMES, size=args.size or config.img_size,
                          mode='eval', paragraph=protocol['paragraph'], max_seconds=protocol['seconds'])
         results = evaluate_retrieval(net, data, device, args.k_test, args.batch, args.workers,
-                                     args.max_len or protocol['max_len'])
+                                     args.max_len or protocol_text_len(args.protocol, config.embed_dim))
     elif args.command == 'mc':
         data = VideoQuestions(mc_items, args.frames or MC_FRAMES, args.size or config.img_size, 'eval', args.max_len)
         results = evaluate_mc(net, data, device, args.batch, args.workers)

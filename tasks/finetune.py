@@ -21,7 +21,6 @@ After a crash, the same command resumes from OUT_DIR/last.pt.
 """
 
 import dataclasses
-import json
 import os
 import sys
 from contextlib import nullcontext
@@ -51,7 +50,8 @@ HEAD_ROWS = None                   # None: a new head unless INIT's head has NUM
                                    # NUM_CLASSES rows of INIT's head (K710 -> K400: K710's label order starts with
                                    # K400's); a JSON list of INIT's head rows, one per class (official
                                    # label_mixto600.json); or 'names:K710_NAMES,NAMES': text files of class names, one
-                                   # per line in label order, K710's then this dataset's (head_rows)
+                                   # per line in label order, K710's then this dataset's
+                                   # (util/checkpoints.head_rows)
 NUM_FRAMES = 8                     # T (paper: 8; 16 for the 16-frame L/16); the sin-cos table follows T and S
 IMG_SIZE = 224                     # S (paper: 224)
 NUM_WORKERS = 10                   # decoding processes per GPU
@@ -136,34 +136,6 @@ PRESETS = {
              'LOG_INTERVAL': 30, 'CKPT_INTERVAL': 100, 'OUT_DIR': 'out/demo_finetune'},
 }
 
-def head_rows_from(spec, num_classes):
-    """HEAD_ROWS -> the rows of INIT's head that become the new head, one per class (None: a new head).
-    'names:A,B': class i of list B is row A.index(B[i]); a class of B missing from A is an error that names it."""
-    if spec is None:
-        return None
-    if spec == 'first':
-        return list(range(num_classes))
-    if spec.startswith('names:'):
-        lists = [[n.strip() for n in data.read_text(f, 'HEAD_ROWS file').splitlines() if n.strip()]
-                 for f in spec[6:].split(',')]
-        if len(lists) != 2:
-            fail(f"HEAD_ROWS={spec!r}: 'names:' takes two files, K710's class names and this dataset's")
-        missing = [n for n in lists[1] if n not in lists[0]]
-        if missing:
-            fail(f'HEAD_ROWS: {len(missing)} classes of {spec[6:].split(",")[1]} are not in {spec[6:].split(",")[0]}, '
-                 f'e.g. {missing[0]!r}: check the spelling, or start those classes from a new head')
-        rows = [lists[0].index(n) for n in lists[1]]
-    elif spec.endswith('.json'):
-        try:
-            rows = json.loads(data.read_text(spec, 'HEAD_ROWS'))
-        except json.JSONDecodeError as e:
-            fail(f'HEAD_ROWS {spec} is not JSON ({e})')
-    else:
-        fail(f"HEAD_ROWS={spec!r} must be None, 'first', a .json list of rows or 'names:K710_NAMES,NAMES'")
-    if not isinstance(rows, list) or len(rows) != num_classes or not all(isinstance(r, int) and r >= 0 for r in rows):
-        fail(f'HEAD_ROWS={spec!r} gives {len(rows)} rows, but NUM_CLASSES={num_classes} (one row number per class)')
-    return rows
-
 config = training.configure(globals(), PRESETS, sys.argv[1:])
 fail = training.fail
 
@@ -181,7 +153,7 @@ if not (0 <= RANDOM_ERASE <= 1 and (RAND_AUGMENT is None or (len(RAND_AUGMENT) =
          f'(ops >= 1, magnitude in [0, 10], magnitude std), e.g. (4, 7, 0.5) for rand-m7-n4-mstd0.5')
 if SAMPLER not in ('kinetics', 'ssv2'):
     fail(f"SAMPLER={SAMPLER!r} must be 'kinetics' or 'ssv2'")
-head_rows = head_rows_from(HEAD_ROWS, NUM_CLASSES)  # read now: a bad file costs seconds
+head_rows = checkpoints.head_rows(HEAD_ROWS, NUM_CLASSES)  # read now: a bad file costs seconds
 training.need_init(INIT, OUT_DIR, 'ours (train_stage1.py, train_stage2.py, tasks.finetune) or an official UMT .pth',
                    'python train_stage1.py --preset=demo')
 training.need_files({'TRAIN_LIST': TRAIN_LIST, 'VAL_LIST': VAL_LIST}, 'it lists one video per line as `path,label` (or '

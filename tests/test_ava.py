@@ -21,7 +21,7 @@ import faults
 import tasks.ava as ava
 import training
 from model import VideoViT, get_config
-from conftest import log_records
+from conftest import counting_video, frame_numbers, log_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE = 'tasks.finetune_ava'
@@ -249,3 +249,16 @@ def test_resume_is_exact_and_the_reported_map_is_the_files(small_run, monkeypatc
                          '--detections', str(tmp / 'b' / a[-1]['detections']), '--exclusions',
                          str(s / 'val_excluded.csv')])
     assert out['mAP'] == a[-1]['val_mAP'] and 0 < out['mAP'] <= 100
+
+
+@pytest.mark.parametrize('fps, frames', [(25, [-29, -21, -13, -5, 3, 11, 19, 27]),   # the official clip, frame by frame
+                                         (30, [-35, -25, -16, -6, 4, 13, 23, 32])])  # the same times at 30 fps
+def test_clip_frames_are_the_officials(tmp_path, fps, frames):
+    """The official code cuts 8 frames out of a 300-frame span of its 25 fps clips, keyframe at 150:
+    TemporalCrop(8, 8, sparse) starts at (300 - 64) // 2 + (8 - 1) // 2 = 121 = 29 frames before the keyframe, then
+    every 8th (-29 ... +27: one frame early of centred). At another frame rate the same times, t x fps rounded."""
+    movie = counting_video(tmp_path / 'movies' / 'm.mp4', 4 * fps, fps)          # 4 s: movie seconds 900 - 904
+    keyframes = ava.Keyframes([ava.Row('m', 902, (0.1, 0.1, 0.5, 0.5), 1, 1.0)], os.path.dirname(movie), 'train',
+                              num_classes=1, num_frames=8, stride=0.32, movie_start=900)
+    assert [n - 2 * fps for n in frame_numbers(keyframes.frames(0))] == frames   # around frame 2 x fps = second 902
+    assert np.allclose(ava.clip_times(8, 0.32) * 25, [-29, -21, -13, -5, 3, 11, 19, 27])

@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import demo
+from conftest import counting_video, frame_numbers
 import training
 from tools import prepare_data
 from tools.prepare_data import prepare
@@ -400,3 +401,26 @@ def test_prepare_keeps_the_frames_reports_failures_and_resumes(demo_dir, tmp_pat
     (tmp_path / 'ann.json').write_text(json.dumps(ann))
     new, _ = prepare(str(tmp_path / 'ann.json'), demo_dir, str(tmp_path / 'out'), workers=1)
     assert json.load(open(new)) == [ann[0], {'image': os.path.join(demo_dir, 'images/red.jpg'), 'caption': 'b'}]
+
+
+def test_ssv2_validation_takes_the_segment_middles(tmp_path):
+    """The official ssv2.py validation: tick = n / T, frame int(tick / 2 + tick i); at n = 10, T = 4: 1, 3, 6, 8 (the
+    segment starts 0, 2, 5, 7 are its first test clip). Kinetics validation is unchanged: round(seg i) + int(seg / 2)."""
+    counting_video(tmp_path / 'v.mp4', 10, 10, band=8, height=80)                   # square: the crop keeps it all
+    (tmp_path / 'list.csv').write_text('v.mp4,0\n')
+    val = lambda sampler: frame_numbers(data.VideoClassification(                   # 80 -> 40 px: bands of 4
+        str(tmp_path / 'list.csv'), str(tmp_path), 4, 40, mode='val', sampler=sampler)[0]['video'].permute(1, 2, 3, 0),
+        band=4)
+    assert data.sample_indices(10, 4, 'ssv2', clip=0, num_clips=2).tolist() == [0, 2, 5, 7]
+    assert val('ssv2') == [1, 3, 6, 8]
+    assert val('kinetics') == data.sample_indices(10, 4, 'test').tolist() == [1, 3, 5, 8]
+
+
+@pytest.mark.parametrize('fps, kept', [(Fraction(30000, 1001), 899), (25, 750), (30, 900)])
+def test_the_first_30_seconds_are_int_30_fps_frames(tmp_path, fps, kept):
+    """The official DiDeMo reading (trimmed30) keeps int(30 x fps) frames: 899 at 29.97 fps, where the frames whose
+    time is under 30 s would be 900."""
+    path = str(tmp_path / 'long.mp4')
+    frames = np.zeros((int(31 * fps), 16, 16, 3), dtype=np.uint8)
+    data.write_video(path, frames, fps=fps, options={'preset': 'ultrafast'})
+    assert len(data.read_frames(path, lambda n: np.arange(n), max_seconds=30)) == kept

@@ -258,3 +258,11 @@ def test_pickled_objects_are_refused_with_a_hint(tmp_path):
     torch.save({'model': {}, 'args': argparse.Namespace(lr=1e-3)}, tmp_path / 'official_trainer.pth')
     with pytest.raises(training.BadInput, match="keep its weights"):
         ev.load_model(str(tmp_path / 'official_trainer.pth'))
+
+
+def test_protocol_text_lengths_per_model_size():
+    """The official zero-shot configs' max_txt_l (exp/zero_shot/ret_*/{b16,l16}.py): LSMDC asks for 96 tokens with
+    UMT-L/16 (width 1024) and 64 with B/16; the text tower then cuts at its 77 positions (README)."""
+    for protocol, b16, l16 in (('msrvtt', 32, 32), ('msvd', 64, 64), ('lsmdc', 64, 96), ('didemo', 64, 64),
+                               ('anet', 150, 150)):
+        assert (ev.protocol_text_len(protocol, 768), ev.protocol_text_len(protocol, 1024)) == (b16, l16)

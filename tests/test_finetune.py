@@ -345,3 +345,19 @@ def test_the_test_uses_the_best_epoch(small_run, monkeypatch):
     assert not all(torch.equal(tested[k], epoch2[k]) for k in tested)          # ... not the last epoch's
     assert training.read_checkpoint(tmp / 'best' / 'best.pt')['epoch'] == 1
     assert log_records(tmp / 'best')[-1]['epoch'] == 1 and training.read_checkpoint(tmp / 'best' / 'last.pt')['best_top1'] == 60
+
+
+def test_head_rows_from_two_lists_of_class_names(tmp_path):
+    """HEAD_ROWS='names:K710,K600': class i of the second list takes the row of the K710 head with the same name, in
+    K710's order; a class that K710 lacks stops with its name. The official label_mixto600.json is such a list."""
+    (tmp_path / 'k710.txt').write_text('abseiling\nair drumming\nbaking cookies\nzumba\n')
+    (tmp_path / 'k600.txt').write_text('zumba\nabseiling\nbaking cookies\n')
+    (tmp_path / 'k700.txt').write_text('zumba\nabseiling\nyoga on a mat\n')
+    assert checkpoints.head_rows(f'names:{tmp_path / "k710.txt"},{tmp_path / "k600.txt"}', 3) == [3, 0, 2]
+    with pytest.raises(training.BadInput, match="k700.txt are not in .*k710.txt, e.g. 'yoga on a mat'"):
+        checkpoints.head_rows(f'names:{tmp_path / "k710.txt"},{tmp_path / "k700.txt"}', 3)
+    (tmp_path / 'rows.json').write_text('[3, 0, 2]')
+    assert checkpoints.head_rows(str(tmp_path / 'rows.json'), 3) == [3, 0, 2]
+    assert checkpoints.head_rows('first', 2) == [0, 1] and checkpoints.head_rows(None, 2) is None
+    with pytest.raises(training.BadInput, match='one row number per class'):
+        checkpoints.head_rows(str(tmp_path / 'rows.json'), 4)

@@ -13,10 +13,12 @@ Files are read with weights_only=True (training.read_checkpoint): tensors and pl
 """
 
 import dataclasses
+import json
 import math
 
 import torch
 
+import data
 from model import VideoClassifier, VideoViT, VideoViTConfig, load_strict
 from training import fail, read_checkpoint
 from video_language import UMT
@@ -150,3 +152,31 @@ def build(kind, want, sd, config, stored, extra, unused, num_classes, head_rows,
                       f'{config.num_frames} x {config.img_size}']
     report += [f'unused: {group(unused)}'] + table_line
     return model, report
+
+def head_rows(spec, num_classes):
+    """HEAD_ROWS -> the rows of INIT's head that become the new head, one per class (None: a new head).
+    'names:A,B': class i of list B is row A.index(B[i]); a class of B missing from A is an error that names it."""
+    if spec is None:
+        return None
+    if spec == 'first':
+        return list(range(num_classes))
+    if spec.startswith('names:'):
+        lists = [[n.strip() for n in data.read_text(f, 'HEAD_ROWS file').splitlines() if n.strip()]
+                 for f in spec[6:].split(',')]
+        if len(lists) != 2:
+            fail(f"HEAD_ROWS={spec!r}: 'names:' takes two files, K710's class names and this dataset's")
+        missing = [n for n in lists[1] if n not in lists[0]]
+        if missing:
+            fail(f'HEAD_ROWS: {len(missing)} classes of {spec[6:].split(",")[1]} are not in {spec[6:].split(",")[0]}, '
+                 f'e.g. {missing[0]!r}: check the spelling, or start those classes from a new head')
+        rows = [lists[0].index(n) for n in lists[1]]
+    elif spec.endswith('.json'):
+        try:
+            rows = json.loads(data.read_text(spec, 'HEAD_ROWS'))
+        except json.JSONDecodeError as e:
+            fail(f'HEAD_ROWS {spec} is not JSON ({e})')
+    else:
+        fail(f"HEAD_ROWS={spec!r} must be None, 'first', a .json list of rows or 'names:K710_NAMES,NAMES'")
+    if not isinstance(rows, list) or len(rows) != num_classes or not all(isinstance(r, int) and r >= 0 for r in rows):
+        fail(f'HEAD_ROWS={spec!r} must give one row number per class, NUM_CLASSES={num_classes}')
+    return rows
