@@ -1,22 +1,22 @@
 """
 The CPU demo: a tiny synthetic video world, and a tiny CLIP trained on stills of it, standing in for OpenAI's CLIP.
 
-    python demo.py demo_data                       # writes the set (a few seconds); the demo presets do it themselves
-    python demo.py random-student out/demo_random/last.pt    # the floor: a stage-1 checkpoint with random weights
+    python demo.py set demo_data                               # writes the set; the demo presets do it themselves
+    python demo.py random-student out/demo_random/last.pt      # the floor: a stage-1 checkpoint with random weights
 
 Videos of a coloured square moving up or down over a background of tinted greys, with captions such as "a red
 square moving up", and still images. What the demo asks about is the colour of the *square*, while the background
-(nine tenths of the frame) sets the pooled features of a randomly initialized video ViT: a k-NN on them finds the
-square's colour 32-48% of the time, chance 17%. The demo CLIP learns from captions which thing they talk about; the
-stage-1 student learns it from the CLIP's features alone (k-NN 78-93%; README, three seeds). The demo presets of
+(nine tenths of the frame) sets the pooled features of a randomly initialized video ViT, so a k-NN on a random
+student's features finds the colour rarely. The demo CLIP learns from captions which thing they talk about; the
+stage-1 student learns it from the CLIP's features alone (the README has the numbers). The demo presets of
 train_stage1.py and train_stage2.py (TEACHER_PRETRAINED='demo') train the CLIP once and use it as the teacher.
 """
 
+import argparse
 import dataclasses
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import open_clip
@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 import data
 import model
@@ -37,6 +38,7 @@ DEMO_VIDEOS, DEMO_VAL = 20, 5     # videos per class (colour x direction, 12 cla
 DEMO_FEW = 2                      # training videos per class in train_few.csv (the fine-tuning demo: few labels)
 DEMO_T, DEMO_SIZE = 16, 96        # frames per video (8 fps) and pixels; the models see 64 px, where a square of
                                   # 24-36 px becomes 16-24 px: 2-3 patches of 8 px, a tenth of the frame
+MARKER = '.umt_demo'              # in a demo folder: written by make_demo, which may write there again
 
 def cubic_weights(n_in, n_out, a=-0.75):
     """[n_out, n_in] bicubic resampling weights (a = -0.75, pixel centres aligned, edge taps clamped: torch's)."""
@@ -75,7 +77,8 @@ def make_demo(out_dir, seed=0):
     DEMO_FEW training videos of each class), train_color.csv / val_color.csv (class = the square's colour: the k-NN /
     linear-probe labels), captions_{train,val}.json ("a red square moving up", with the attributes as fields; val
     keeps one video per caption, for retrieval), images/*.jpg with captions_images.json. The same seed gives
-    byte-identical files."""
+    byte-identical files. out_dir must be new, empty or an earlier demo set (its MARKER file)."""
+    training.claim_folder(out_dir, MARKER, 'the demo')
     rng = np.random.default_rng(seed)
     os.makedirs(f'{out_dir}/videos', exist_ok=True)
     os.makedirs(f'{out_dir}/images', exist_ok=True)
@@ -83,9 +86,11 @@ def make_demo(out_dir, seed=0):
     files = {f'{part}{kind}': [] for part in ('train', 'val') for kind in ('.csv', '_color.csv', '.json')}
     files['train_few.csv'], files['images.json'] = [], []
     files['classes.txt'] = [f'{c} square moving {d}\n' for c, d in classes]
+    bar = tqdm(total=DEMO_VIDEOS * len(classes), desc=f'writing the demo set to {out_dir}', unit='video')
     for k in range(DEMO_VIDEOS):  # class after class within each k, so any prefix of a list covers every class
         part = 'val' if k >= DEMO_VIDEOS - DEMO_VAL else 'train'
         for label, (color, direction) in enumerate(classes):
+            bar.update()
             name = f'videos/{color}_{direction}_{k:02d}.mp4'
             data.write_video(f'{out_dir}/{name}', demo_frames(color, direction, rng), fps=8,
                              options={'preset': 'veryfast', 'crf': '20', 'threads': '1'})
@@ -103,6 +108,7 @@ def make_demo(out_dir, seed=0):
     for name, content in files.items():  # the .json lists as captions_*.json
         with open(f'{out_dir}/' + (f'captions_{name[:-5]}.json' if name.endswith('.json') else name), 'w') as f:
             json.dump(content, f, indent=1) if name.endswith('.json') else f.writelines(content)
+    bar.close()
 
 def train_demo_clip(out_path, steps=200, batch=64, lr=1e-3, seed=0):
     """Trains tiny_clip() CLIP-style on stills of the demo world drawn afresh at every step (its own corpus, as
@@ -116,7 +122,8 @@ def train_demo_clip(out_path, steps=200, batch=64, lr=1e-3, seed=0):
     clip.visual.output_tokens = True                                # visual(x) -> (CLS embedding, patch tokens)
     in_scale, in_shift = teacher.imagenet_to_clip()                 # the teacher's input normalization
     opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.1)
-    for step in range(steps):
+    bar = tqdm(range(steps), desc=f'training the demo CLIP {out_path}', unit='step')
+    for step in bar:
         label = torch.from_numpy(rng.integers(len(colors), size=batch))  # random stills of random colours, RRC + flip
         stills = [next(demo_frames(colors[c], 'up', rng, still=True)) for c in label]
         images = data.normalize(torch.stack([data.augment(s[None], 64, 'rrc', rng, flip=True)[0] for s in stills]))
@@ -132,11 +139,14 @@ def train_demo_clip(out_path, steps=200, batch=64, lr=1e-3, seed=0):
         for g in opt.param_groups:  # cosine decay to 0
             g['lr'] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
         opt.step()
+        bar.set_postfix(loss=f'{loss.item():.3f}')
     training.save_checkpoint(clip.state_dict(), out_path)  # atomic: a killed run never leaves half a file
 
 def random_student(path, seed=0):
     """The floor of every demo comparison: the demo student (model 'tiny' at 4 frames, as the demo presets) with
     random weights, as a stage-1 checkpoint that evaluate.py, train_stage2.py and tasks.finetune read like any other."""
+    if os.path.exists(path):
+        training.fail(f'{path} exists: pass a new file name (a checkpoint is never written over)')
     torch.manual_seed(seed)
     config = model.get_config('tiny', num_frames=4)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
@@ -153,26 +163,39 @@ def setup(root, data_file, make_set, teacher_pretrained, master, seed=0):
         return teacher_pretrained
     weights, marker = f'{root}/tiny_clip.pt', f'{root}/captions_train.json'
     write_set = make_set and not os.path.exists(data_file)
-    if write_set and os.path.isdir(root) and os.listdir(root):
-        training.fail(f'{data_file} not found, and {root} is not empty: the demo writes its synthetic set only '
-                         'into a new or empty folder. Pass the list of your own videos, or another folder.')
+    if write_set and os.path.isdir(root) and os.listdir(root) and not os.path.exists(f'{root}/{MARKER}'):
+        training.fail(f'{data_file} not found, and {root} holds files the demo did not write: the demo writes its '
+                      'set only into a new or empty folder. Pass the list of your own videos, or another folder.')
     if train_teacher and not os.path.exists(weights) and not write_set and not os.path.exists(marker):
         training.fail(f"TEACHER_PRETRAINED='demo' is a tiny CLIP that knows only the demo's coloured squares, and "
-                         f'{root} is not the demo set (no {marker}). With your own videos, pass a real teacher (an '
-                         "open_clip tag such as 'openai' or a weights file), or --teacher_pretrained=None for random "
-                         'weights.')
+                      f'{root} is not the demo set (no {marker}). With your own videos, pass a real teacher (an '
+                      "open_clip tag such as 'openai' or a weights file), or --teacher_pretrained=None for random "
+                      'weights.')
     if master and write_set:
-        print(f'writing the synthetic demo set to {root}/ (a few seconds)')
         make_demo(root, seed)
     if master and train_teacher and not os.path.exists(weights):
-        print(f'training the demo teacher {weights} on stills and their captions (about a minute)')
-        train_demo_clip(weights, seed=seed)
+        train_demo_clip(weights, seed=seed)  # the demo's stand-in for OpenAI's CLIP, trained on stills and captions
     if dist.is_initialized():
         dist.barrier()  # the others wait for rank 0's files
     return weights if train_teacher else teacher_pretrained
 
-if __name__ == '__main__':
-    if sys.argv[1:2] == ['random-student']:  # PATH [SEED]
-        random_student(sys.argv[2], *map(int, sys.argv[3:4]))
+def main(argv=None):
+    training.short_errors()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest='command', required=True)
+    make = sub.add_parser('set', help='write the synthetic demo set into a new folder')
+    make.add_argument('folder')
+    floor = sub.add_parser('random-student', help='a stage-1 checkpoint of the demo student with random weights')
+    floor.add_argument('path', help='where to write it (a new file)')
+    for p in (make, floor):
+        p.add_argument('--seed', type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.command == 'set':
+        make_demo(args.folder, args.seed)
+        print(f'wrote the demo set (seed {args.seed}) to {args.folder}/')
     else:
-        make_demo(sys.argv[1] if len(sys.argv) > 1 else 'demo_data')
+        random_student(args.path, args.seed)
+        print(f'wrote {args.path}: the demo student with random weights (seed {args.seed})')
+
+if __name__ == '__main__':
+    main()

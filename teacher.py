@@ -21,6 +21,7 @@ Usage:
 Shapes: B batch, T frames, H,W pixels, S teacher resolution, h,w patch grid per frame, N = T*h*w,
 N_vis kept tokens, K aligned layers, E teacher width (768 for B/16), C output width (512 for B/16).
 """
+import logging
 import os
 
 import open_clip
@@ -86,10 +87,14 @@ def build_clip(name='ViT-B-16-quickgelu', pretrained='openai'):
             model.load_state_dict(torch.load(pretrained, map_location='cpu', weights_only=True))
     else:
         try:
+            if pretrained is None:  # random weights on purpose: open_clip's warning about them tells the caller nothing
+                logging.disable(logging.WARNING)
             model = open_clip.create_model(name, pretrained=pretrained)
         except RuntimeError as e:  # an unknown model name; offline without a cached download; a file that is not there
             fail(f"could not build the CLIP teacher {name!r} with weights {pretrained!r}: {str(e).splitlines()[0]}\n"
                  f"{WEIGHTS_HINT}")
+        finally:
+            logging.disable(logging.NOTSET)
         if pretrained == 'openai' or (pretrained is not None and os.path.isfile(pretrained)):
             check_quickgelu(model)
     return model.eval().requires_grad_(False)

@@ -151,7 +151,7 @@ student_config = get_config(MODEL, img_size=IMG_SIZE, num_frames=NUM_FRAMES, dro
                             align_layers=ALIGN_LAYERS, checkpoint_blocks=CHECKPOINT_BLOCKS,
                             teacher_dim=teacher.visual.proj.shape[1])  # C: the heads regress CLIP's output width
 raw_model = VideoViT(student_config)  # unwrapped: what is saved
-ckpt = training.resume(OUT_DIR, world_size, device)  # OUT_DIR/last.pt, or None for a new run
+ckpt = training.resume(OUT_DIR, world_size, device, not_keys=('text_config', 'num_classes'))  # None: a new run
 if ckpt is not None:
     if ckpt['model_config'] != dataclasses.asdict(student_config):
         fail(f'{ckpt_path} holds another student ({ckpt["model_config"]}): pass another --out_dir')

@@ -131,7 +131,7 @@ def split_batch(total_batch, micro_batch):
 def need_files(paths, what, skip=False):
     """Stop when a path of {NAME: path} is set but is not a file; `what` says what the file holds and how to start."""
     for name, path in paths.items():
-        if path and not skip and not os.path.isfile(path):
+        if path and (os.path.isdir(path) or not skip and not os.path.isfile(path)):
             fail(f'{name} {path!r} ' + ('is a folder' if os.path.isdir(path) else 'not found') + f': {what}')
 
 def need_init(init, out_dir, what, demo_command):
@@ -329,6 +329,15 @@ def lock_out_dir(out_dir):
     f.flush()
     return f  # the lock lasts as long as this file stays open
 
+def claim_folder(folder, marker, what):
+    """A folder a command writes into must be new, empty, or marked as its own by an earlier run (the file `marker`
+    in it): never a folder of the user's. Makes it and leaves the marker."""
+    if os.path.isfile(folder) or (os.path.isdir(folder) and os.listdir(folder)
+                                  and not os.path.exists(os.path.join(folder, marker))):
+        fail(f'{folder} holds files that {what} did not write: pass a new or empty folder')
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, marker), 'a').close()
+
 def read_checkpoint(path):
     """A checkpoint file -> dict, read with weights_only=True (tensors and plain data, never code to run)."""
     if os.path.isdir(path) or not os.path.exists(path):
@@ -358,10 +367,10 @@ def save_checkpoint(obj, path):
         os.fsync(f.fileno())
     os.replace(tmp, path)  # atomic on POSIX
 
-def resume(out_dir, world_size, device, kind_key='model_config'):
+def resume(out_dir, world_size, device, kind_key='model_config', not_keys=()):
     """OUT_DIR/last.pt as a dict, or None for a new run. Every rank must take the same decision, so a checkpoint
     seen by some ranks only (OUT_DIR not on shared storage) stops the run; so does a file that cannot be read, or one
-    that another script wrote (no `kind_key`): starting over silently would throw the run away."""
+    that another script wrote (no `kind_key`, or one of `not_keys`): starting over silently would throw the run away."""
     path = os.path.join(out_dir, 'last.pt')
     exists = os.path.exists(path)  # a stray last.pt.tmp (a crash mid-write) is ignored: last.pt is intact
     if world_size > 1:
@@ -376,8 +385,8 @@ def resume(out_dir, world_size, device, kind_key='model_config'):
         ckpt = read_checkpoint(path)
     except BadInput as e:
         fail(f'{e}. Move it aside to start this run over (or restore a copy), then launch again.')
-    if kind_key not in ckpt or 'optimizer' not in ckpt:
-        fail(f'{path} was not written by this script (it has no {kind_key!r}): pass another --out_dir')
+    if kind_key not in ckpt or 'optimizer' not in ckpt or any(k in ckpt for k in not_keys):
+        fail(f'{path} was written by another script: pass another --out_dir')
     return ckpt
 
 def resumed_line(ckpt, config, path, steps_per_epoch):

@@ -19,10 +19,10 @@ Shapes: B clips, T frames, H, W pixels (of the resized, padded clip), h, w token
 batch (RoIs), M = max boxes per keyframe, C classes.
 """
 
+import argparse
 import os
 import re
 import shutil
-import sys
 from collections import namedtuple
 from functools import partial
 
@@ -36,6 +36,7 @@ from torchvision.ops import roi_align  # torchvision comes with open_clip
 from torchvision.transforms.v2 import InterpolationMode, functional as TF
 
 import data
+import training
 from training import fail
 
 JITTER = (0.2, 0.1, 0.1, 0.05)  # training boxes: each side moves by U(-out, in) x the box size; (x out, x in, y out,
@@ -440,6 +441,7 @@ def write_detections(model, dataset, path, device, batch, workers, ctx):
 DEMO_ACTIONS = {1: 'move up', 2: 'move down', 3: 'stand still'}
 DEMO_FPS, DEMO_SECONDS, DEMO_H, DEMO_W = 10, 3, 96, 160   # each movie: 3 s from second 900, keyframes 901, 902
 DEMO_SPEED = 24                                           # pixels per second: 29 px over a 1.2 s demo clip
+DEMO_MARKER = '.umt_demo_ava'                             # in the demo folder: make_demo may write there again
 DEMO_PALETTE = [(225, 45, 40), (40, 185, 60), (45, 95, 235), (235, 205, 40), (150, 60, 200), (240, 140, 30)]  # squares
 
 def _demo_movie(rng):
@@ -463,7 +465,9 @@ def _demo_movie(rng):
 
 def make_demo(out_dir, train_movies=96, val_movies=24, seed=0):
     """DIR/movies/*.mp4, train.csv and val.csv (ground truth), val_detections.csv (noisy person boxes with scores:
-    some missed, some false, some below the 0.8 threshold), labelmap.pbtxt, val_excluded.csv (one keyframe)."""
+    some missed, some false, some below the 0.8 threshold), labelmap.pbtxt, val_excluded.csv (one keyframe). out_dir
+    must be new, empty or an earlier AVA demo set (its DEMO_MARKER file)."""
+    training.claim_folder(out_dir, DEMO_MARKER, 'the AVA demo')
     rng = np.random.default_rng(seed)
     os.makedirs(f'{out_dir}/movies', exist_ok=True)
     csv = {'train': [], 'val': [], 'val_detections': [], 'val_excluded': ['demo_val_00,0902']}
@@ -491,5 +495,13 @@ def make_demo(out_dir, train_movies=96, val_movies=24, seed=0):
         f'label {{\n  name: "{name}"\n  label_id: {i}\n  label_type: PERSON_MOVEMENT\n}}\n'
         for i, name in DEMO_ACTIONS.items())
 
+def main(argv=None):
+    training.short_errors()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('folder', help='a new folder for the synthetic AVA-style demo set')
+    folder = ap.parse_args(argv).folder
+    make_demo(folder)
+    print(f'wrote the AVA demo set to {folder}/')
+
 if __name__ == '__main__':
-    make_demo(sys.argv[1] if len(sys.argv) > 1 else 'demo_ava')
+    main()

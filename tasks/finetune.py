@@ -141,6 +141,9 @@ fail = training.fail
 
 # Check the constants before anything heavy happens, so a typo costs seconds, not a queue slot.
 world_size, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)  # grad_accum: micro-steps per step
+training.need_positive(EPOCHS=EPOCHS, NUM_FRAMES=NUM_FRAMES, IMG_SIZE=IMG_SIZE, NUM_SAMPLE=NUM_SAMPLE,
+                       TEST_CLIPS=TEST_CLIPS, LOG_INTERVAL=LOG_INTERVAL, CKPT_INTERVAL=CKPT_INTERVAL,
+                       MAX_BAD_STEPS=MAX_BAD_STEPS)
 if TEST_CROPS not in (1, 3) or TEST_CLIPS < 1 or NUM_SAMPLE < 1:
     fail(f'TEST_CROPS={TEST_CROPS} must be 1 or 3, TEST_CLIPS={TEST_CLIPS} and NUM_SAMPLE={NUM_SAMPLE} >= 1')
 if not (0 <= LABEL_SMOOTHING < 1 and MIXUP >= 0 and CUTMIX >= 0 and 0 <= MIX_SWITCH_PROB <= 1):

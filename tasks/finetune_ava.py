@@ -109,6 +109,9 @@ fail = training.fail
 
 # Check the constants before anything heavy happens.
 world_size, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)  # grad_accum: micro-steps per step
+training.need_positive(EPOCHS=EPOCHS, NUM_FRAMES=NUM_FRAMES, CROP=CROP, TEST_BATCH=TEST_BATCH,
+                       EVAL_EPOCHS=EVAL_EPOCHS, LOG_INTERVAL=LOG_INTERVAL, CKPT_INTERVAL=CKPT_INTERVAL,
+                       MAX_BAD_STEPS=MAX_BAD_STEPS)
 if not (CROP <= SHORT_SIDE and 0 <= DET_THRESHOLD <= 1 and FRAME_STRIDE > 0 and 0 < LAYER_DECAY <= 1):
     fail(f'need CROP={CROP} <= SHORT_SIDE={SHORT_SIDE}, DET_THRESHOLD={DET_THRESHOLD} in [0, 1], FRAME_STRIDE='
          f'{FRAME_STRIDE} > 0 seconds and LAYER_DECAY={LAYER_DECAY} in (0, 1]')

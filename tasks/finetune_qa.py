@@ -103,6 +103,8 @@ fail = training.fail
 
 # Check the constants before anything heavy happens, so a typo costs seconds, not a queue slot.
 world_size, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)  # grad_accum: micro-steps per step
+training.need_positive(EPOCHS=EPOCHS, NUM_FRAMES=NUM_FRAMES, IMG_SIZE=IMG_SIZE, EVAL_BATCH=EVAL_BATCH,
+                       LOG_INTERVAL=LOG_INTERVAL, CKPT_INTERVAL=CKPT_INTERVAL, MAX_BAD_STEPS=MAX_BAD_STEPS)
 if K_TEST < 1 or MAX_ANSWER_LEN < 3 or MAX_QUESTION_LEN < 3:
     fail(f'K_TEST={K_TEST} must be >= 1, MAX_ANSWER_LEN and MAX_QUESTION_LEN >= 3 ([sot], a token, [eot])')
 training.need_init(INIT, OUT_DIR, 'a stage-2 checkpoint of train_stage2.py', 'python train_stage2.py --preset=demo')

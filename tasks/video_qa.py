@@ -14,11 +14,11 @@ Shapes: as video_language.py (B, N, D, L, Dt), plus Lq question length, La answe
 or in the answer list), O options, k candidates re-scored, V vocabulary.
 """
 
+import argparse
 import dataclasses
 import json
 import os
 import re
-import sys
 from collections import Counter, namedtuple
 
 import numpy as np
@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import training
+from demo import MARKER
 from model import VideoViT, VideoViTConfig, load_strict
 from training import fail
 from util.checkpoints import group
@@ -312,10 +314,12 @@ def demo_attributes(record):
 def make_demo_qa(root, out_dir=None, seed=0):
     """root/captions_{train,val}.json -> qa_train.json, qa_test.json, qa_answer_list.json (the training answers) and
     mc_test.json (each val video DEMO_MC_DRAWS times: its caption and 4 others, shuffled) in out_dir (root).
-    An attribute with a single value in the training captions (the demo's shape) is not asked about."""
+    An attribute with a single value in the training captions (the demo's shape) is not asked about. out_dir must be
+    the demo set, or a new or empty folder."""
     out_dir, rng = out_dir or root, np.random.default_rng(seed)
-    splits = {s: [(r, a) for r in json.load(open(f'{root}/captions_{s}.json')) if (a := demo_attributes(r))]
-              for s in ('train', 'val')}  # (record, attributes) of every caption that fits the template
+    splits = {s: [(r, a) for r in data.load_json(f'{root}/captions_{s}.json', 'demo captions')
+                  if (a := demo_attributes(r))] for s in ('train', 'val')}  # (record, attributes) that fit the template
+    training.claim_folder(out_dir, MARKER, 'the demo')
     asked = {k: q for k, q in DEMO_QUESTIONS.items() if len({a[k] for _, a in splits['train']}) > 1}  # not 1 answer
     for name, split in (('train', 'train'), ('test', 'val')):
         qa = [{'video': r['video'], 'question': q, 'answer': a[key]} for r, a in splits[split]
@@ -334,8 +338,14 @@ def make_demo_qa(root, out_dir=None, seed=0):
             order = rng.permutation(5)
             mc.append({'video': r['video'], 'caption': [options[j] for j in order], 'answer': int(np.argmin(order))})
     json.dump(mc, open(f'{out_dir}/mc_test.json', 'w'), indent=1)
-    print(f'{out_dir}/: qa_train.json ({len(splits["train"]) * len(asked)} questions), qa_test.json '
+    print(f'wrote {out_dir}/: qa_train.json ({len(splits["train"]) * len(asked)} questions), qa_test.json '
           f'({len(splits["val"]) * len(asked)}), qa_answer_list.json, mc_test.json ({len(mc)} questions, 5 options)')
 
+def main(argv=None):
+    training.short_errors()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('folder', help="the demo set (python demo.py set FOLDER): its QA and MC files are written there")
+    make_demo_qa(ap.parse_args(argv).folder)
+
 if __name__ == '__main__':
-    make_demo_qa(sys.argv[1] if len(sys.argv) > 1 else 'demo_data')
+    main()

@@ -211,7 +211,8 @@ def test_annotations_and_bad_input(demo_dir, tmp_path):
     ev = Q.VideoQuestions(items, 4, 32, 'eval', 25)
     assert ev[1]['bad'] and not ev[0]['bad'] and ev[1]['video'].abs().sum() == 0
     tr = Q.VideoQuestions(items, 4, 32, 'train', 25)
-    got = tr[(1, 0)]
+    with pytest.warns(UserWarning, match='missing.mp4'):
+        got = tr[(1, 0)]
     assert got['index'] == 0 and got['skipped'] >= 1 and got['answer_ids'].shape == (2, 5)
     assert got['weights'].tolist() == pytest.approx([2 / 3, 1 / 3])
     # answer list: an entry that gives no token is an error that names it; long entries are cut and counted
@@ -230,12 +231,14 @@ def test_annotations_and_bad_input(demo_dir, tmp_path):
     assert Q.demo_attributes({'caption': 'something else', 'color': 'red', 'shape': 'star', 'direction': 'up'}) == \
         {'color': 'red', 'shape': 'star', 'direction': 'up'}
     assert Q.demo_attributes({'caption': 'something else'}) is None
-    Q.make_demo_qa(demo_dir, tmp_path)
-    test, mc = json.load(open(tmp_path / 'qa_test.json')), json.load(open(tmp_path / 'mc_test.json'))
+    with pytest.raises(training.BadInput, match='holds files that the demo did not write'):
+        Q.make_demo_qa(demo_dir, tmp_path)                                 # never into a folder of the user's
+    Q.make_demo_qa(demo_dir, tmp_path / 'demo_qa')
+    test, mc = (json.load(open(tmp_path / 'demo_qa' / f)) for f in ('qa_test.json', 'mc_test.json'))
     assert len(test) == 2 * len(json.load(open(os.path.join(demo_dir, 'captions_val.json'))))  # colour, direction
     assert {t['question'] for t in test} == {Q.DEMO_QUESTIONS['color'], Q.DEMO_QUESTIONS['direction']}  # one shape
     assert all(len(set(m['caption'])) == 5 and m['caption'][m['answer']].startswith('a ') for m in mc)
-    assert set(json.load(open(tmp_path / 'qa_answer_list.json'))) >= {t['answer'] for t in test}
+    assert set(json.load(open(tmp_path / 'demo_qa' / 'qa_answer_list.json'))) >= {t['answer'] for t in test}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,8 +250,8 @@ def qa_run(demo_dir, tmp_path_factory):
     """A random tiny stage-2 checkpoint; 12 training questions (+1 without an answer), 7 test questions;
     3 steps of 4 questions (2 micro-steps of 2)."""
     tmp = tmp_path_factory.mktemp('qa')
-    torch.save(tiny_stage2()[1], tmp / 's2.pt')
     Q.make_demo_qa(demo_dir, tmp)
+    torch.save(tiny_stage2()[1], tmp / 's2.pt')
     train = json.load(open(tmp / 'qa_train.json'))[::23][:12]          # 12 questions of all three kinds
     json.dump(train + [{'video': train[0]['video'], 'question': 'no answer'}], open(tmp / 'train.json', 'w'))
     json.dump(json.load(open(tmp / 'qa_test.json'))[:7], open(tmp / 'test.json', 'w'))

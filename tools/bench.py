@@ -38,7 +38,7 @@ TEACHER = 'ViT-B-16-quickgelu'  # open_clip name ('tiny' for the test); weights 
 TEACHER_SIZE = 0              # teacher resolution, 0 = the CLIP default (196 for ViT-L-14)
 BATCH = 2                     # clips per step
 FRAMES = 8                    # T (paper: 8 in stage 1, 4 in stage 2)
-IMG_SIZE = 224
+IMG_SIZE = 224                # H = W (paper: 224)
 MASK_RATIO = 0.8              # paper: 0.8
 ALIGN_LAYERS = 6              # paper: 6
 DTYPE = 'float32'             # 'auto' = bf16 on GPU; the CPU target is measured in fp32
@@ -46,7 +46,7 @@ COMPILE = False               # torch.compile student and teacher (static shapes
 CHECKPOINT_BLOCKS = 0         # activation checkpointing of the first N student blocks
 WARMUP_STEPS = 2              # untimed steps (allocator, compile, oneDNN kernel selection)
 STEPS = 5                     # timed steps; medians are reported
-DEVICE = 'auto'
+DEVICE = 'auto'                 # 'auto' = the GPU when there is one; 'cpu' forces the CPU
 LOADER_DIR = ''               # if set: benchmark the stage-1 data loader instead, on clips written to this folder
 PRESETS = {
     'cpu': {},

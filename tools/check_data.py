@@ -75,11 +75,14 @@ def check(file, root=None, overwrite=False):
     print(f'{len(good)} good, {len(records) - len(good)} bad -> wrote {outputs[0]}, {outputs[1]}')
     return len(good), len(records) - len(good)
 
-if __name__ == '__main__':
+def main(argv=None):
     training.short_errors()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('file', metavar='FILE', help='classification list (path,label) or caption annotation (JSON)')
     ap.add_argument('--root', default=None, help='folder that relative paths in FILE start from')
     ap.add_argument('--overwrite', action='store_true', help='replace FILE.clean and FILE.bad of an earlier check')
-    args = ap.parse_args()
-    check(args.file, args.root, args.overwrite)
+    args = ap.parse_args(argv)
+    return check(args.file, args.root, args.overwrite)
+
+if __name__ == '__main__':
+    main()

@@ -117,14 +117,17 @@ def prepare(file, root, out_dir, workers=os.cpu_count(), **options):
     print(f'{len(jobs) - len(failed)} videos prepared in {out_dir}, {len(failed)} left out -> wrote {new_file}')
     return new_file, failed
 
-if __name__ == '__main__':
+def main(argv=None):
     training.short_errors()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('file', metavar='FILE', help='classification list (path,label) or caption annotation (JSON)')
     ap.add_argument('--root', default=None, help='folder that relative paths in FILE start from')
     ap.add_argument('--out', required=True, metavar='DIR', help='where the videos and the new list go')
     ap.add_argument('--workers', type=int, default=os.cpu_count(), help='parallel processes')
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.workers < 1:
         training.fail(f'--workers {args.workers}: pass at least 1')
-    prepare(args.file, args.root, args.out, args.workers)
+    return prepare(args.file, args.root, args.out, args.workers)
+
+if __name__ == '__main__':
+    main()
