@@ -48,3 +48,33 @@ if __name__ == '__main__':
     else:
         sys.argv = sys.argv[1:]
         runpy.run_path(sys.argv[0], run_name='__main__')
+
+
+def run_here(entry, argv, nan_steps=(), kill_after=0):
+    """A training script run in this process (no start-up cost), as `python [tests/faults.py] ENTRY ARGV` would run:
+    -> an object with returncode (0, or 1 for bad input, whose message goes to stderr), stdout and stderr."""
+    import contextlib
+    import gc
+    import io
+    import types
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved = sys.argv, training.lr_at, torch.amp.GradScaler.scale, {k: os.environ.pop(k, None) for k in
+                                                                   ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    sys.argv = [str(entry), *map(str, argv)]
+    training.lr_at, torch.amp.GradScaler.scale = hooks(nan_steps, kill_after)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            if str(entry).endswith('.py'):
+                runpy.run_path(str(entry), run_name='__main__')
+            else:
+                runpy.run_module(entry, run_name='__main__')
+    except training.BadInput as e:
+        code = 1
+        err.write(f'{os.path.basename(str(entry))}: {e}\n')
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv, training.lr_at, torch.amp.GradScaler.scale = saved[:3]
+        os.environ.update({k: v for k, v in saved[3].items() if v is not None})
+        gc.collect()  # the run's globals (its OUT_DIR lock among them) go, as they would with its process
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

@@ -1,15 +1,12 @@
-"""Runs tools/bench.py's tiny configuration so the benchmark cannot rot, and checks what it reports."""
+"""Runs tools/bench.py's tiny configuration (in this process) so the benchmark cannot rot, and checks what it
+reports."""
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import faults
 
 
 def test_bench_tiny_stage1():
-    out = subprocess.run([sys.executable, '-m', 'tools.bench', '--preset=tiny'], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    out = faults.run_here('tools.bench', ['--preset=tiny'])
     assert out.returncode == 0, out.stderr
     assert '104/512 tokens kept' in out.stdout                     # 8 frames x (64 - int(64 * 0.8)) tokens
     clips = float(re.search(r'([\d.]+) clips/s', out.stdout).group(1))
@@ -20,8 +17,7 @@ def test_bench_tiny_stage1():
 
 
 def test_bench_tiny_stage2():
-    out = subprocess.run([sys.executable, '-m', 'tools.bench', '--preset=tiny', '--stage=2', '--frames=4'], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = faults.run_here('tools.bench', ['--preset=tiny', '--stage=2', '--frames=4'])
     assert out.returncode == 0, out.stderr
     assert 'stage 2' in out.stdout and '+ text' in out.stdout
     assert float(re.search(r'([\d.]+) clips/s', out.stdout).group(1)) > 0

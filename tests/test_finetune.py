@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import faults
 import training
 import util.evaluation
 from util import checkpoints
@@ -253,9 +254,12 @@ def small_run(tmp_path_factory, demo_dir):
                  '--rrc_scale=(0.08,1.0)', '--drop_path=0.1', '--rand_augment=(4,7,0.5)', '--random_erase=0.25']
 
 
-def run(args, nproc=1, **env):
-    """tasks/finetune.py in fresh processes (1, or nproc under torchrun); env: tests/faults.py's UMT_TEST_*."""
-    env = {**{k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}, **env}
+def run(args, nproc=1, fresh=False, nan_steps=(), kill_after=0):
+    """tasks/finetune.py in this process, or in fresh ones (fresh=True; nproc > 1 under torchrun); nan_steps and
+    kill_after: tests/faults.py's faults."""
+    if nproc == 1 and not fresh:
+        return faults.run_here(MODULE, args, nan_steps, kill_after)
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
     env['OMP_NUM_THREADS'] = '1'  # the same thread count in every run: identical float results
     launcher = [sys.executable] if nproc == 1 else \
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
@@ -280,12 +284,12 @@ def test_bad_constants_fail_fast(small_run, monkeypatch):
 
 def test_nan_loss_skips_the_update(small_run):
     tmp, args = small_run
-    r = run(args + [f'--out_dir={tmp / "nan"}', '--epochs=1'], UMT_TEST_NAN_STEPS='2')
+    r = run(args + [f'--out_dir={tmp / "nan"}', '--epochs=1'], nan_steps=(2,))
     assert r.returncode == 0, r.stderr
     log = {x['step']: x for x in log_records(tmp / 'nan') if 'loss' in x}
     assert log[1]['loss'] is not None and log[2]['loss'] is None and log[2]['skipped_steps'] == 1
     assert any('test_top1' in x for x in log_records(tmp / 'nan'))         # the run went on to the end
-    r = run(args + [f'--out_dir={tmp / "nan2"}', '--max_bad_steps=2'], UMT_TEST_NAN_STEPS='1,2')
+    r = run(args + [f'--out_dir={tmp / "nan2"}', '--max_bad_steps=2'], nan_steps=(1, 2))
     assert r.returncode != 0 and '2 non-finite losses in a row (steps 1-2)' in r.stderr
 
 
@@ -293,7 +297,7 @@ def test_resume_is_exact(small_run):
     tmp, args = small_run
     r = run(args + [f'--out_dir={tmp / "a"}'])                        # 2 epochs x 2 steps, uninterrupted
     assert r.returncode == 0, r.stderr
-    r = run(args + [f'--out_dir={tmp / "b"}', '--ckpt_interval=1'], UMT_TEST_KILL_AFTER='3')  # killed after step 3 ...
+    r = run(args + [f'--out_dir={tmp / "b"}', '--ckpt_interval=1'], kill_after=3)  # killed after step 3 ...
     assert r.returncode == 0, r.stderr
     assert not any('test_top1' in line for line in open(tmp / 'b' / 'log.jsonl'))
     r = run(args + [f'--out_dir={tmp / "b"}'])                        # ... and resumed from b/last.pt
@@ -313,7 +317,7 @@ def test_two_processes_match_one(small_run):
     sampler repeats one to give both ranks 4 of the 7."""
     tmp, args = small_run
     args = args + ['--mixup=0.0', '--cutmix=0.0', '--drop_path=0.0', '--epochs=1']  # their draws depend on the rank
-    r = run(args + [f'--out_dir={tmp / "one"}'])
+    r = run(args + [f'--out_dir={tmp / "one"}'], fresh=True)
     assert r.returncode == 0, r.stderr
     r = run(args + [f'--out_dir={tmp / "two"}'], nproc=2)
     assert r.returncode == 0, r.stderr

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 import runpy
-import subprocess
 import sys
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import faults
 import model
 import training
 import video_language as M
@@ -238,17 +238,13 @@ def test_mlm_rates_and_never_masked_tokens():
 
 
 def run_stage2(out_dir, files, check=True, **overrides):
-    """train_stage2.py in a fresh process on a small slice of the demo set; returns the process."""
+    """train_stage2.py in this process on a small slice of the demo set; returns the process."""
     settings = dict(preset='demo', teacher_pretrained=None, device='cpu', num_workers=0, video_batch=2, image_batch=2,
                     epochs=2, warmup_epochs=1, lr=1e-3, log_interval=1, ckpt_interval=100, out_dir=str(out_dir), **files)
     settings.update(overrides)
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
-    env['OMP_NUM_THREADS'] = '1'  # the same thread count in every run: identical float results
-    env['UMT_TEST_NAN_STEPS'] = ','.join(map(str, settings.pop('nan_steps', ())))  # tests/faults.py injects them
-    env['UMT_TEST_KILL_AFTER'] = str(settings.pop('max_steps', 0))
-    script = [os.path.join(ROOT, 'tests', 'faults.py'), os.path.join(ROOT, 'train_stage2.py')]
-    out = subprocess.run([sys.executable, *script] + [f'--{k}={v}' for k, v in settings.items()],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    settings_nan, settings_kill = settings.pop('nan_steps', ()), settings.pop('max_steps', 0)  # tests/faults.py
+    out = faults.run_here(os.path.join(ROOT, 'train_stage2.py'), [f'--{k}={v}' for k, v in settings.items()],
+                          settings_nan, settings_kill)
     if check:
         assert out.returncode == 0, out.stdout + out.stderr
     return out

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import data
+import faults
 import training
 from tools.prepare_data import prepare
 
@@ -38,20 +39,25 @@ def small_list(demo_dir, tmp_path_factory):
     return str(path)
 
 
-def train(demo_dir, small_list, out_dir, nproc=1, check=True, **overrides):
-    """Run the script in a fresh process (or nproc via torchrun) on the small list; returns the process."""
+def train(demo_dir, small_list, out_dir, nproc=1, check=True, two_process_reference=False, **overrides):
+    """Run the script on the small list in this process, or in fresh ones (nproc via torchrun, or the 1-process
+    reference of a 2-process run); returns the process (returncode, stdout, stderr)."""
     settings = dict(preset='demo', data_list=small_list, data_root=demo_dir, out_dir=str(out_dir), device='cpu',
-                    teacher_pretrained=None, total_batch=4, micro_batch=2, epochs=2, warmup_epochs=1, base_lr=0.01, num_workers=0,
-                    log_interval=1, ckpt_interval=100)
+                    teacher_pretrained=None, total_batch=4, micro_batch=2, epochs=2, warmup_epochs=1, base_lr=0.01,
+                    num_workers=0, log_interval=1, ckpt_interval=100)
     settings.update(overrides)
     nan_steps, kill_after = settings.pop('nan_steps', ()), settings.pop('max_steps', 0)
     args = [f'--{k}={v}' for k, v in settings.items()]
-    launcher = [sys.executable] if nproc == 1 else \
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
-    env['OMP_NUM_THREADS'] = '1'  # same thread count in every run: identical float results
-    env['UMT_TEST_NAN_STEPS'], env['UMT_TEST_KILL_AFTER'] = ','.join(map(str, nan_steps)), str(kill_after)
-    out = subprocess.run(launcher + [FAULTS, SCRIPT] + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if nproc == 1 and not two_process_reference:  # in this process: no start-up cost
+        out = faults.run_here(SCRIPT, args, nan_steps, kill_after)
+    else:
+        launcher = [sys.executable] if nproc == 1 else \
+            [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+        env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+        env['OMP_NUM_THREADS'] = '1'  # same thread count in every run: identical float results
+        env['UMT_TEST_NAN_STEPS'], env['UMT_TEST_KILL_AFTER'] = ','.join(map(str, nan_steps)), str(kill_after)
+        out = subprocess.run(launcher + [FAULTS, SCRIPT] + args, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
     if check:
         assert out.returncode == 0, out.stdout + out.stderr
     return out
@@ -70,7 +76,7 @@ def weights(out_dir):
 def test_two_processes_equal_one(demo_dir, small_list, tmp_path):
     # No stochastic depth: its draws are per rank by design. Masks and data depend on the global position
     # of a sample only, so 1 process x 2 micro-steps and 2 processes x 1 micro-step compute the same thing.
-    one = train(demo_dir, small_list, tmp_path / 'one', drop_path=0.0)
+    one = train(demo_dir, small_list, tmp_path / 'one', drop_path=0.0, two_process_reference=True)
     two = train(demo_dir, small_list, tmp_path / 'two', nproc=2, drop_path=0.0)
     assert '1 processes x 2 accumulation' in one.stdout and '2 processes x 1 accumulation' in two.stdout
     log1, log2 = log(tmp_path / 'one'), log(tmp_path / 'two')
