@@ -168,9 +168,8 @@ def setup(root, data_file, make_set, teacher_pretrained, master, seed=0):
                       'set only into a new or empty folder. Pass the list of your own videos, or another folder.')
     if train_teacher and not os.path.exists(weights) and not write_set and not os.path.exists(marker):
         training.fail(f"TEACHER_PRETRAINED='demo' is a tiny CLIP that knows only the demo's coloured squares, and "
-                      f'{root} is not the demo set (no {marker}). With your own videos, pass a real teacher (an '
-                      "open_clip tag such as 'openai' or a weights file), or --teacher_pretrained=None for random "
-                      'weights.')
+                      f'{root} is not the demo set (no {marker}): pass a real teacher, e.g. '
+                      '--teacher_pretrained=openai')
     if master and write_set:
         make_demo(root, seed)
     if master and train_teacher and not os.path.exists(weights):

@@ -37,11 +37,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # ... but OpenAI CLIP was trained with these
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-WEIGHTS_HINT = (
-    "Hint: download the open_clip 'openai' weights once on a machine with network (they land in the Hugging Face "
-    "cache; set HF_HUB_OFFLINE=1 later to use the cache without retries), or pass a local file as `pretrained`, e.g. "
-    "open_clip_pytorch_model.bin from the Hugging Face repo timm/vit_base_patch16_clip_224.openai, together with a "
-    "'-quickgelu' model name such as 'ViT-B-16-quickgelu'.")
+WEIGHTS_HINT = ("download the 'openai' weights once with network, or pass a local open_clip_pytorch_model.bin "
+                "(Hugging Face repo timm/vit_base_patch16_clip_224.openai) with a '-quickgelu' model name")
 
 def imagenet_to_clip():
     """(scale, shift) [3, 1, 1]: x_clip = (x * std_in + mean_in - mean_clip) / std_clip = x * scale + shift."""
@@ -71,8 +68,7 @@ def check_quickgelu(model):
     act = model.visual.transformer.resblocks[0].mlp.gelu
     if not isinstance(act, QuickGELU):
         fail(f"OpenAI CLIP weights need QuickGELU but this model uses {type(act).__name__}: use a '-quickgelu' model "
-             "name (e.g. 'ViT-B-16-quickgelu', 'ViT-L-14-quickgelu'). If the file holds non-OpenAI weights trained "
-             "with GELU, this teacher is not the paper's.")
+             "name such as 'ViT-B-16-quickgelu'")
 
 def build_clip(name='ViT-B-16-quickgelu', pretrained='openai'):
     """Frozen open_clip CLIP model (both towers; video_language.py builds the text side from it).

@@ -48,7 +48,7 @@ DATA_ROOT = ''                     # folder the list's relative paths start from
 MAKE_DEMO = False                  # write the synthetic demo set into DATA_ROOT if DATA_LIST is missing (demo)
 NUM_FRAMES = 8                     # T, TSN-sparse frames per clip (paper: 8)
 IMG_SIZE = 224                     # H = W after the multi-scale crop (paper: 224)
-NUM_WORKERS = 10                   # decoding processes per GPU: decoding is CPU-bound, give it the spare cores
+NUM_WORKERS = min(10, training.CORES)  # decoding processes per GPU (official: 10): CPU-bound, give them spare cores
 DECODE_THREADS = 1                 # PyAV threads per worker (1-2; workers x threads <= cores per GPU)
 MAX_BAD_FRACTION = 0.05            # stop when more than this fraction of the videos cannot be decoded
 # student

@@ -66,7 +66,7 @@ MAKE_DEMO = False                  # write the synthetic demo set into VIDEO_ROO
 NUM_FRAMES = 4                     # T per video, one random frame per segment (paper: 4; retrieval fine-tuning 12)
 IMG_SIZE = 224                     # RandomResizedCrop(scale 0.5-1) + flip to this size (paper: 224)
 MAX_TEXT_LEN = 32                  # L, BPE tokens with [sot] and [eot] (paper: 32)
-NUM_WORKERS = 6                    # decoding processes per GPU, per media
+NUM_WORKERS = min(6, training.CORES)  # decoding processes per GPU, per media (official: 6)
 DECODE_THREADS = 1                 # PyAV threads per worker
 MAX_BAD_FRACTION = 0.05            # stop when more than this fraction of the files cannot be decoded
 # model

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+CORES = len(os.sched_getaffinity(0))  # the cores this process may use: no default asks for more workers
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: a file or value of the user's ends the command with one message, never a traceback
 
@@ -348,9 +350,8 @@ def read_checkpoint(path):
     except Exception as e:  # noqa: BLE001 - every way a file can fail to load is the file's, reported as such
         why = (str(e).splitlines() or [type(e).__name__])[0].split('. ')[0]
         if 'Unsupported global' in str(e):
-            fail(f'{path} holds pickled Python objects (official trainer checkpoints pickle their argparse settings), '
-                 "which are never loaded here. If you trust it, keep its weights once: torch.save(torch.load(path, "
-                 "weights_only=False)['model'], 'weights.pth')")
+            fail(f"{path} holds pickled Python objects, never loaded here. If you trust it, keep its weights once: "
+                 "torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')")
         fail(f'{path} cannot be read ({type(e).__name__}: {why}): the file is truncated or corrupt, or not a '
              'checkpoint')
     if not isinstance(ckpt, dict) or not ckpt:
@@ -457,8 +458,7 @@ def stop_if_bad(meter, max_bad_steps, step, ckpt_path, last_ckpt_step):
     if meter.bad_in_a_row >= max_bad_steps:
         last = f'{ckpt_path} (step {last_ckpt_step})' if last_ckpt_step else 'none: no checkpoint was written yet'
         fail(f'{meter.bad_in_a_row} non-finite losses in a row (steps {step + 1 - meter.bad_in_a_row}-{step}): '
-             f'stopping. The last good checkpoint is {last}. Lower the learning rate, use bf16 or fp32, or check the '
-             'data (python -m tools.check_data), then launch again to resume.')
+             f'stopping. The last good checkpoint is {last}: lower the learning rate, then launch again to resume.')
 
 NOT_LOSSES = ('epoch', 'lr', 'grad_norm', 'samples_per_s', 'ms_per_step', 'data_wait', 'max_memory_gib', 'boxes')
 
@@ -478,7 +478,7 @@ def log(out_dir, record, workers, device, bar=None):
                f'{record["samples_per_s"]:.1f} samples/s | data wait {record["data_wait"]:.0%}')
     if bar is not None:
         bar.set_postfix(loss='n/a' if record.get('loss') is None else f'{record["loss"]:.4f}')
-    cores = len(os.sched_getaffinity(0)) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))  # per process
+    cores = CORES // int(os.environ.get('LOCAL_WORLD_SIZE', 1))  # per process
     remedies = ([f'raise NUM_WORKERS (now {workers}; {cores} cores per process)'] if workers < cores - 1 else []) + \
         (['prepare the videos for fast sampling (python -m tools.prepare_data)'] if device.type == 'cuda' else [])
     if record['data_wait'] > 0.2 and remedies and not getattr(log, 'hinted', False):

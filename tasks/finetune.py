@@ -54,7 +54,7 @@ HEAD_ROWS = None                   # None: a new head unless INIT's head has NUM
                                    # (util/checkpoints.head_rows)
 NUM_FRAMES = 8                     # T (paper: 8; 16 for the 16-frame L/16); the sin-cos table follows T and S
 IMG_SIZE = 224                     # S (paper: 224)
-NUM_WORKERS = 10                   # decoding processes per GPU
+NUM_WORKERS = min(10, training.CORES)  # decoding processes per GPU (official: 10)
 DECODE_THREADS = 1                 # PyAV threads per worker
 MAX_BAD_FRACTION = 0.05            # stop when more than this fraction of the videos cannot be decoded
 # augmentation and targets

@@ -56,7 +56,7 @@ FRAME_STRIDE = 0.32                # seconds between the frames, centred on the 
 SHORT_SIDE = 256                   # frames resized to this short side, training and test (official: 256)
 CROP = 224                         # training crop; the test sees the whole resized frame (official: 224)
 FLIP = True                        # random horizontal flip in training (official: yes)
-NUM_WORKERS = 10                   # decoding processes per GPU
+NUM_WORKERS = min(10, training.CORES)  # decoding processes per GPU (official: 10)
 DECODE_THREADS = 1                 # PyAV threads per worker
 MAX_BAD_FRACTION = 0.05            # stop when more than this fraction of the keyframes cannot be read
 # model

@@ -47,7 +47,7 @@ NUM_FRAMES = 12                    # T: the official 'rand' frames for training,
 IMG_SIZE = 224                     # random-resized crop (0.5-1) + flip for training, whole frame for testing (224)
 MAX_QUESTION_LEN = 25              # question tokens with [sot] and [eot] (official max_q_len: 25)
 MAX_ANSWER_LEN = 5                 # answer tokens with [sot] and [eot] (official max_a_len: 5)
-NUM_WORKERS = 6                    # decoding processes per GPU
+NUM_WORKERS = min(6, training.CORES)  # decoding processes per GPU (official: 6)
 DECODE_THREADS = 1                 # PyAV threads per worker
 MAX_BAD_FRACTION = 0.05            # stop when more than this fraction of the training videos cannot be decoded
 # model

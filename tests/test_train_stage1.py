@@ -152,7 +152,7 @@ def test_demo_teacher_says_what_it_needs(small_list, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, 'argv', [SCRIPT, '--preset=demo', f'--data_list={small_list}', '--device=cpu',
                                       f'--data_root={tmp_path / "my_videos"}', f'--out_dir={tmp_path / "out"}'])
     with pytest.raises(training.BadInput, match="TEACHER_PRETRAINED='demo' is a tiny CLIP that knows only the demo's "
-                                         r"coloured squares.*captions_train.json.*--teacher_pretrained=None"):
+                                         r"coloured squares.*captions_train.json.*--teacher_pretrained=openai"):
         runpy.run_path(SCRIPT, run_name='__main__')
 
 

@@ -48,7 +48,8 @@ def classify(work, name, ckpt_or_teacher, data):
     source = ['--ckpt', ckpt_or_teacher] if ckpt_or_teacher.endswith('.pt') else \
         ['--teacher', 'tiny', '--pretrained', f'{data}/tiny_clip.pt', '--frames', '4']
     run(work, f'results/{name}.json', f'{ROOT}/evaluate.py', 'classify', *source, '--train', f'{data}/train_color.csv',
-        '--val', f'{data}/val_color.csv', '--root', data, '--clips', '1', '--crops', '1', '--out', f'results/{name}.json')
+        '--val', f'{data}/val_color.csv', '--root', data, '--clips', '1', '--crops', '1',
+        '--out', f'results/{name}.json')
     r = read(work, f'results/{name}.json')
     return r['knn']['top1'], r['linear']['top1']
 
@@ -148,7 +149,8 @@ def section_qa(work):
                     f'{test["test"]["accuracy"]:.1f} / {types["what"]:.1f} / {types["which"]:.1f} |')
     prior = test['prior']
     return rows + [f'| without the video (the printed baselines) | | {prior["majority"]:.1f} (always '
-                   f'"{prior["majority_answer"]}") / {prior["question_prior"]:.1f} (most frequent answer per question) |']
+                   f'"{prior["majority_answer"]}") / {prior["question_prior"]:.1f} (most frequent answer per '
+                   'question) |']
 
 
 def section_ava(work):

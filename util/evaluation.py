@@ -5,7 +5,6 @@ retrieval protocol (train_stage2.py checks VTC retrieval after every epoch) and 
 (tasks.finetune validates every epoch).
 """
 
-import os
 from contextlib import nullcontext
 
 import torch
@@ -21,7 +20,7 @@ K_TEST = 128          # candidates re-ranked by VTM per query, in each direction
 MAX_TEXT_LEN = 32     # caption tokens (official max_txt_l: MSRVTT 32; MSVD, DiDeMo, LSMDC 64)
 BATCH = 16            # videos (or captions) per forward pass
 ITM_BATCH = 128       # (caption, video) pairs per fusion forward pass in VTM re-ranking
-WORKERS = min(4, len(os.sched_getaffinity(0)))  # DataLoader processes decoding videos: at most the cores we have
+WORKERS = min(4, training.CORES)  # DataLoader processes decoding videos: at most the cores there are
 NO_MATCH = -100.0     # re-ranked score of every pair outside the top K_TEST (official)
 
 # ----------------------------------------------------------------------------------------------------------------
