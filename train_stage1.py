@@ -153,9 +153,10 @@ student_config = get_config(MODEL, img_size=IMG_SIZE, num_frames=NUM_FRAMES, dro
 raw_model = VideoViT(student_config)  # unwrapped: what is saved
 ckpt = training.resume(OUT_DIR, world_size, device, not_keys=('text_config', 'num_classes'))  # None: a new run
 if ckpt is not None:
-    if ckpt['model_config'] != dataclasses.asdict(student_config):
-        fail(f'{ckpt_path} holds another student ({ckpt["model_config"]}): pass another --out_dir')
-    load_strict(raw_model, ckpt['model'])
+    try:
+        load_strict(raw_model, ckpt['model'])
+    except ValueError as e:  # MODEL, IMG_SIZE, ALIGN_LAYERS or the teacher changed since that run
+        fail(f'{ckpt_path} holds another student: pass another --out_dir ({str(e).splitlines()[1].strip()}, ...)')
 raw_model.to(device)
 # The UTA loss pairs student token i with teacher token i, so both must cut a clip into the same grid.
 t = NUM_FRAMES // student_config.tubelet_size

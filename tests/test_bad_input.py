@@ -52,6 +52,9 @@ def files(demo_dir, tmp_path_factory):
     (t / 'stage2_out').mkdir()                                   # a stage-2 run's last.pt where stage 1 is pointed
     torch.save({'model': {}, 'model_config': {}, 'text_config': {}, 'optimizer': {}, 'step': 1, 'config': {}},
                t / 'stage2_out' / 'last.pt')
+    (t / 'stage1_out').mkdir()                                   # a stage-1 run of another student
+    torch.save({'model': vit.state_dict(), 'model_config': dataclasses.asdict(vit.config), 'optimizer': {}, 'step': 1,
+                'config': {}}, t / 'stage1_out' / 'last.pt')
     (t / 'a_file').write_text('')
     return t, demo_dir
 
@@ -93,6 +96,8 @@ STAGE1 = [  # (arguments, the message), after --preset=demo --teacher_pretrained
     (['--data_list={t}/good.csv', '--out_dir={t}/a_file'], [r'a_file.* is a file']),
     (['--data_list={t}/good.csv', '--out_dir={t}/stage2_out', '--total_batch=4', '--micro_batch=4'],
      [r'stage2_out/last\.pt was written by another script']),
+    (['--data_list={t}/good.csv', '--out_dir={t}/stage1_out', '--total_batch=4', '--micro_batch=4',
+      '--align_layers=1'], [r'stage1_out/last\.pt holds another student: pass another --out_dir']),
     (['--data_list={t}/good.csv', '--help=1'], [r'unknown setting .HELP.']),
 ]
 
