@@ -405,7 +405,8 @@ def test_prepare_keeps_the_frames_reports_failures_and_resumes(demo_dir, tmp_pat
 
 def test_ssv2_validation_takes_the_segment_middles(tmp_path):
     """The official ssv2.py validation: tick = n / T, frame int(tick / 2 + tick i); at n = 10, T = 4: 1, 3, 6, 8 (the
-    segment starts 0, 2, 5, 7 are its first test clip). Kinetics validation is unchanged: round(seg i) + int(seg / 2)."""
+    segment starts 0, 2, 5, 7 are its first test clip). Kinetics validation is unchanged: round(seg i) +
+    int(seg / 2)."""
     counting_video(tmp_path / 'v.mp4', 10, 10, band=8, height=80)                   # square: the crop keeps it all
     (tmp_path / 'list.csv').write_text('v.mp4,0\n')
     val = lambda sampler: frame_numbers(data.VideoClassification(                   # 80 -> 40 px: bands of 4

@@ -164,7 +164,8 @@ def test_features_skip_unreadable_videos(demo_dir, tmp_path):
     good = videos(demo_dir, 2)
     (tmp_path / 'broken.mp4').write_bytes(open(good[0], 'rb').read()[:300])
     bad = [str(tmp_path / 'broken.mp4'), str(tmp_path / 'missing.mp4')]
-    ev.main(['features', '--ckpt', str(tmp_path / 'stage1.pt'), good[0], *bad, good[1], '--out', str(tmp_path / 'f.pt')])
+    ev.main(['features', '--ckpt', str(tmp_path / 'stage1.pt'), good[0], *bad, good[1], '--out',
+             str(tmp_path / 'f.pt')])
     feats = torch.load(tmp_path / 'f.pt', weights_only=True)
     assert feats['paths'] == good and sorted(feats['skipped']) == sorted(bad)   # the rows belong to these paths
     assert feats['pooled'].shape == (2, 96) and all(feats['skipped'].values())  # every skip has its reason

@@ -1,7 +1,7 @@
 """Guards fine-tuning: layer-wise lr decay (training.py), mixup / cutmix targets, RandAugment and random erasing
 (data.py), multi-view averaging (util/evaluation.py), the classifier from the official fine-tuned layout and from our
-own stage-1 / stage-2 checkpoints (util/checkpoints.py), and tasks/finetune.py itself: bad constants, NaN skips, exact resume of a
-short run (with the whole augmentation recipe on) and 2 processes = 1."""
+own stage-1 / stage-2 checkpoints (util/checkpoints.py), and tasks/finetune.py itself: bad constants, NaN skips,
+exact resume of a short run (with the whole augmentation recipe on) and 2 processes = 1."""
 import dataclasses
 import os
 import runpy
@@ -145,7 +145,8 @@ def test_multiview_average_is_mean_of_softmax():
     # the order matters: averaging logits would pick class 0, averaging probabilities picks class 1
     assert logits.mean(1).argmax().item() == 0 and probs.argmax().item() == 1
     logits = torch.randn(4, 12, 7)
-    assert torch.allclose(util.evaluation.multiview_average(logits), torch.stack([l.softmax(-1).mean(0) for l in logits]))
+    want = torch.stack([l.softmax(-1).mean(0) for l in logits])
+    assert torch.allclose(util.evaluation.multiview_average(logits), want)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +178,8 @@ def test_from_official_finetuned_layout():
     # regenerated table (here the same values, so the outputs must still agree)
     sd4 = {**sd, 'pos_embed': sincos_table(4 * 64, 128)[None]}
     model, report = checkpoints.load(sd4, 'classifier', 6, num_frames=4, img_size=64)
-    assert 'unused: pos_embed' in report
+    assert 'unused: pos_embed' in report            # and the report says what the table is, not '0 frames x 224 px'
+    assert "position table: sin-cos for 4 frames x 64 px; the checkpoint's pos_embed (256 tokens) is not used" in report
     with torch.no_grad():
         assert torch.allclose(model.eval()(video), ref(video), atol=1e-5)
 
@@ -348,7 +350,8 @@ def test_the_test_uses_the_best_epoch(small_run, monkeypatch):
     assert all(torch.equal(tested[k], epoch1[k]) for k in tested)              # the best epoch's weights ...
     assert not all(torch.equal(tested[k], epoch2[k]) for k in tested)          # ... not the last epoch's
     assert training.read_checkpoint(tmp / 'best' / 'best.pt')['epoch'] == 1
-    assert log_records(tmp / 'best')[-1]['epoch'] == 1 and training.read_checkpoint(tmp / 'best' / 'last.pt')['best_top1'] == 60
+    assert log_records(tmp / 'best')[-1]['epoch'] == 1
+    assert training.read_checkpoint(tmp / 'best' / 'last.pt')['best_top1'] == 60
 
 
 def test_head_rows_from_two_lists_of_class_names(tmp_path):

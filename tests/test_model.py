@@ -179,4 +179,5 @@ def test_patch_embedding_equals_the_official_conv3d(tubelet):
     x, _ = m(video)
     torch.testing.assert_close(x, ref, atol=1e-4, rtol=1e-4)
     keep = torch.tensor([[0, 5, 17, 30], [1, 2, 3, 31]])
-    torch.testing.assert_close(m(video, keep)[0], ref.gather(1, keep[..., None].expand(-1, -1, 96)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m(video, keep)[0], ref.gather(1, keep[..., None].expand(-1, -1, 96)), atol=1e-4,
+                               rtol=1e-4)

@@ -240,7 +240,8 @@ def test_mlm_rates_and_never_masked_tokens():
 def run_stage2(out_dir, files, check=True, **overrides):
     """train_stage2.py in this process on a small slice of the demo set; returns the process."""
     settings = dict(preset='demo', teacher_pretrained=None, device='cpu', num_workers=0, video_batch=2, image_batch=2,
-                    epochs=2, warmup_epochs=1, lr=1e-3, log_interval=1, ckpt_interval=100, out_dir=str(out_dir), **files)
+                    epochs=2, warmup_epochs=1, lr=1e-3, log_interval=1, ckpt_interval=100, out_dir=str(out_dir),
+                    **files)
     settings.update(overrides)
     settings_nan, settings_kill = settings.pop('nan_steps', ()), settings.pop('max_steps', 0)  # tests/faults.py
     out = faults.run_here(os.path.join(ROOT, 'train_stage2.py'), [f'--{k}={v}' for k, v in settings.items()],

@@ -157,7 +157,7 @@ def test_demo_teacher_says_what_it_needs(small_list, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('overrides, world_size, message', [
-    (['--preset=demo', '--total_batch=6', '--micro_batch=4'], 1, 'TOTAL_BATCH=6 must be a positive multiple of MICRO_BATCH=4'),
+    (['--preset=demo', '--total_batch=6', '--micro_batch=4'], 1, 'TOTAL_BATCH=6 must be a positive multiple of MICRO'),
     (['--preset=demo', '--total_batch=8', '--micro_batch=8'], 2, 'MICRO_BATCH=8 x 2 processes'),
     (['--preset=demo', '--mask_ratio=1.0'], 1, 'MASK_RATIO=1.0 must lie strictly between 0 and 1'),
     (['--preset=demo', '--mask_ratio=0'], 1, 'MASK_RATIO=0.0 must lie strictly between 0 and 1'),
@@ -204,9 +204,11 @@ def test_data_wait_is_logged(demo_dir, small_list, tmp_path, monkeypatch):
     load = data.VideoClassification.load
 
     def wait(out_dir, delay):
-        monkeypatch.setattr(data.VideoClassification, 'load', lambda self, i, rng: time.sleep(delay) or load(self, i, rng))
-        monkeypatch.setattr(sys, 'argv', [SCRIPT, '--preset=demo', f'--data_list={small_list}', f'--data_root={demo_dir}',
-                                          f'--out_dir={out_dir}', '--device=cpu', '--teacher_pretrained=None',
+        monkeypatch.setattr(data.VideoClassification, 'load',
+                            lambda self, i, rng: time.sleep(delay) or load(self, i, rng))
+        monkeypatch.setattr(sys, 'argv', [SCRIPT, '--preset=demo', f'--data_list={small_list}',
+                                          f'--data_root={demo_dir}', f'--out_dir={out_dir}', '--device=cpu',
+                                          '--teacher_pretrained=None',
                                           '--total_batch=4', '--micro_batch=4', '--epochs=1', '--num_workers=0',
                                           '--log_interval=3'])
         runpy.run_path(SCRIPT, run_name='__main__')

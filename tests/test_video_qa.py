@@ -1,7 +1,7 @@
-"""Guards video question answering (tasks/video_qa.py, tasks/finetune_qa.py, `evaluate.py mc`): the multiple-choice score and its
-accuracy (an oracle scores 100%, shuffled answers about chance), rank_answer on a hand-made vocabulary, the answer
-decoder's masks, the QA model built from a stage-2 checkpoint (what is copied, what is new), bad annotation input,
-and finetune_qa.py: bad constants, exact resume and 2 processes = 1."""
+"""Guards video question answering (tasks/video_qa.py, tasks/finetune_qa.py, `evaluate.py mc`): the multiple-choice
+score and its accuracy (an oracle scores 100%, shuffled answers about chance), rank_answer on a hand-made vocabulary,
+the answer decoder's masks, the QA model built from a stage-2 checkpoint (what is copied, what is new), bad
+annotation input, and finetune_qa.py: bad constants, exact resume and 2 processes = 1."""
 import dataclasses
 import gc
 import json
@@ -277,7 +277,7 @@ def run_here(args, monkeypatch, kill_after=0):
         gc.collect()  # the run's globals (its OUT_DIR lock among them) go, as they would with its process
 
 
-@pytest.mark.parametrize('bad, message', [('--total_batch=5', 'TOTAL_BATCH=5 must be a positive multiple of MICRO_BATCH=2'),
+@pytest.mark.parametrize('bad, message', [('--total_batch=5', 'TOTAL_BATCH=5 must be a positive multiple of MICRO'),
                                           ('--init=missing.pt', "INIT 'missing.pt' not found"),
                                           ('--test_ann=missing.json', "TEST_ANN 'missing.json' not found")])
 def test_bad_constants_fail_fast(qa_run, bad, message, monkeypatch):
@@ -303,8 +303,8 @@ def test_resume_is_exact_and_two_processes_match_one(qa_run, monkeypatch, capsys
     # 2 gloo processes x 2 questions = 1 process x 2 micro-steps x 2
     env = {**{k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')},
            'OMP_NUM_THREADS': '1'}
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', MODULE,
-                        *args, f'--out_dir={tmp / "two"}'], cwd=ROOT, env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m',
+                        MODULE, *args, f'--out_dir={tmp / "two"}'], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     two, w2 = log_records(tmp / 'two'), training.read_checkpoint(tmp / 'two' / 'last.pt')['model']
