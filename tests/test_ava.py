@@ -1,5 +1,5 @@
-"""Guards AVA localization (tasks/ava.py, tasks/finetune_ava.py, `evaluate.py ava-map`): frame-mAP against a hand-
-computed case, the official clip frames, the RoI head's pixels -> tokens mapping (one token, a padded batch, the
+"""Guards AVA localization (tasks/ava.py, tasks/finetune_ava.py, `evaluate.py ava-map`): frame-mAP against a
+hand-computed case, the official clip frames, the RoI head's pixels -> tokens mapping (one token, a padded batch, the
 resized position table), box jitter and extension, bad input (boxes outside the frame, unknown actions, missing
 movies, timestamps beyond a movie, too many boxes, malformed lines), and a tiny run of the script that is killed,
 resumed and must match an uninterrupted one."""
