@@ -292,8 +292,9 @@ def prior_baselines(train_items, test_items):
     top = overall.most_common(1)[0][0]
     guess = [per_question[it.question].most_common(1)[0][0] if it.question in per_question else top
              for it in test_items]
-    return {'majority_answer': top, 'majority': 100 * np.mean([top in it.answers for it in test_items]),
-            'question_prior': 100 * np.mean([g in it.answers for g, it in zip(guess, test_items)])}
+    share = lambda hits: round(100 * float(np.mean(hits)), 2)  # a percentage with two decimals
+    return {'majority_answer': top, 'majority': share([top in it.answers for it in test_items]),
+            'question_prior': share([g in it.answers for g, it in zip(guess, test_items)])}
 
 # ----------------------------------------------------------------------------------------------
 # The CPU demo: questions about the synthetic clips, and multiple choice among their captions
