@@ -296,6 +296,7 @@ def parse_args(argv=None):
     a.add_argument('--groundtruth', required=True, help='CSV of video_id, timestamp, x1, y1, x2, y2, action_id, ...')
     a.add_argument('--detections', required=True, help='CSV of video_id, timestamp, x1, y1, x2, y2, action_id, score')
     a.add_argument('--exclusions', default=None, help='CSV of video_id, timestamp: keyframes left out')
+    a.add_argument('--out', default=None, help='write the results here (JSON)')
     return p.parse_args(argv)
 
 def new_output(path):
@@ -333,7 +334,11 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     if args.command == 'ava-map':
-        return ava.evaluate_files(args.labelmap, args.groundtruth, args.detections, args.exclusions)
+        results = ava.evaluate_files(args.labelmap, args.groundtruth, args.detections, args.exclusions)
+        if args.out:
+            json.dump(results, open(args.out, 'w'), indent=1)
+            print(f'wrote {args.out}')
+        return results
     if args.command == 'show-mask':
         return show_mask(args.video, args.out, args.teacher, args.pretrained, args.frames, args.mask_ratio, args.seed)
     mc_items = read_mc(args.ann, args.root) if args.command == 'mc' else None  # the files first: a typo costs seconds
