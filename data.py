@@ -74,7 +74,7 @@ def read_frames(path, indices, threads=1, max_seconds=None):
     with av.open(path) as c:  # `with`: containers leak in DataLoader workers otherwise
         s = _video_stream(c, threads)
         pts, keys = _scan(c, s)
-        if max_seconds is not None:  # as decord's count: int(seconds x the mean frame rate) frames (29.97 fps: 899)
+        if max_seconds is not None and len(pts) > 1:  # as decord: int(seconds x mean frame rate) frames (29.97: 899)
             fps = float(s.average_rate) if s.average_rate else (len(pts) - 1) / float((pts[-1] - pts[0]) * s.time_base)
             pts = pts[:max(1, int(max_seconds * fps))]
         idx = np.asarray(indices(len(pts)) if callable(indices) else indices, dtype=np.int64)

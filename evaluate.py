@@ -341,11 +341,13 @@ def main(argv=None):
         return results
     if args.command == 'show-mask':
         return show_mask(args.video, args.out, args.teacher, args.pretrained, args.frames, args.mask_ratio, args.seed)
-    mc_items = read_mc(args.ann, args.root) if args.command == 'mc' else None  # the files first: a typo costs seconds
-    for path in [getattr(args, 'ann', None)] if args.command == 'retrieval' else [getattr(args, 'train', None),
-                                                                                  getattr(args, 'val', None)]:
+    # The files first, before any model: a typo costs seconds.
+    mc_items = read_mc(args.ann, args.root) if args.command == 'mc' else None
+    if args.command == 'retrieval':
+        read_annotations(args.ann)
+    for path in (getattr(args, 'train', None), getattr(args, 'val', None)):  # classify's lists
         if path:
-            read_annotations(path) if args.command == 'retrieval' else read_list(path)
+            read_list(path)
     _, _, device = training.init_distributed(args.device)
     if getattr(args, 'teacher', None):  # classify the teacher's own features: what the student is taught
         net = build_teacher(args.teacher, args.pretrained, align_layers=1)

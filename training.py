@@ -182,7 +182,7 @@ def pick_dtype(device, dtype='auto'):
 def autocast(device, dtype='auto'):
     """The precision context of the forward passes (evaluation's; the training scripts write theirs out)."""
     dtype = pick_dtype(device, dtype)
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast('cpu', enabled=False)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 def all_reduce_mean(t):
     """Average a tensor over ranks (a no-op without torch.distributed)."""
@@ -492,10 +492,17 @@ def start(device_name, dtype_name, out_dir):
     """Processes, precision and the OUT_DIR lock, as train_stage1.py writes them out -> (rank, world_size, device,
     autocast, scaler, lock): rank 0 holds the lock; the GradScaler only acts in fp16."""
     rank, world_size, device = init_distributed(device_name)
-    dtype = pick_dtype(device, dtype_name)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return rank, world_size, device, autocast, scaler, lock_out_dir(out_dir) if rank == 0 else None
+    scaler = torch.amp.GradScaler(device.type, enabled=pick_dtype(device, dtype_name) == torch.float16)
+    return rank, world_size, device, autocast(device, dtype_name), scaler, lock_out_dir(out_dir) if rank == 0 else None
+
+def restore(ckpt, optimizer, scaler, config, path, steps_per_epoch):
+    """train_stage1.py's resume: the optimizer state, the loss scale and the step of ckpt (None: a new run, step 0)
+    -> (step, the report line or None)."""
+    if ckpt is None:
+        return 0, None
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    return ckpt['step'], resumed_line(ckpt, config, path, steps_per_epoch)
 
 def wrap(raw_model, part, compile, world_size, device):
     """train_stage1.py's compile and DDP: torch.compile of `part` (raw_model or a piece with static shapes) in place,

@@ -176,13 +176,9 @@ model_config = raw_model.backbone.config
 
 decay = training.layer_decay(model_config.depth, LAYER_DECAY, prefix='backbone.')  # norm and head: full lr
 optimizer = training.adamw(raw_model, peak_lr, WEIGHT_DECAY, BETAS, decay)
-step = 0
-if ckpt is not None:  # weights (above), optimizer, loss scale and step
-    optimizer.load_state_dict(ckpt['optimizer'])
-    scaler.load_state_dict(ckpt['scaler'])
-    step = ckpt['step']
-    report.append(training.resumed_line(ckpt, config, ckpt_path, steps_per_epoch))
-    ckpt = None
+step, resumed = training.restore(ckpt, optimizer, scaler, config, ckpt_path, steps_per_epoch)  # weights: above
+report += [resumed] if resumed else []
+ckpt = None  # its tensors would stay in memory for the whole run
 # torch.compile of the video encoder in place (RoIs vary in number), then DDP around the whole detector
 model = training.wrap(raw_model, raw_model.backbone, COMPILE, world_size, device)
 if master:

@@ -157,13 +157,9 @@ raw_model.to(device)  # unwrapped: what is saved and evaluated
 # Optimizer (AdamW, no decay on 1-D parameters, one lr for everything as the official), resume, compile, DDP
 
 optimizer = training.adamw(raw_model, LR, WEIGHT_DECAY, BETAS)
-step = 0
-if ckpt is not None:  # weights (above), optimizer, loss scale and step
-    optimizer.load_state_dict(ckpt['optimizer'])
-    scaler.load_state_dict(ckpt['scaler'])
-    step = ckpt['step']
-    report.append(training.resumed_line(ckpt, config, ckpt_path, steps_per_epoch))
-    ckpt = None
+step, resumed = training.restore(ckpt, optimizer, scaler, config, ckpt_path, steps_per_epoch)  # weights: above
+report += [resumed] if resumed else []
+ckpt = None  # its tensors would stay in memory for the whole run
 # torch.compile of the video encoder (all tokens: static shapes) in place, then DDP around the whole model
 model = training.wrap(raw_model, raw_model.vision_encoder, COMPILE, world_size, device)
 if master:

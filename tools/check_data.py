@@ -37,26 +37,21 @@ def check_file(path):
 def entries(file, root):
     """-> (is_json, records: lines or dicts, their media paths or None, the format problem of each or None)."""
     text = data.read_text(file, 'FILE')
-    if text.lstrip()[:1] in '[{':
-        records, paths, problems = data.load_json(file), [], []
-        for o in records:
-            try:
-                paths.append(data.parse_annotation(o, root).path)
-                problems.append(None)
-            except ValueError as e:
-                paths.append(None)
-                problems.append(str(e))
-        return True, records, paths, problems
-    records = [line + '\n' for line in text.splitlines() if line.strip() and not line.lstrip().startswith('#')]
+    is_json = text.lstrip()[:1] in '[{'
+    if is_json:
+        records, path_of = data.load_json(file), lambda o: data.parse_annotation(o, root).path
+    else:
+        records = [line + '\n' for line in text.splitlines() if line.strip() and not line.lstrip().startswith('#')]
+        path_of = lambda line: data._join(root, data.parse_list_line(line.strip())[0])
     paths, problems = [], []
-    for line in records:
+    for r in records:
         try:
-            paths.append(data._join(root, data.parse_list_line(line.strip())[0]))
+            paths.append(path_of(r))
             problems.append(None)
         except ValueError as e:
             paths.append(None)
             problems.append(str(e))
-    return False, records, paths, problems
+    return is_json, records, paths, problems
 
 def check(file, root=None, overwrite=False):
     """Decode every entry of a list or annotation file; write FILE.clean (same format) and FILE.bad (reasons)."""

@@ -2,7 +2,7 @@
 The README's demo numbers from fresh runs of the README's own commands: every table of its demo sections, printed
 as the README prints it, with the time each command took. --check names the README lines that differ.
 
-    python -m tools.demo_numbers --work demo_runs                      # all tables: hours on two CPU cores
+    python -m tools.demo_numbers --work demo_runs                      # all tables: about 70 min on two cores
     python -m tools.demo_numbers --work demo_runs --only stage1,qa     # some of them
     python -m tools.demo_numbers --work demo_runs --check README.md    # then compare with the README
 

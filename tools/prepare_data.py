@@ -114,7 +114,8 @@ def prepare(file, root, out_dir, workers=os.cpu_count(), **options):
         json.dump(kept, f, indent=1) if is_json else f.writelines(kept)
     for path, reason in failed.items():
         print(f'could not prepare {path}: {reason}')
-    print(f'{len(jobs) - len(failed)} videos prepared in {out_dir}, {len(failed)} left out -> wrote {new_file}')
+    prepared = sum(src not in failed for src, _, _ in jobs.values())
+    print(f'{prepared} videos prepared in {out_dir}, {len(failed)} left out -> wrote {new_file}')
     return new_file, failed
 
 def main(argv=None):
