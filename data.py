@@ -6,7 +6,10 @@ As the official code (single_modality/datasets/, multi_modality/dataset/): stage
 frames, a multi-scale corner crop and a flip; stage 2 takes 4 frames, RandomResizedCrop(scale 0.5-1, bicubic) and a
 flip; action-recognition fine-tuning adds RandAugment, random erasing, mixup / cutmix and repeated augmentation, and is
 tested on C clips x 3 crops. A clip is uint8 [3, T, S, S] (T frames, S pixels) until `normalize` on the device.
-The synthetic demo set is in demo.py; tools/ checks a dataset, prepares it for fast sampling and measures the loader.
+The synthetic demo set is in demo.py. This file is a module, not a script; its former commands are tools:
+    python -m tools.check_data FILE --root DIR             decode every entry of a list or annotation file
+    python -m tools.prepare_data LIST --root DIR --out OUT  re-encode the videos for fast sparse sampling
+    python -m tools.bench --loader_dir=DIR                 the loader's clips/s per core
 """
 
 import bisect
@@ -417,17 +420,32 @@ def parse_list_line(line):
         raise ValueError(f'label {parts[1].strip()!r} is not a class number 0, 1, ...')
     return parts[0].strip(), int(parts[1])
 
-def read_list(list_file, root=None, what='list'):
+def parse_entries(file, records, parse, max_bad_fraction=None):
+    """[(where, record)] -> [parse(record)]. A record that parse rejects (ValueError) stops the command when the file
+    is an evaluation file (max_bad_fraction None: a skipped entry would change the metric); a training file skips it
+    as a bad video is skipped, warns, and stops only when more than max_bad_fraction of its entries are bad."""
+    out, bad = [], []
+    for where, record in records:
+        try:
+            out.append(parse(record))
+        except ValueError as e:
+            text = json.dumps(record) if isinstance(record, dict) else record.strip()
+            bad.append(f'{file} {where}: {e}: {text[:80]}')
+    tool = f'`python -m tools.check_data {file}` lists every bad entry and writes {file}.clean without them'
+    if bad and (max_bad_fraction is None or len(bad) > max_bad_fraction * len(records)):
+        limit = '' if max_bad_fraction is None else f' (more than MAX_BAD_FRACTION={max_bad_fraction})'
+        fail(f'{len(bad)} of {len(records)} entries of {file} are bad{limit}, e.g. {bad[0]}. {tool}.')
+    if bad:
+        warnings.warn(f'skipped {len(bad)} of {len(records)} entries of {file}, e.g. {bad[0]}; {tool}')
+    return out
+
+def read_list(list_file, root=None, what='list', max_bad_fraction=None):
     """Classification list: `path label` per line, separated by a comma, spaces or a tab -> [(path, label)].
-    A line that does not parse is bad input that names the file and the line."""
-    out = []
-    for n, line in enumerate(read_text(list_file, what).splitlines(), 1):
-        if line.strip() and not line.lstrip().startswith('#'):
-            try:
-                path, label = parse_list_line(line.strip())
-            except ValueError as e:
-                fail(f'{list_file} line {n}: {e}: {line.strip()[:80]!r}')
-            out.append((_join(root, path), label))
+    A line that does not parse is handled by parse_entries (named; skipped in a training list)."""
+    lines = [(f'line {n}', line) for n, line in enumerate(read_text(list_file, what).splitlines(), 1)
+             if line.strip() and not line.lstrip().startswith('#')]
+    out = [(_join(root, path), label) for path, label in
+           parse_entries(list_file, lines, lambda line: parse_list_line(line.strip()), max_bad_fraction)]
     if not out:
         fail(f'{list_file} lists no video (one `path,label` per line)')
     return out
@@ -459,27 +477,25 @@ def pre_text(text):
     return re.sub(r'\s+', ' ', text.replace('<person>', 'person')).strip()
 
 def parse_annotation(o, root=None):
-    """One entry {"video" or "image": path, "caption": str or [str]} -> Annotation; ValueError says what is wrong."""
+    """One entry {"video" or "image": path, "caption": str or [str]} -> Annotation; ValueError says what is wrong.
+    Blank sentences inside a caption list are dropped (paragraph lists written by people have some; the official
+    paragraph, joined and cleaned, is the same without them): an entry is bad only when no caption is left."""
     key = 'image' if 'image' in o else 'video'
-    caps = o.get('caption') if isinstance(o.get('caption'), list) else [o.get('caption')]
     if not isinstance(o.get(key), str) or not o[key]:
         raise ValueError('no "video" or "image" path')
+    caps = o.get('caption')
+    caps = [c for c in caps if not isinstance(c, str) or c.strip()] if isinstance(caps, list) else [caps]
     if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
         raise ValueError('"caption" must be a non-empty text or a list of them')
     return Annotation(_join(root, o[key]), [pre_text(c) for c in caps], key == 'image')
 
-def read_annotations(ann_file, root=None, media=None):
+def read_annotations(ann_file, root=None, media=None, max_bad_fraction=None):
     """Official JSON list (or JSONL) of {"video" or "image": path, "caption": str or [str]} -> [Annotation],
-    captions cleaned by pre_text; media='video' / 'image' keeps one kind. A bad entry is bad input that names it."""
-    out = []
-    for i, o in enumerate(load_json(ann_file)):
-        try:
-            a = parse_annotation(o, root)
-        except ValueError as e:
-            fail(f'{ann_file} entry #{i}: {e}: {json.dumps(o)[:80]}')
-        if media is None or media == ('image' if a.is_image else 'video'):
-            out.append(a)
-    return out
+    captions cleaned by pre_text; media='video' / 'image' keeps one kind. A bad entry is handled by parse_entries
+    (named; skipped in a training file, max_bad_fraction set)."""
+    entries = [(f'entry #{i}', o) for i, o in enumerate(load_json(ann_file))]
+    return [a for a in parse_entries(ann_file, entries, lambda o: parse_annotation(o, root), max_bad_fraction)
+            if media is None or media == ('image' if a.is_image else 'video')]
 
 class VideoClassification(_RobustDataset):
     """Kinetics-style classification. train: TSN frames + aug ('multiscale' stage 1, 'rrc') + flip;
@@ -488,7 +504,7 @@ class VideoClassification(_RobustDataset):
     def __init__(self, list_file, root=None, num_frames=8, size=224, mode='train', aug='multiscale', flip=True,
                  num_clips=1, num_crops=1, max_bad_fraction=0.05, threads=1, sampler='kinetics'):
         assert mode in ('train', 'val', 'test') and aug in ('multiscale', 'rrc') and sampler in ('kinetics', 'ssv2')
-        self.samples = read_list(list_file, root)
+        self.samples = read_list(list_file, root, max_bad_fraction=max_bad_fraction if mode == 'train' else None)
         self.num_classes = max(label for _, label in self.samples) + 1
         self.num_frames, self.size, self.mode, self.aug, self.flip = num_frames, size, mode, aug, flip
         self.num_clips, self.num_crops = (num_clips, num_crops) if mode == 'test' else (1, 1)
@@ -539,7 +555,7 @@ class VideoText(_RobustDataset):
     def __init__(self, ann_file, root=None, num_frames=4, size=224, mode='train', media=None,
                  max_bad_fraction=0.05, threads=1, paragraph=False, max_seconds=None):
         assert mode in ('train', 'eval') and media in (None, 'video', 'image')
-        self.items = read_annotations(ann_file, root, media)
+        self.items = read_annotations(ann_file, root, media, max_bad_fraction if mode == 'train' else None)
         if paragraph:
             self.items = [a._replace(captions=[' '.join(a.captions)]) for a in self.items]
         self.num_frames, self.size, self.mode, self.threads = num_frames, size, mode, threads
@@ -555,3 +571,6 @@ class VideoText(_RobustDataset):
             return {'video': augment(frames, self.size, 'rrc', rng, flip=True)[0], 'caption': caption}
         frames = read_frames(item.path, lambda n: sample_indices(n, T, 'middle'), self.threads, self.max_seconds)
         return {'video': augment(frames, self.size, 'squash')[0], 'caption': item.captions[0]}
+
+if __name__ == '__main__':  # `python data.py` (or --help): what this module holds, and the tools that replaced it
+    print(__doc__.strip())

@@ -36,9 +36,14 @@ DEMO_COLORS = {'red': (225, 45, 40), 'green': (40, 185, 60), 'blue': (45, 95, 23
 DEMO_DIRECTIONS = ('up', 'down')  # vertical, so the training flip (horizontal) keeps captions and labels true
 DEMO_VIDEOS, DEMO_VAL = 20, 5     # videos per class (colour x direction, 12 classes), of which DEMO_VAL are held out
 DEMO_FEW = 2                      # training videos per class in train_few.csv (the fine-tuning demo: few labels)
+DEMO_TEST = 100                   # held-out videos per class in test.csv / test_color.csv: 1,200, so that one run's
+                                  # accuracy has a binomial standard error of at most 1.45 points (ablations)
 DEMO_T, DEMO_SIZE = 16, 96        # frames per video (8 fps) and pixels; the models see 64 px, where a square of
                                   # 24-36 px becomes 16-24 px: 2-3 patches of 8 px, a tenth of the frame
 MARKER = '.umt_demo'              # in a demo folder: written by make_demo, which may write there again
+# x264 with one thread and without its assembly: the assembly paths differ between CPUs (AVX-512 machines make
+# other encoding decisions from the same frames), the C code gives the same bytes on every x86-64 CPU
+ENCODER = {'preset': 'veryfast', 'crf': '20', 'threads': '1', 'x264-params': 'asm=0'}
 
 def cubic_weights(n_in, n_out, a=-0.75):
     """[n_out, n_in] bicubic resampling weights (a = -0.75, pixel centres aligned, edge taps clamped: torch's)."""
@@ -76,24 +81,25 @@ def make_demo(out_dir, seed=0):
     """DIR/videos/*.mp4 with train.csv / val.csv (class = colour x direction, 12 classes), train_few.csv (the first
     DEMO_FEW training videos of each class), train_color.csv / val_color.csv (class = the square's colour: the k-NN /
     linear-probe labels), captions_{train,val}.json ("a red square moving up", with the attributes as fields; val
-    keeps one video per caption, for retrieval), images/*.jpg with captions_images.json. The same seed gives
-    byte-identical files. out_dir must be new, empty or an earlier demo set (its MARKER file)."""
+    keeps one video per caption, for retrieval), images/*.jpg with captions_images.json, and the held-out set
+    videos/test_*.mp4 with test.csv / test_color.csv (DEMO_TEST per class, from a random stream of its own, so the
+    files above do not depend on it). The same seed gives the same bytes on every x86-64 CPU (ENCODER; the JPEG
+    encoder's SIMD paths are exact). out_dir must be new, empty or an earlier demo set (its MARKER file)."""
     training.claim_folder(out_dir, MARKER, 'the demo')
     rng = np.random.default_rng(seed)
     os.makedirs(f'{out_dir}/videos', exist_ok=True)
     os.makedirs(f'{out_dir}/images', exist_ok=True)
     classes = [(c, d) for c in DEMO_COLORS for d in DEMO_DIRECTIONS]
     files = {f'{part}{kind}': [] for part in ('train', 'val') for kind in ('.csv', '_color.csv', '.json')}
-    files['train_few.csv'], files['images.json'] = [], []
+    files['train_few.csv'], files['images.json'], files['test.csv'], files['test_color.csv'] = [], [], [], []
     files['classes.txt'] = [f'{c} square moving {d}\n' for c, d in classes]
-    bar = tqdm(total=DEMO_VIDEOS * len(classes), desc=f'writing the demo set to {out_dir}', unit='video')
+    bar = tqdm(total=(DEMO_VIDEOS + DEMO_TEST) * len(classes), desc=f'writing the demo set to {out_dir}', unit='video')
     for k in range(DEMO_VIDEOS):  # class after class within each k, so any prefix of a list covers every class
         part = 'val' if k >= DEMO_VIDEOS - DEMO_VAL else 'train'
         for label, (color, direction) in enumerate(classes):
             bar.update()
             name = f'videos/{color}_{direction}_{k:02d}.mp4'
-            data.write_video(f'{out_dir}/{name}', demo_frames(color, direction, rng), fps=8,
-                             options={'preset': 'veryfast', 'crf': '20', 'threads': '1'})
+            data.write_video(f'{out_dir}/{name}', demo_frames(color, direction, rng), fps=8, options=ENCODER)
             files[f'{part}.csv'].append(f'{name},{label}\n')
             if k < DEMO_FEW:
                 files['train_few.csv'].append(f'{name},{label}\n')
@@ -105,6 +111,14 @@ def make_demo(out_dir, seed=0):
     for k, color in enumerate(DEMO_COLORS):  # the first frame of a fresh clip, captioned without motion
         Image.fromarray(next(demo_frames(color, 'down', rng))).save(f'{out_dir}/images/{k}.jpg', quality=95)
         files['images.json'].append({'image': f'images/{k}.jpg', 'caption': f'a {color} square'})
+    test_rng = np.random.default_rng([seed, 1])  # the held-out videos: a stream of their own
+    for k in range(DEMO_TEST):
+        for label, (color, direction) in enumerate(classes):
+            bar.update()
+            name = f'videos/test_{color}_{direction}_{k:03d}.mp4'
+            data.write_video(f'{out_dir}/{name}', demo_frames(color, direction, test_rng), fps=8, options=ENCODER)
+            files['test.csv'].append(f'{name},{label}\n')
+            files['test_color.csv'].append(f'{name},{list(DEMO_COLORS).index(color)}\n')
     for name, content in files.items():  # the .json lists as captions_*.json
         with open(f'{out_dir}/' + (f'captions_{name[:-5]}.json' if name.endswith('.json') else name), 'w') as f:
             json.dump(content, f, indent=1) if name.endswith('.json') else f.writelines(content)

@@ -98,7 +98,8 @@ config = training.configure(globals(), PRESETS, sys.argv[1:])
 fail = training.fail
 
 # Check the constants before anything heavy happens, so a typo costs seconds, not a queue slot.
-world_size, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)  # grad_accum: micro-steps per step
+# micro_batch: MICRO_BATCH, or less where a process's share of TOTAL_BATCH needs it; grad_accum: micro-steps
+world_size, micro_batch, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)
 training.need_positive(EPOCHS=EPOCHS, NUM_FRAMES=NUM_FRAMES, IMG_SIZE=IMG_SIZE, LOG_INTERVAL=LOG_INTERVAL,
                        CKPT_INTERVAL=CKPT_INTERVAL, MAX_BAD_STEPS=MAX_BAD_STEPS)
 if MODEL not in CONFIGS:
@@ -187,7 +188,7 @@ model.train()
 if master:
     trained = sum(p.numel() for p in raw_model.parameters())
     print('\n'.join([*([resumed] if step else []),
-                     f'{MICRO_BATCH} clips x {world_size} processes x {grad_accum} accumulation steps = {TOTAL_BATCH} '
+                     f'{micro_batch} clips' + (f' (MICRO_BATCH={MICRO_BATCH} lowered to split TOTAL_BATCH)' if micro_batch < MICRO_BATCH else '') + f' x {world_size} processes x {grad_accum} accumulation steps = {TOTAL_BATCH} '
                      f'clips per step | peak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH}/256), floor '
                      f'{min_lr:.3g}, warmup {warmup_steps} steps | {len(dataset)} videos',
                      f'student {MODEL} ({trained / 1e6:.2f}M parameters) sees {t * n_keep} of {t * h * w} tokens per '
@@ -201,10 +202,10 @@ if master:
 # Training loop
 
 # Where this rank's samples sit in the global batch: the sampler gives rank r the global positions
-# r, r + W, r + 2W, ..., so row i of micro-step m is position (m * MICRO_BATCH + i) * W + r.
-rows = torch.arange(MICRO_BATCH, device=device) * world_size + rank            # [B] for micro-step 0
+# r, r + W, r + 2W, ..., so row i of micro-step m is position (m * micro_batch + i) * W + r.
+rows = torch.arange(micro_batch, device=device) * world_size + rank            # [B] for micro-step 0
 mask_gen = torch.Generator(device=device)
-batches = training.train_batches(dataset, MICRO_BATCH, SEED, rank, world_size, NUM_WORKERS, step, steps_per_epoch,
+batches = training.train_batches(dataset, micro_batch, SEED, rank, world_size, NUM_WORKERS, step, steps_per_epoch,
                                  grad_accum)
 meter = training.Meter({'loss': 0, 'loss_layers': ALIGN_LAYERS}, device, step)
 bar = tqdm(total=total_steps, initial=step, disable=not master, desc='stage 1', dynamic_ncols=True)
@@ -225,7 +226,7 @@ while step < total_steps:
             # Draw the masks of the whole global batch (one generator, the same on every rank) and keep
             # this rank's rows: a sample's mask depends on its global position only, so 2 GPUs x 1
             # micro-step compute exactly what 1 GPU x 2 micro-steps does. Other rows' attention is unused.
-            my_rows = rows + micro * MICRO_BATCH * world_size                   # [B]
+            my_rows = rows + micro * micro_batch * world_size                   # [B]
             attn_all = torch.ones(TOTAL_BATCH, NUM_FRAMES, h * w, device=device)  # [TOTAL_BATCH, T, h*w]
             attn_all[my_rows] = attn
             mask_gen.manual_seed(training.seed_for(SEED, step, 'mask'))

@@ -122,13 +122,20 @@ def configure(constants, presets, argv):
 # Start-up checks, run before anything heavy so that a typo costs seconds, not a queue slot
 
 def split_batch(total_batch, micro_batch):
-    """-> (world_size, grad_accum) with TOTAL_BATCH = MICRO_BATCH x processes x accumulation steps. Called before
-    the process group exists: torchrun sets WORLD_SIZE."""
+    """-> (world_size, micro, grad_accum) with TOTAL_BATCH = micro x processes x grad_accum. MICRO_BATCH is the most
+    samples one process forwards at once: when a process's share of TOTAL_BATCH is no multiple of it (the demo's 16
+    clips over 2 processes: 8 each), micro is the largest size up to MICRO_BATCH that divides the share. Only a
+    TOTAL_BATCH that does not split over the processes stops the run. Called before the process group exists:
+    torchrun sets WORLD_SIZE."""
     world_size = int(os.environ.get('WORLD_SIZE', 1))
-    if micro_batch < 1 or total_batch < 1 or total_batch % (micro_batch * world_size):
-        fail(f'TOTAL_BATCH={total_batch} must be a positive multiple of MICRO_BATCH={micro_batch} x {world_size} '
-             'processes: change one of them')
-    return world_size, total_batch // (micro_batch * world_size)
+    if micro_batch < 1:
+        fail(f'MICRO_BATCH={micro_batch} must be positive')
+    if total_batch < 1 or total_batch % world_size:
+        fail(f'TOTAL_BATCH={total_batch} must be a positive multiple of the {world_size} processes: change it, '
+             'or the number of processes')
+    share = total_batch // world_size
+    micro = max(m for m in range(1, min(micro_batch, share) + 1) if share % m == 0)
+    return world_size, micro, share // micro
 
 def need_files(paths, what, skip=False):
     """Stop when a path of {NAME: path} is set but is not a file; `what` says what the file holds and how to start."""

@@ -140,7 +140,8 @@ config = training.configure(globals(), PRESETS, sys.argv[1:])
 fail = training.fail
 
 # Check the constants before anything heavy happens, so a typo costs seconds, not a queue slot.
-world_size, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)  # grad_accum: micro-steps per step
+# micro_batch: MICRO_BATCH, or less where a process's share of TOTAL_BATCH needs it; grad_accum: micro-steps
+world_size, micro_batch, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)
 training.need_positive(EPOCHS=EPOCHS, NUM_FRAMES=NUM_FRAMES, IMG_SIZE=IMG_SIZE, NUM_SAMPLE=NUM_SAMPLE,
                        TEST_CLIPS=TEST_CLIPS, LOG_INTERVAL=LOG_INTERVAL, CKPT_INTERVAL=CKPT_INTERVAL,
                        MAX_BAD_STEPS=MAX_BAD_STEPS)
@@ -220,7 +221,7 @@ ckpt = None  # its tensors would stay in memory for the whole run
 model = training.wrap(raw_model, raw_model, COMPILE, world_size, device)  # torch.compile in place, then DDP
 if master:
     print('\n'.join(report + [
-        f'{MICRO_BATCH} videos x {NUM_SAMPLE} clips x {world_size} processes x {grad_accum} accumulation steps = '
+        f'{micro_batch} videos' + (f' (MICRO_BATCH={MICRO_BATCH} lowered to split TOTAL_BATCH)' if micro_batch < MICRO_BATCH else '') + f' x {NUM_SAMPLE} clips x {world_size} processes x {grad_accum} accumulation steps = '
         f'{TOTAL_BATCH} videos per step | peak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH} x {NUM_SAMPLE} / '
         f'256), layer decay {LAYER_DECAY}, warmup {warmup_steps} steps | {len(train_set)} videos, {total_steps} '
         'steps']))
@@ -230,7 +231,7 @@ if master:
 # Training loop
 
 state = dict(model_config=dataclasses.asdict(model_config), num_classes=NUM_CLASSES)  # what a checkpoint describes
-batches = training.train_batches(train_set, MICRO_BATCH, SEED, rank, world_size, NUM_WORKERS, step, steps_per_epoch,
+batches = training.train_batches(train_set, micro_batch, SEED, rank, world_size, NUM_WORKERS, step, steps_per_epoch,
                                  grad_accum)
 meter = training.Meter({'loss': 0}, device, step)
 bar = tqdm(total=total_steps, initial=step, disable=not master, desc='fine-tune', dynamic_ncols=True)
@@ -271,7 +272,7 @@ while step < total_steps:
 
     # ---- validation after every epoch (1 clip x 1 crop); checkpoints: last.pt, and best.pt for TEST_BEST
     if step % steps_per_epoch == 0:
-        val = head_accuracy(raw_model, val_set, device, MICRO_BATCH * NUM_SAMPLE, NUM_WORKERS, autocast)
+        val = head_accuracy(raw_model, val_set, device, micro_batch * NUM_SAMPLE, NUM_WORKERS, autocast)
         epoch = step // steps_per_epoch
         if master:
             tqdm.write(f'epoch {epoch}/{EPOCHS} | val top-1 {val["top1"]:.2f} | top-5 {val["top5"]:.2f} '
@@ -300,7 +301,7 @@ if TEST_BEST:  # the official --test_best: reload the epoch with the best valida
         torch.distributed.barrier()  # rank 0 wrote best.pt
     tested = training.read_checkpoint(best_path)
     raw_model.load_state_dict(tested['model'])
-test = head_accuracy(raw_model, test_set, device, max(1, MICRO_BATCH * NUM_SAMPLE // views), NUM_WORKERS, autocast)
+test = head_accuracy(raw_model, test_set, device, max(1, micro_batch * NUM_SAMPLE // views), NUM_WORKERS, autocast)
 if master:
     print(f'test of epoch {tested["epoch"]}: top-1 {test["top1"]:.2f} | top-5 {test["top5"]:.2f} ({TEST_CLIPS} clips '
           f'x {TEST_CROPS} crops, {len(test_set)} videos; chance {100 / NUM_CLASSES:.1f})')

@@ -108,7 +108,8 @@ config = training.configure(globals(), PRESETS, sys.argv[1:])
 fail = training.fail
 
 # Check the constants before anything heavy happens.
-world_size, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)  # grad_accum: micro-steps per step
+# micro_batch: MICRO_BATCH, or less where a process's share of TOTAL_BATCH needs it; grad_accum: micro-steps
+world_size, micro_batch, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)
 training.need_positive(EPOCHS=EPOCHS, NUM_FRAMES=NUM_FRAMES, CROP=CROP, TEST_BATCH=TEST_BATCH,
                        EVAL_EPOCHS=EVAL_EPOCHS, LOG_INTERVAL=LOG_INTERVAL, CKPT_INTERVAL=CKPT_INTERVAL,
                        MAX_BAD_STEPS=MAX_BAD_STEPS)
@@ -184,7 +185,7 @@ model = training.wrap(raw_model, raw_model.backbone, COMPILE, world_size, device
 if master:
     print('\n'.join(report + [
         'the detector keeps the video encoder only: its final norm and head are new',
-        f'{MICRO_BATCH} keyframes x {world_size} processes x {grad_accum} accumulation steps = {TOTAL_BATCH} per step '
+        f'{micro_batch} keyframes' + (f' (MICRO_BATCH={MICRO_BATCH} lowered to split TOTAL_BATCH)' if micro_batch < MICRO_BATCH else '') + f' x {world_size} processes x {grad_accum} accumulation steps = {TOTAL_BATCH} per step '
         '| '
         f'peak lr {peak_lr:.3g} (BASE_LR {BASE_LR:g} x {TOTAL_BATCH} / 256), layer decay {LAYER_DECAY}, warmup '
         f'{warmup_steps} steps | {total_steps} steps']))
@@ -205,7 +206,7 @@ def test(step):
 # ----------------------------------------------------------------------------------------------
 # Training loop
 
-batches = training.train_batches(train_set, MICRO_BATCH, SEED, rank, world_size, NUM_WORKERS, step, steps_per_epoch,
+batches = training.train_batches(train_set, micro_batch, SEED, rank, world_size, NUM_WORKERS, step, steps_per_epoch,
                                  grad_accum)
 meter = training.Meter({'loss': 0, 'boxes': 0}, device, step)
 bar = tqdm(total=total_steps, initial=step, disable=not master, desc='ava', dynamic_ncols=True)

@@ -102,7 +102,8 @@ config = training.configure(globals(), PRESETS, sys.argv[1:])
 fail = training.fail
 
 # Check the constants before anything heavy happens, so a typo costs seconds, not a queue slot.
-world_size, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)  # grad_accum: micro-steps per step
+# micro_batch: MICRO_BATCH, or less where a process's share of TOTAL_BATCH needs it; grad_accum: micro-steps
+world_size, micro_batch, grad_accum = training.split_batch(TOTAL_BATCH, MICRO_BATCH)
 training.need_positive(EPOCHS=EPOCHS, NUM_FRAMES=NUM_FRAMES, IMG_SIZE=IMG_SIZE, EVAL_BATCH=EVAL_BATCH,
                        LOG_INTERVAL=LOG_INTERVAL, CKPT_INTERVAL=CKPT_INTERVAL, MAX_BAD_STEPS=MAX_BAD_STEPS)
 if K_TEST < 1 or MAX_ANSWER_LEN < 3 or MAX_QUESTION_LEN < 3:
@@ -164,7 +165,7 @@ ckpt = None  # its tensors would stay in memory for the whole run
 model = training.wrap(raw_model, raw_model.vision_encoder, COMPILE, world_size, device)
 if master:
     print('\n'.join(report + [
-        f'{MICRO_BATCH} questions x {world_size} processes x {grad_accum} accumulation steps = {TOTAL_BATCH} per step '
+        f'{micro_batch} questions' + (f' (MICRO_BATCH={MICRO_BATCH} lowered to split TOTAL_BATCH)' if micro_batch < MICRO_BATCH else '') + f' x {world_size} processes x {grad_accum} accumulation steps = {TOTAL_BATCH} per step '
         '| '
         f'lr {LR:g} after {warmup_steps} warmup steps, floor {min_lr:g} | {len(train_set)} questions, '
         f'{len(train_skipped)} skipped: no video, question or answer | answer list: {len(answers)} entries, '
@@ -204,7 +205,7 @@ def evaluate_qa(split):
 # ----------------------------------------------------------------------------------------------
 # Training loop
 
-batches = training.train_batches(train_set, MICRO_BATCH, SEED, rank, world_size, NUM_WORKERS, step, steps_per_epoch,
+batches = training.train_batches(train_set, micro_batch, SEED, rank, world_size, NUM_WORKERS, step, steps_per_epoch,
                                  grad_accum)
 meter = training.Meter({'loss': 0}, device, step)
 bar = tqdm(total=total_steps, initial=step, disable=not master, desc='QA', dynamic_ncols=True)

@@ -3,6 +3,7 @@ rules, one crop per clip in every augmentation, skip-and-replace of bad files wi
 resumable sampler (rank slices, resume, worker-count independence), the demo set and the --check tool."""
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -373,6 +374,51 @@ def test_video_text(demo_dir, tmp_path):
     paragraphs = data.VideoText(str(tmp_path / 'a.jsonl'), demo_dir, mode='eval', paragraph=True)  # DiDeMo, ANet
     assert paragraphs.items[0].captions == [objs[0]['caption'][0] + ' another caption']
 
+
+
+def official_paragraph(captions):
+    """The official rule (multi_modality/dataset: preprocess_para_retrieval_data joins a video's raw captions with
+    spaces, then pre_text cleans the whole paragraph), written out here as the test's reference."""
+    text = re.sub(r'([,.\'!?"()*#:;~])', '', ' '.join(captions).lower()).replace('-', ' ').replace('/', ' ')
+    return re.sub(r'\s{2,}', ' ', text.replace('<person>', 'person')).rstrip('\n').strip(' ')
+
+
+def test_a_blank_sentence_in_a_paragraph_is_dropped(tmp_path):
+    sentences = ['A man walks in.', ' \n ', 'He sits-down, <person> waves!', '']
+    (tmp_path / 'p.json').write_text(json.dumps([{'video': 'v12.mp4', 'caption': sentences},
+                                                 {'video': 'v13.mp4', 'caption': ['   ', 'x']}]))
+    items = data.VideoText(str(tmp_path / 'p.json'), mode='eval', paragraph=True).items
+    assert items[0].captions == [official_paragraph(sentences)] == ['a man walks in he sits down person waves']
+    assert items[1].captions == ['x']
+    (tmp_path / 'blank.json').write_text(json.dumps([{'video': 'v12.mp4', 'caption': [' ', '\n']}]))
+    with pytest.raises(training.BadInput, match=r'blank\.json entry #0: "caption" must be a non-empty text'):
+        data.VideoText(str(tmp_path / 'blank.json'), mode='eval', paragraph=True)
+
+
+def test_bad_entries_of_a_training_file_are_skipped_and_counted(demo_dir, tmp_path):
+    # A training file skips a bad entry as a bad video is skipped, and stops past MAX_BAD_FRACTION; an evaluation
+    # file stops at the first (a skipped entry would change the metric). Every message names tools.check_data.
+    objs = json.load(open(os.path.join(demo_dir, 'captions_train.json')))[:40]
+    objs[3] = {'video': objs[3]['video']}                          # no caption
+    objs[7] = {'caption': 'a red square'}                          # no path
+    (tmp_path / 'ann.json').write_text(json.dumps(objs))
+    with pytest.warns(UserWarning, match=r'skipped 2 of 40 entries of .*ann\.json, e\.g\. .*entry #3: "caption"'
+                                         r'.*tools\.check_data .*ann\.json'):
+        train = data.VideoText(str(tmp_path / 'ann.json'), demo_dir, mode='train', max_bad_fraction=0.05)
+    assert len(train) == 38 and [a.path for a in train.items] == [data.parse_annotation(o, demo_dir).path
+                                                                   for i, o in enumerate(objs) if i not in (3, 7)]
+    with pytest.raises(training.BadInput, match=r'2 of 40 entries .* are bad \(more than MAX_BAD_FRACTION=0\.04\)'
+                                                r'.*tools\.check_data'):
+        data.VideoText(str(tmp_path / 'ann.json'), demo_dir, mode='train', max_bad_fraction=0.04)
+    with pytest.raises(training.BadInput, match=r'ann\.json entry #3: "caption" must be.*tools\.check_data'):
+        data.VideoText(str(tmp_path / 'ann.json'), demo_dir, mode='eval')
+    lines = open(os.path.join(demo_dir, 'train.csv')).readlines()[:40]
+    lines[5] = lines[5].split(',')[0] + '\n'                       # no label
+    (tmp_path / 'list.csv').write_text(''.join(lines))
+    with pytest.warns(UserWarning, match=r'list\.csv line 6: no label column'):
+        assert len(data.VideoClassification(str(tmp_path / 'list.csv'), demo_dir, mode='train')) == 39
+    with pytest.raises(training.BadInput, match=r'list\.csv line 6: no label column.*tools\.check_data'):
+        data.VideoClassification(str(tmp_path / 'list.csv'), demo_dir, mode='val')
 
 # ------------------------------------------------------------------------------------------------------------
 # Preparing videos for fast decoding

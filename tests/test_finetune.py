@@ -273,7 +273,7 @@ def test_bad_constants_fail_fast(small_run, monkeypatch):
     tmp, args = small_run
     monkeypatch.delenv('RANK', raising=False)
     monkeypatch.delenv('WORLD_SIZE', raising=False)
-    for bad, message in (('--total_batch=10', 'TOTAL_BATCH=10 must be a positive multiple of MICRO_BATCH=4'),
+    for bad, message in (('--total_batch=0', 'TOTAL_BATCH=0 must be a positive multiple of the 1 processes'),
                          ('--init=missing.pt', "INIT 'missing.pt' not found"),
                          ('--test_crops=2', 'TEST_CROPS=2 must be 1 or 3'),
                          ('--random_erase=1.5', 'RANDOM_ERASE=1.5 must lie in'),

@@ -89,6 +89,20 @@ def test_two_processes_equal_one(demo_dir, small_list, tmp_path):
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6, msg=k)  # measured: ~1e-8
 
 
+def test_the_demo_preset_under_torchrun_on_two_cpu_processes(demo_dir, tmp_path):
+    # The README's `torchrun --standalone --nproc_per_node=2 train_stage1.py --preset=demo`, cut short (1 epoch, a
+    # random teacher): the preset's 16 clips per step split into 8 per process (MICRO_BATCH 16 lowered), to the end.
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          SCRIPT, '--preset=demo', f'--data_root={demo_dir}', f'--data_list={demo_dir}/train.csv',
+                          '--teacher_pretrained=None', '--epochs=1', '--warmup_epochs=1', '--num_workers=0',
+                          f'--out_dir={tmp_path / "out"}'], cwd=ROOT, env=dict(env, OMP_NUM_THREADS='1'),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert '8 clips (MICRO_BATCH=16 lowered to split TOTAL_BATCH) x 2 processes x 1 accumulation' in out.stdout
+    assert max(log(tmp_path / 'out')) == 11 == training.read_checkpoint(tmp_path / 'out' / 'last.pt')['step']
+
+
 @pytest.fixture(scope='module')
 def prepared_list(demo_dir, small_list, tmp_path_factory):
     """The same 12 videos re-encoded by data.prepare (a keyframe every 4 frames): (list, root)."""
@@ -157,8 +171,8 @@ def test_demo_teacher_says_what_it_needs(small_list, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('overrides, world_size, message', [
-    (['--preset=demo', '--total_batch=6', '--micro_batch=4'], 1, 'TOTAL_BATCH=6 must be a positive multiple of MICRO'),
-    (['--preset=demo', '--total_batch=8', '--micro_batch=8'], 2, 'MICRO_BATCH=8 x 2 processes'),
+    (['--preset=demo', '--total_batch=7'], 2, 'TOTAL_BATCH=7 must be a positive multiple of the 2 processes'),
+    (['--preset=demo', '--micro_batch=0'], 1, 'MICRO_BATCH=0 must be positive'),
     (['--preset=demo', '--mask_ratio=1.0'], 1, 'MASK_RATIO=1.0 must lie strictly between 0 and 1'),
     (['--preset=demo', '--mask_ratio=0'], 1, 'MASK_RATIO=0.0 must lie strictly between 0 and 1'),
     (['--preset=demo', '--mask_type=block'], 1, "MASK_TYPE='block'"),

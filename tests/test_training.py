@@ -26,6 +26,20 @@ def test_configure_presets_and_overrides():
         training.configure(g, presets, ['--preset=paper'])
 
 
+def test_split_batch_lowers_the_micro_batch_only_when_it_must(monkeypatch):
+    # MICRO_BATCH is the most samples one process forwards at once: a share it does not divide is cut into the
+    # largest micro-batches that do; only a TOTAL_BATCH that does not split over the processes stops.
+    for world, total, micro, expected in ((1, 2048, 64, (1, 64, 32)), (8, 2048, 64, (8, 64, 4)),
+                                          (2, 16, 16, (2, 8, 1)), (1, 10, 4, (1, 2, 5)), (8, 2048, 48, (8, 32, 8))):
+        monkeypatch.setenv('WORLD_SIZE', str(world))
+        assert training.split_batch(total, micro) == expected
+    monkeypatch.setenv('WORLD_SIZE', '4')
+    with pytest.raises(training.BadInput, match='TOTAL_BATCH=6 must be a positive multiple of the 4 processes'):
+        training.split_batch(6, 4)
+    with pytest.raises(training.BadInput, match='MICRO_BATCH=0 must be positive'):
+        training.split_batch(8, 0)
+
+
 def test_lr_schedule():
     assert training.lr_at(0, 100, 10, 1.0, 0.1) == 0.0
     assert training.lr_at(5, 100, 10, 1.0, 0.1) == pytest.approx(0.5)

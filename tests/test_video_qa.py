@@ -277,7 +277,7 @@ def run_here(args, monkeypatch, kill_after=0):
         gc.collect()  # the run's globals (its OUT_DIR lock among them) go, as they would with its process
 
 
-@pytest.mark.parametrize('bad, message', [('--total_batch=5', 'TOTAL_BATCH=5 must be a positive multiple of MICRO'),
+@pytest.mark.parametrize('bad, message', [('--total_batch=0', 'TOTAL_BATCH=0 must be a positive multiple of the 1 proc'),
                                           ('--init=missing.pt', "INIT 'missing.pt' not found"),
                                           ('--test_ann=missing.json', "TEST_ANN 'missing.json' not found")])
 def test_bad_constants_fail_fast(qa_run, bad, message, monkeypatch):
