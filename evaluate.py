@@ -172,10 +172,15 @@ def evaluate_classification(net, kind, config, args, device):
     if kind == 'classifier':  # fine-tuned: its own head, softmax averaged over the views
         return {'head': head_accuracy(net, test, device, args.batch, args.workers)}
     train = VideoClassification(args.train, args.root, T, S, mode='val')     # 1 clip, center crop, no augmentation
+    return probe_accuracy(net, kind, config, train, test, device, args.batch, args.workers)
+
+def probe_accuracy(net, kind, config, train, test, device, batch=BATCH, workers=WORKERS):
+    """k-NN and linear-probe top-1 / top-5 of frozen pooled features: learned on `train` (1 view per video),
+    tested on every view of `test` (k-NN vote shares and probe softmax averaged over a video's views)."""
     num_classes = max(train.num_classes, test.num_classes)
     feats = lambda video: pooled_features(net, kind, config, video)[0]
-    train_x, train_y = per_view(train, feats, device, args.batch, args.workers, 'train features')  # [Ntrain, 1, D]
-    test_x, test_y = per_view(test, feats, device, args.batch, args.workers, 'test features')     # [N, V, D]
+    train_x, train_y = per_view(train, feats, device, batch, workers, 'train features')  # [Ntrain, 1, D]
+    test_x, test_y = per_view(test, feats, device, batch, workers, 'test features')     # [N, V, D]
     votes = knn_predict(train_x[:, 0], train_y, test_x.flatten(0, 1), num_classes)  # [N*V, C]
     probe = train_linear_probe(train_x[:, 0], train_y, num_classes)
     return {'knn': topk_accuracy(votes.unflatten(0, test_x.shape[:2]).mean(1), test_y),  # vote shares averaged

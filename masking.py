@@ -6,13 +6,14 @@ frozen CLIP teacher attends to, so the few visible tokens carry the clip's meani
 
 Polarity convention: every function returns `keep`, a LongTensor [B, T*n_keep] of the KEPT token
 indices in (t, h, w) raster order, sorted ascending. No boolean mask anywhere, so no confusion about
-what True means (MAE, VideoMAE and UMT disagree), and selecting tokens is a gather with no host sync.
+what True means (MAE, VideoMAE and UMT disagree), and selecting tokens is a gather, no host sync.
 
 Every frame keeps exactly n_keep = n - int(n * ratio) of its n tokens (196 - 156 = 40 for ViT-B/16
 at 224 px and ratio 0.8): the batch stays rectangular and shapes are static for torch.compile. The
-official semantic mask has this property; its random mask draws int(ratio*T*n) over the whole clip,
-which we replace by an independent uniform draw per frame with the same per-frame count (same total).
-All draws are batched (no Python loop over samples), on the inputs' device, with an optional generator.
+official semantic mask has this property; its random mask draws int(ratio*T*n) over the whole
+clip, which we replace by an independent uniform draw per frame with the same per-frame count (same
+total). All draws are batched (no loop over samples), on the inputs' device, with an optional
+generator.
 """
 
 import torch
@@ -24,20 +25,21 @@ def num_keep(n, ratio):
     return n - int(n * ratio)
 
 def _topk_per_frame(scores, n_keep):
-    """scores [B, T, n] -> keep [B, T*n_keep]: the n_keep best tokens of each frame, sorted, as clip indices."""
+    """scores [B, T, n] -> keep [B, T*n_keep]: each frame's n_keep best tokens, as clip indices."""
     B, T, n = scores.shape
-    idx = scores.topk(n_keep, dim=-1).indices.sort(dim=-1).values        # [B, T, n_keep], frame-local, sorted
-    offset = torch.arange(T, device=scores.device)[None, :, None] * n     # [1, T, 1], first token of frame t
-    return (idx + offset).flatten(1)                                      # [B, T*n_keep], globally sorted
+    idx = scores.topk(n_keep, dim=-1).indices.sort(dim=-1).values  # [B, T, n_keep], in-frame
+    offset = torch.arange(T, device=scores.device)[None, :, None] * n  # [1, T, 1], frame starts
+    return (idx + offset).flatten(1)                                # [B, T*n_keep], sorted
 
 def random_mask(batch, frames, n, ratio, device=None, generator=None):
     """Uniformly random tokens, drawn independently in every frame: keep [B, T*n_keep]."""
-    scores = torch.rand(batch, frames, n, device=device, generator=generator)  # a random permutation per frame
+    scores = torch.rand(batch, frames, n, device=device, generator=generator)  # [B, T, n]
     return _topk_per_frame(scores, num_keep(n, ratio))
 
 def tube_mask(batch, frames, n, ratio, device=None, generator=None):
-    """One random spatial pattern per sample, repeated in every frame (VideoMAE's tube): keep [B, T*n_keep]."""
-    scores = torch.rand(batch, 1, n, device=device, generator=generator).expand(batch, frames, n)  # [B, T, n]
+    """One random spatial pattern per sample in every frame (VideoMAE's tube): [B, T*n_keep]."""
+    scores = torch.rand(batch, 1, n, device=device, generator=generator)  # [B, 1, n]
+    scores = scores.expand(batch, frames, n)                               # [B, T, n]
     return _topk_per_frame(scores, num_keep(n, ratio))
 
 def semantic_mask(attn, ratio, generator=None):
@@ -51,9 +53,9 @@ def semantic_mask(attn, ratio, generator=None):
     if attn.ndim != 3:
         raise ValueError(f'attn must be [B, T, n], got {tuple(attn.shape)}')
     B, T, n = attn.shape
-    u = torch.rand(B, T, n, device=attn.device, generator=generator).clamp_(1e-20, 1.0)   # uniform(0, 1]
-    gumbel = -torch.log((-torch.log(u)).clamp_min(1e-20))                                  # Gumbel(0, 1) noise
-    scores = torch.log(attn.float().clamp_min(1e-30)) + gumbel                             # [B, T, n]
+    u = torch.rand(B, T, n, device=attn.device, generator=generator).clamp_(1e-20, 1.0)  # U(0, 1]
+    gumbel = -torch.log((-torch.log(u)).clamp_min(1e-20))                  # Gumbel(0, 1) noise
+    scores = torch.log(attn.float().clamp_min(1e-30)) + gumbel             # [B, T, n]
     return _topk_per_frame(scores, num_keep(n, ratio))
 
 def make_mask(kind, attn, ratio, generator=None):
@@ -66,3 +68,6 @@ def make_mask(kind, attn, ratio, generator=None):
     if kind == 'random':
         return random_mask(B, T, n, ratio, attn.device, generator)
     raise ValueError(f"unknown mask type {kind!r}; valid: 'semantic', 'tube', 'random'")
+
+if __name__ == '__main__':  # a module, not a script: say what it holds
+    print(__doc__.strip())

@@ -1,20 +1,21 @@
 """
 The UMT student: a plain video ViT that only ever sees the tokens the teacher lets through, its UTA
-loss, and the classifier that fine-tuning puts on top of it.
+loss, the decoder of the paper's Table 1 ablations, and the classifier that fine-tuning puts on top.
 
 Paper: "Unmasked Teacher: Towards Training-Efficient Video Foundation Models", Li et al., ICCV 2023,
-section 3.1 (the student and the alignment, Eq. 1) and section 4 (fine-tuning). The student follows
-single_modality/models/modeling_pretrain_umt.py so official checkpoints load key for key: no CLS token,
-tubelet 1, a fixed 1-D sin-cos position table, q/v biases only, LayerNorm eps 1e-6, exact GELU, and K
-alignment heads fed by the last K blocks through the shared final norm. Stage 2 builds on it in
-video_language.py; util/checkpoints.py loads any checkpoint, ours or official.
+section 3.1 (the student and the alignment, Eq. 1), Table 1 (its targets) and section 4
+(fine-tuning). The student follows single_modality/models/modeling_pretrain_umt.py, so official
+checkpoints load key for key: no CLS token, tubelet 1, a fixed 1-D sin-cos position table, q/v
+biases only, LayerNorm eps 1e-6, exact GELU, and K alignment heads fed by the last K blocks through
+the shared final norm. Stage 2 builds on it in video_language.py.
 
 Shape legend (used in every comment below):
-    B batch, T frames, H, W pixels, t, h, w token grid (t = T / tubelet, h = H / patch, w = W / patch),
-    N = t*h*w tokens, N_vis kept (visible) tokens, D student width, K aligned layers, C teacher output width.
+    B batch, T frames, H, W pixels, t, h, w token grid (t = T / tubelet, h = H / patch,
+    w = W / patch), N = t*h*w tokens, N_vis kept (visible) tokens, N_mask = N - N_vis hidden tokens,
+    D student width, K aligned layers, C teacher output width.
 
-Mask convention: a mask is `keep`, a LongTensor [B, N_vis] of the kept token indices in (t, h, w) raster
-order, sorted ascending; `None` keeps every token (masking.py says why).
+Mask convention: a mask is `keep`, a LongTensor [B, N_vis] of the kept token indices in (t, h, w)
+raster order, sorted ascending; `None` keeps every token (masking.py says why).
 """
 
 from dataclasses import dataclass
@@ -30,17 +31,18 @@ from torch.utils.checkpoint import checkpoint
 def sincos_table(n, dim):
     """The fixed 1-D sin-cos table over the flattened (t, h, w) token index: [n, dim].
 
-    angle(p, j) = p / 10000^(2*floor(j/2)/dim); even channels take sin, odd channels cos: the transformer-paper table
-    (not MAE's factorized 2-D/3-D one), as the official UMT student. Never learned or saved, it is regenerated
-    exactly; row p does not depend on n, so the table for 4 frames is the first rows of the table for 8 frames.
+    angle(p, j) = p / 10000^(2*floor(j/2)/dim); even channels take sin, odd channels cos: the
+    transformer-paper table (not MAE's factorized 2-D/3-D one), as the official UMT student. Never
+    learned or saved, it is regenerated exactly; row p does not depend on n, so the table for 4
+    frames is the first rows of the table for 8 frames.
     """
-    pos = torch.arange(n, dtype=torch.float64)[:, None]                        # [n, 1]
-    j = torch.arange(dim, dtype=torch.float64)[None, :]                        # [1, dim]
+    pos = torch.arange(n, dtype=torch.float64)[:, None]                     # [n, 1]
+    j = torch.arange(dim, dtype=torch.float64)[None, :]                     # [1, dim]
     angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode='floor') / dim)  # [n, dim]
     return torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle)).float()
 
 def gather_tokens(x, keep):
-    """x [B, N, D], keep [B, N_vis] -> [B, N_vis, D]. Index + gather: no boolean mask, no host sync."""
+    """x [B, N, D], keep [B, N_vis] -> [B, N_vis, D]: a gather, no boolean mask, no host sync."""
     return x.gather(1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
 
 # ----------------------------------------------------------------------------------------------
@@ -66,12 +68,13 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, D = x.shape
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])  # [3D], k bias fixed at 0
-        qkv = F.linear(x, self.qkv.weight, bias)                                     # [B, N, 3D]
-        qkv = qkv.view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # [3, B, heads, N, D/heads]
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])                   # [B, heads, N, D/heads]
-        x = x.transpose(1, 2).reshape(B, N, D)                                       # [B, N, D]
-        return self.proj(x)
+        # [3D]: the k bias is fixed at 0
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias)                            # [B, N, 3D]
+        qkv = qkv.view(B, N, 3, self.num_heads, D // self.num_heads)  # [B, N, 3, heads, D/heads]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                          # 3 x [B, heads, N, D/heads]
+        x = F.scaled_dot_product_attention(q, k, v)                         # [B, heads, N, D/heads]
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))                # [B, N, D]
 
 class MLP(nn.Module):
     def __init__(self, dim, hidden):
@@ -83,11 +86,11 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as the official student
 
 def drop_path(x, p, training):
-    """Stochastic depth: drop the whole residual branch of a sample with probability p (rescale the rest)."""
+    """Stochastic depth: drop a sample's residual branch with probability p (rescale the rest)."""
     if p == 0.0 or not training:
         return x
-    keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= p      # [B, 1, 1], one draw per sample
-    return x * (keep.to(x.dtype) / (1 - p))                         # scale the tiny mask, not x: one pass over x
+    keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= p   # [B, 1, 1], one draw per sample
+    return x * (keep.to(x.dtype) / (1 - p))  # scale the tiny mask, not x: one pass over x
 
 class Block(nn.Module):
     """Pre-norm transformer block, LayerNorm eps 1e-6, no layer scale (official init_values = 0)."""
@@ -106,7 +109,7 @@ class Block(nn.Module):
         return x
 
 class AlignHead(nn.Module):
-    """One alignment head of the official `clip_decoder`: Linear(D -> C) -> LayerNorm -> L2 normalize."""
+    """One alignment head of the official `clip_decoder`: Linear(D -> C), LayerNorm, L2 norm."""
 
     def __init__(self, dim, teacher_dim):
         super().__init__()
@@ -123,43 +126,49 @@ class AlignHead(nn.Module):
 class VideoViTConfig:
     img_size: int = 224          # input resolution H = W (paper: 224)
     patch_size: int = 16         # spatial patch size (paper: 16)
-    num_frames: int = 8          # T the position table is built for (paper: 8 in stage 1, 4 in stage 2)
-    tubelet_size: int = 1        # temporal patch size (paper: 1, every frame is its own token slice)
+    num_frames: int = 8          # T of the position table (paper: 8 in stage 1, 4 in stage 2)
+    tubelet_size: int = 1        # temporal patch size (paper: 1, every frame its own token slice)
     embed_dim: int = 768         # D
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
-    drop_path: float = 0.1       # stochastic depth at the last block, linear from 0 (paper: 0.1 B, 0.2 L)
+    drop_path: float = 0.1       # stochastic depth of the last block (paper: 0.1 B, 0.2 L)
     align_layers: int = 6        # K, last blocks aligned with the teacher (paper: 6); 0 = no heads
     teacher_dim: int = 512       # C, teacher output width (CLIP-B/16: 512, CLIP-L/14: 768)
-    checkpoint_blocks: int = 0   # activation checkpointing of the first N blocks (saves memory, costs compute)
+    checkpoint_blocks: int = 0   # recompute the first N blocks in backward: less memory, more time
+
+    def __post_init__(self):  # a bad value fails here, before any weight exists
+        if not 0 <= self.align_layers <= self.depth:
+            raise ValueError(f'align_layers={self.align_layers} must be between 0 and the depth '
+                             f'{self.depth}')
+        if self.img_size % self.patch_size or self.num_frames % self.tubelet_size or \
+                min(self.img_size, self.num_frames) < 1:
+            raise ValueError(f'img_size={self.img_size} must be a positive multiple of the patch size '
+                             f'{self.patch_size}, num_frames={self.num_frames} of the tubelet size '
+                             f'{self.tubelet_size}')
 
 class VideoViT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        c = config
-        if not 0 <= c.align_layers <= c.depth:
-            raise ValueError(f'align_layers={c.align_layers} must be between 0 and depth={c.depth}')
-        if c.img_size % c.patch_size or c.num_frames % c.tubelet_size:
-            raise ValueError(f'img_size {c.img_size} / num_frames {c.num_frames} not divisible by '
-                             f'patch {c.patch_size} / tubelet {c.tubelet_size}')
-        self.config = c
+        self.config = c = config
         self.patch_embed = nn.Module()  # keeps the official key name patch_embed.proj.*
-        self.patch_embed.proj = nn.Conv3d(3, c.embed_dim, kernel_size=(c.tubelet_size, c.patch_size, c.patch_size),
-                                          stride=(c.tubelet_size, c.patch_size, c.patch_size))
+        kernel = (c.tubelet_size, c.patch_size, c.patch_size)
+        self.patch_embed.proj = nn.Conv3d(3, c.embed_dim, kernel_size=kernel, stride=kernel)
         n = (c.num_frames // c.tubelet_size) * (c.img_size // c.patch_size) ** 2
-        # Not a parameter and not saved (persistent=False): the official checkpoints do not carry it either.
+        # Not a parameter, not saved (persistent=False): official checkpoints do not carry it.
         self.register_buffer('pos_embed', sincos_table(n, c.embed_dim), persistent=False)  # [N, D]
-        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear 0 -> drop_path
-        self.blocks = nn.ModuleList([Block(c.embed_dim, c.num_heads, c.mlp_ratio, r) for r in rates])
+        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]  # 0 -> drop_path
+        self.blocks = nn.ModuleList([Block(c.embed_dim, c.num_heads, c.mlp_ratio, r)
+                                     for r in rates])
         self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
-        self.clip_decoder = nn.ModuleList([AlignHead(c.embed_dim, c.teacher_dim) for _ in range(c.align_layers)])
+        self.clip_decoder = nn.ModuleList([AlignHead(c.embed_dim, c.teacher_dim)
+                                           for _ in range(c.align_layers)])
         self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(m):
-        # Official init: Xavier-uniform Linear weights, zero biases, LayerNorm (1, 0); Conv3d keeps PyTorch's default.
+        # Official init: Xavier-uniform Linear weights, zero biases, LayerNorm (1, 0); Conv3d as is.
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
@@ -175,55 +184,59 @@ class VideoViT(nn.Module):
             raise ValueError(f'video must be [B, 3, T, H, W], got {tuple(video.shape)}')
         T, H, W = video.shape[2:]
         if T % c.tubelet_size or H % c.patch_size or W % c.patch_size:
-            raise ValueError(f'T={T} must be divisible by the tubelet {c.tubelet_size} and H={H}, W={W} '
-                             f'by the patch {c.patch_size}')
+            raise ValueError(f'T={T} must be divisible by the tubelet {c.tubelet_size} and H={H}, '
+                             f'W={W} by the patch {c.patch_size}')
         return T // c.tubelet_size, H // c.patch_size, W // c.patch_size
 
     def pos_table(self, n):
-        """[n, D] position rows. Fewer tokens than the config (images, 4 frames) use the first rows."""
+        """[n, D] position rows. Fewer tokens than the config (images, 4 frames): the first rows."""
         if n <= self.pos_embed.shape[0]:
             return self.pos_embed[:n]
         return sincos_table(n, self.config.embed_dim).to(self.pos_embed.device)
 
     def forward(self, video, keep=None):
-        """video [B, 3, T, H, W] -> (x [B, N_vis, D] final-normed, aligned [K, B, N_vis, C] unit vectors or None)."""
+        """video [B, 3, T, H, W] -> (x [B, N_vis, D] final-normed, aligned [K, B, N_vis, C] unit
+        vectors, or None without heads)."""
         t, h, w = self.grid(video)
         B, N, K = video.shape[0], t * h * w, self.config.align_layers
         if keep is not None and (keep.dtype != torch.long or keep.ndim != 2 or keep.shape[0] != B
                                  or not 0 < keep.shape[1] <= N):
-            raise ValueError(f'keep must be a LongTensor [B={B}, N_vis<={N}], got {keep.dtype} {tuple(keep.shape)}')
+            raise ValueError(f'keep must be a LongTensor [B={B}, N_vis<={N}], got {keep.dtype} '
+                             f'{tuple(keep.shape)}')
 
-        # Tubelet embedding. The official Conv3d (kernel = stride = tubelet x patch x patch) is a Linear
-        # on flattened patches; written that way we can drop the hidden patches *before* embedding them.
+        # Tubelet embedding. The official Conv3d (kernel = stride = tubelet x patch x patch) is a
+        # Linear on flattened patches; written that way, hidden patches go before being embedded.
         c, proj = self.config, self.patch_embed.proj
-        x = video.unflatten(2, (t, c.tubelet_size)).unflatten(4, (h, c.patch_size)).unflatten(6, (w, c.patch_size))
-        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4).flatten(1, 3)   # [B, N, 3*tubelet*patch^2], (t, h, w) order
-        pos = self.pos_table(N).expand(B, N, -1)             # [B, N, D]
+        x = video.unflatten(2, (t, c.tubelet_size)).unflatten(4, (h, c.patch_size))
+        x = x.unflatten(6, (w, c.patch_size))                 # [B, 3, t, tubelet, h, p, w, p]
+        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4).flatten(1, 3)  # [B, N, 3*tubelet*p*p]
+        pos = self.pos_table(N).expand(B, N, -1)              # [B, N, D]
         if keep is not None:
             # The student encodes only the visible tokens: no mask tokens, no decoder. This is where
             # the 80% saving of UMT comes from.
-            x, pos = gather_tokens(x, keep), gather_tokens(pos, keep)  # [B, N_vis, 3*tubelet*patch^2], [B, N_vis, D]
-        x = F.linear(x, proj.weight.flatten(1), proj.bias)   # [B, N_vis, D], = Conv3d on the kept tubelets
+            x, pos = gather_tokens(x, keep), gather_tokens(pos, keep)  # [B, N_vis, 3*tubelet*p*p]
+        x = F.linear(x, proj.weight.flatten(1), proj.bias)    # [B, N_vis, D], = Conv3d on these
         pos = pos.to(x.dtype)
         x = x + pos
 
-        hidden = []                                          # outputs of the last K blocks
+        hidden = []                                           # outputs of the last K blocks
         for i, blk in enumerate(self.blocks):
             if i < self.config.checkpoint_blocks and self.training:
-                x = checkpoint(blk, x, use_reentrant=False)  # recomputed in backward; same RNG replayed
+                x = checkpoint(blk, x, use_reentrant=False)   # recomputed in backward, same RNG
             else:
                 x = blk(x)
             if i >= self.config.depth - K:
                 hidden.append(x)
-        x = self.norm(x)                                     # [B, N_vis, D]
+        x = self.norm(x)                                      # [B, N_vis, D]
         if K == 0:
             return x, None
 
-        # Every returned layer goes through the same final norm (official quirk; the last one is x itself),
-        # then the position table is added once more, then layer k's own head maps it into the teacher's space.
+        # Every returned layer goes through the same final norm (official quirk; the last one is x
+        # itself), then the position table is added once more, then layer k's own head maps it into
+        # the teacher's space.
         normed = [self.norm(hk) for hk in hidden[:-1]] + [x]
         aligned = [head(hk + pos) for head, hk in zip(self.clip_decoder, normed)]
-        return x, torch.stack(aligned)                       # [K, B, N_vis, C], slot k <-> block depth-K+k
+        return x, torch.stack(aligned)  # [K, B, N_vis, C], slot k <-> block depth-K+k
 
 def uta_loss(aligned, targets, per_layer=False):
     """Unmasked-teacher alignment (UTA) loss, shared by both stages.
@@ -235,6 +248,83 @@ def uta_loss(aligned, targets, per_layer=False):
     loss = 2 - 2 * (aligned.float() * targets.float()).sum(-1)  # [K, B, N_vis]
     loss = loss.mean(dim=(1, 2))                                 # [K]
     return loss if per_layer else loss.mean()
+
+# ----------------------------------------------------------------------------------------------
+# The decoder of the paper's Table 1 (UMT itself has none)
+#
+# Table 1 sets UMT's target (align the visible tokens with CLIP) against VideoMAE's: a shallow
+# decoder sees the visible tokens plus one shared mask token per hidden position and regresses the
+# normalized pixels of the hidden tokens ('pixels', 'clip+pixels'), or, with output width C, the
+# teacher's last-layer features there ('clip+masked'). The student never sees a mask token. As
+# single_modality/models/modeling_pretrain.py and engines/engine_for_pretraining.py (VideoMAE).
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the input normalization, which pixel_targets undoes
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DECODERS = {'vit_b16': (384, 6, 4), 'vit_l16': (512, 8, 4),  # width, heads, depth: VideoMAE-B / -L
+            'tiny': (64, 2, 2)}                               # ours, for the CPU demo
+
+def masked_tokens(keep, n):
+    """keep [B, N_vis] sorted kept indices -> [B, N_mask], the hidden indices, ascending."""
+    hidden = torch.ones(keep.shape[0], n, dtype=torch.bool, device=keep.device)
+    hidden = hidden.scatter(1, keep, False)                           # [B, N], True = hidden
+    # A stable sort of the flags lists the kept tokens first, then the hidden ones, each ascending:
+    # static shapes, and no boolean indexing (which would wait on the host to learn the count).
+    return hidden.sort(dim=1, stable=True).indices[:, keep.shape[1]:]  # [B, N_mask]
+
+class Decoder(nn.Module):
+    """VideoMAE's decoder: visible tokens + mask tokens -> one prediction per hidden token. Keys as
+    the official model's mask_token, encoder_to_decoder and decoder.{blocks, norm, head}; its
+    blocks are the student's Block (q/v biases, LayerNorm eps 1e-6, exact GELU), no drop path."""
+
+    def __init__(self, dim, out_dim, n, width=384, heads=6, depth=4):
+        super().__init__()
+        self.encoder_to_decoder = nn.Linear(dim, width, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        # The official class asks for a 1568-row table whatever N is, and for any other N gets it
+        # back as a learnable parameter that does not fit the tokens. Ours is the fixed N-row table,
+        # never saved: at N = 1568 that is what the official checkpoints hold (nothing).
+        self.register_buffer('pos_embed', sincos_table(n, width), persistent=False)  # [N, width]
+        self.blocks = nn.ModuleList([Block(width, heads, 4.0, 0.0) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.head = nn.Linear(width, out_dim)
+        # Official init: the student's on blocks, norm and head; encoder_to_decoder keeps PyTorch's
+        # (the official outer class never applies its own); mask_token normal(0, 0.02) cut at 0.02.
+        for m in (self.blocks, self.norm, self.head):
+            m.apply(VideoViT._init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
+
+    def forward(self, x_vis, keep):
+        """x_vis [B, N_vis, D] the student's final-normed visible tokens, keep [B, N_vis] ->
+        [B, N_mask, out], the predictions for masked_tokens(keep, N), in that ascending order."""
+        B, N_vis, _ = x_vis.shape
+        pos = self.pos_embed.expand(B, -1, -1)                           # [B, N, width]
+        masked = masked_tokens(keep, pos.shape[1])                       # [B, N_mask]
+        x = self.encoder_to_decoder(x_vis)                               # [B, N_vis, width]
+        x = x + gather_tokens(pos, keep).to(x_vis.dtype)
+        m = self.mask_token + gather_tokens(pos, masked).to(x_vis.dtype)  # [B, N_mask, width]
+        # Visible rows first, then one mask token per hidden position (the official order). With no
+        # positional bias in the blocks, any order gives the same predictions up to rounding.
+        x = torch.cat([x, m.to(x.dtype)], dim=1)                         # [B, N, width]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x[:, N_vis:]))  # only the hidden rows: [B, N_mask, out]
+
+def pixel_targets(video, masked, tubelet, patch, normalize=True):
+    """VideoMAE's target: video [B, 3, T, H, W] (the ImageNet-normalized model input), masked
+    [B, N_mask] -> [B, N_mask, 3*tubelet*patch^2], the pixels of each masked token in (tubelet,
+    patch row, patch column, channel) order, channel fastest: the layout the head learns."""
+    B, _, T, H, W = video.shape
+    t, h, w = T // tubelet, H // patch, W // patch
+    mean = torch.tensor(IMAGENET_MEAN, device=video.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=video.device).view(1, 3, 1, 1, 1)
+    u = video.float() * std + mean                                  # [B, 3, T, H, W], in [0, 1]
+    u = u.view(B, 3, t, tubelet, h, patch, w, patch)                # [B, 3, t, tubelet, h, p, w, p]
+    u = u.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, t * h * w, -1, 3)  # [B, N, tubelet*p*p, 3]
+    index = masked[:, :, None, None].expand(-1, -1, *u.shape[2:])   # [B, N_mask, tubelet*p*p, 3]
+    u = u.gather(1, index)  # exact before normalizing: each token is normalized on its own
+    if normalize:  # per token and channel, unbiased variance, eps on the std (official; always on)
+        u = (u - u.mean(dim=2, keepdim=True)) / (u.var(dim=2, keepdim=True).sqrt() + 1e-6)
+    return u.flatten(2)                                             # [B, N_mask, tubelet*p*p*3]
 
 # ----------------------------------------------------------------------------------------------
 # Fine-tuning classifier
@@ -260,18 +350,18 @@ class VideoClassifier(nn.Module):
             self.head.bias.zero_()
 
     def forward(self, video):
-        x, _ = self.backbone(video)                        # [B, N, D], no final norm
+        x, _ = self.backbone(video)                              # [B, N, D], no final norm
         return self.head(self.dropout(self.fc_norm(x.mean(1))))  # [B, num_classes]
 
 # ----------------------------------------------------------------------------------------------
 # Presets and strict loading
 
 CONFIGS = {
-    'vit_b16': VideoViTConfig(),                                          # UMT-B/16, 85.6M encoder parameters
-    'vit_l16': VideoViTConfig(embed_dim=1024, depth=24, num_heads=16,     # UMT-L/16, 303M encoder parameters
+    'vit_b16': VideoViTConfig(),                                       # UMT-B/16, 85.6M parameters
+    'vit_l16': VideoViTConfig(embed_dim=1024, depth=24, num_heads=16,  # UMT-L/16, 303M parameters
                               drop_path=0.2, teacher_dim=768),
-    'tiny': VideoViTConfig(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,  # tests and the CPU demo
-                           drop_path=0.0, align_layers=2, teacher_dim=64),
+    'tiny': VideoViTConfig(img_size=64, patch_size=8, embed_dim=96, depth=4,  # tests, CPU demo
+                           num_heads=3, drop_path=0.0, align_layers=2, teacher_dim=64),
 }
 
 def get_config(name, **overrides):
@@ -291,3 +381,6 @@ def load_strict(model, sd):
             [f'  missing: {k}' for k in missing] + [f'  unexpected: {k}' for k in unexpected]
             + [f'  wrong shape: {s}' for s in wrong]))
     model.load_state_dict(sd, strict=True)
+
+if __name__ == '__main__':  # a module, not a script: say what it holds
+    print(__doc__.strip())

@@ -99,8 +99,41 @@ def test_the_demo_preset_under_torchrun_on_two_cpu_processes(demo_dir, tmp_path)
                           f'--out_dir={tmp_path / "out"}'], cwd=ROOT, env=dict(env, OMP_NUM_THREADS='1'),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert '8 clips (MICRO_BATCH=16 lowered to split TOTAL_BATCH) x 2 processes x 1 accumulation' in out.stdout
+    assert '16 clips per step = 8 (MICRO_BATCH 16 lowered) x 2 processes x 1 accumulation' in out.stdout
     assert max(log(tmp_path / 'out')) == 11 == training.read_checkpoint(tmp_path / 'out' / 'last.pt')['step']
+
+
+@pytest.mark.parametrize('target', ['pixels', 'clip+pixels', 'clip+masked'])
+def test_table1_targets_train_and_save_the_student_only(demo_dir, small_list, tmp_path, target):
+    # The rows of the paper's Table 1 (TARGET): each trains (its loss falls), the checkpoint records TARGET and
+    # keeps the decoder apart, and a downstream model loads the student alone. 'pixels' with a tube mask runs
+    # without a teacher, as VideoMAE does.
+    mask = ['--mask_type=tube', '--mask_ratio=0.9'] if target == 'pixels' else []
+    out = train(demo_dir, small_list, tmp_path / 'run', target=target, epochs=6, warmup_epochs=1,
+                base_lr=0.04, **dict(a[2:].split('=') for a in mask))
+    assert 'teacher none' in out.stdout if target == 'pixels' else 'teacher tiny' in out.stdout
+    records = log(tmp_path / 'run')
+    first, last = records[1], records[max(records)]
+    assert last['loss'] < 0.9 * first['loss'], (first['loss'], last['loss'])
+    assert (first['loss_uta'] == 0) == (target == 'pixels') and first['loss_decoder'] > 0
+    ckpt = training.read_checkpoint(tmp_path / 'run' / 'last.pt')
+    assert ckpt['config']['TARGET'] == target and any(k.startswith('blocks.') for k in ckpt['decoder'])
+    assert not any(k.startswith(('decoder', 'mask_token', 'encoder_to')) for k in ckpt['model'])
+    from util import checkpoints
+    student, report = checkpoints.load(str(tmp_path / 'run' / 'last.pt'), 'vit')
+    assert student.config.align_layers == (0 if target == 'pixels' else 2) and 'unused: none' in report
+
+
+def test_a_decoder_row_resumes_exactly(demo_dir, small_list, tmp_path):
+    # The decoder's weights and its optimizer state come back with the student's.
+    settings = dict(target='clip+pixels', ckpt_interval=2)
+    train(demo_dir, small_list, tmp_path / 'full', **settings)
+    train(demo_dir, small_list, tmp_path / 'killed', max_steps=3, **settings)
+    train(demo_dir, small_list, tmp_path / 'killed', **settings)
+    full, again = log(tmp_path / 'full'), log(tmp_path / 'killed')
+    assert [full[s]['loss'] for s in full] == [again[s]['loss'] for s in full]
+    assert torch.equal(training.read_checkpoint(tmp_path / 'full' / 'last.pt')['decoder']['head.weight'],
+                       training.read_checkpoint(tmp_path / 'killed' / 'last.pt')['decoder']['head.weight'])
 
 
 @pytest.fixture(scope='module')
@@ -176,8 +209,11 @@ def test_demo_teacher_says_what_it_needs(small_list, tmp_path, monkeypatch):
     (['--preset=demo', '--mask_ratio=1.0'], 1, 'MASK_RATIO=1.0 must lie strictly between 0 and 1'),
     (['--preset=demo', '--mask_ratio=0'], 1, 'MASK_RATIO=0.0 must lie strictly between 0 and 1'),
     (['--preset=demo', '--mask_type=block'], 1, "MASK_TYPE='block'"),
-    (['--preset=demo', '--img_size=60'], 1, 'IMG_SIZE=60 must be a multiple of the patch size 8'),
-    (['--preset=demo', '--model=vit_s16'], 1, "MODEL='vit_s16' is not a model preset"),
+    (['--preset=demo', '--img_size=60'], 1, 'student: img_size=60 must be a positive multiple of the patch size 8'),
+    (['--preset=demo', '--num_frames=0'], 1, 'student: .*num_frames=0'),
+    (['--preset=demo', '--align_layers=5'], 1, 'student: align_layers=5 must be between 0 and the depth 4'),
+    (['--preset=demo', '--model=vit_s16'], 1, "student: unknown model preset 'vit_s16'"),
+    (['--preset=demo', '--target=mae'], 1, "TARGET='mae'; valid: 'clip', 'pixels'"),
     (['--data_list=missing.csv'], 1, "DATA_LIST 'missing.csv' not found.*path,label.*--preset=demo"),
     (['--teacher_pretrained=no/such/clip.bin', '--data_list=missing.csv'], 1, "teacher weights file .* not found"),
 ])

@@ -10,18 +10,23 @@ the bf16 peak of the GPU (MFU), or on CPU a dense fp32 matmul measured in the sa
     python -m tools.bench --preset=gpu                # batch 64, bf16, compiled student (one GPU)
     python -m tools.bench --frames=16 --mask_ratio=0.9   # any constant below can be overridden
     python -m tools.bench --preset=stage2             # one stage-2 step (VTC + VTM + MLM + UTA)
+    python -m tools.bench --target=pixels --mask_type=tube --mask_ratio=0.9   # a Table 1 row (train_stage1 TARGET)
+    python -m tools.bench --table1=1,2                # the paper's Table 1 memory column: every row at 1 and 2 clips
     python -m tools.bench --loader_dir=bench_clips    # loader clips/s per core, before / after tools.prepare_data
 
 Weights are random (open_clip says so when it builds the teacher: intended, speed does not depend on them).
 """
 
+import json
 import os
 import resource
+import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data
 import model as M
@@ -40,6 +45,8 @@ BATCH = 2                     # clips per step
 FRAMES = 8                    # T (paper: 8 in stage 1, 4 in stage 2)
 IMG_SIZE = 224                # H = W (paper: 224)
 MASK_RATIO = 0.8              # paper: 0.8
+MASK_TYPE = 'semantic'        # 'semantic' (paper), 'tube' or 'random': without a teacher for TARGET 'pixels'
+TARGET = 'clip'               # train_stage1's TARGET (paper Table 1): 'clip', 'pixels', 'clip+pixels', 'clip+masked'
 ALIGN_LAYERS = 6              # paper: 6
 DTYPE = 'float32'             # 'auto' = bf16 on GPU; the CPU target is measured in fp32
 COMPILE = False               # torch.compile student and teacher (static shapes: every frame keeps n_keep tokens)
@@ -48,6 +55,7 @@ WARMUP_STEPS = 2              # untimed steps (allocator, compile, oneDNN kernel
 STEPS = 5                     # timed steps; medians are reported
 DEVICE = 'auto'                 # 'auto' = the GPU when there is one; 'cpu' forces the CPU
 LOADER_DIR = ''               # if set: benchmark the stage-1 data loader instead, on clips written to this folder
+TABLE1 = ''                   # two batch sizes, e.g. '1,2': every Table 1 row at both, one process each (memory)
 PRESETS = {
     'cpu': {},
     'gpu': {'BATCH': 64, 'DTYPE': 'auto', 'COMPILE': True, 'STEPS': 10, 'WARMUP_STEPS': 3},
@@ -59,6 +67,9 @@ PRESETS = {
 config = training.configure(globals(), PRESETS, sys.argv[1:])
 if STAGE not in (1, 2):
     training.fail(f'STAGE={STAGE} must be 1 (video-only alignment) or 2 (video-text)')
+if TARGET not in ('clip', 'pixels', 'clip+pixels', 'clip+masked') or MASK_TYPE not in ('semantic', 'tube', 'random'):
+    training.fail(f"TARGET={TARGET!r} must be 'clip', 'pixels', 'clip+pixels' or 'clip+masked', MASK_TYPE={MASK_TYPE!r} "
+                  "'semantic', 'tube' or 'random'")
 training.need_positive(BATCH=BATCH, FRAMES=FRAMES, IMG_SIZE=IMG_SIZE, STEPS=STEPS)
 if not 0 < MASK_RATIO < 1 or WARMUP_STEPS < 0:
     training.fail(f'MASK_RATIO={MASK_RATIO} must lie strictly between 0 and 1, WARMUP_STEPS={WARMUP_STEPS} >= 0')
@@ -100,8 +111,52 @@ def bench_loader(out_dir, n=4, clips=96, keyints=(2, 4, 8)):
         rate = done / (time.perf_counter() - t0)
         print(f'{name:40s} {rate:17.1f} {1000 / rate:12.1f} {size(root) / size(out_dir):9.2f}x')
 
+# ----------------------------------------------------------------------------------------------
+# The paper's Table 1 memory column: every row at two batch sizes, each in a process of its own (a process's peak
+# memory never goes down), then memory = fixed + per clip x batch, predicted at the paper's 64 clips per GPU
+
+TABLE1_ROWS = [  # (row, settings, the paper's memory in GB: Table 1, ViT-B/16, 32 A100, 8 x 224^2, batch 2048)
+    ('UMT: align with CLIP (semantic 0.8)', {'TARGET': 'clip'}, 16.0),
+    ('pixels (VideoMAE: tube 0.9)', {'TARGET': 'pixels', 'MASK_TYPE': 'tube', 'MASK_RATIO': 0.9}, 44.0),
+    ('pixels (semantic 0.8)', {'TARGET': 'pixels'}, None),
+    ('CLIP + pixels', {'TARGET': 'clip+pixels'}, 52.5),
+    ('CLIP + masked-token recovering', {'TARGET': 'clip+masked'}, 43.6),
+]
+
+
+def bench_table1(batches):
+    """Runs this script once per row and batch size; prints the memory table with the paper's ratios."""
+    b1, b2 = batches
+    overrides = [a for a in sys.argv[1:] if not a.lower().startswith(('--table1', '--target', '--mask_'))]
+    rows = []
+    for name, settings, paper in TABLE1_ROWS:
+        res = []
+        for b in (b1, b2):
+            command = [sys.executable, '-m', 'tools.bench', *overrides, f'--batch={b}', '--steps=2',
+                       '--warmup_steps=1', *[f'--{k.lower()}={v!r}' for k, v in settings.items()]]
+            out = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
+                os.path.abspath(__file__))))
+            if out.returncode:
+                training.fail(f'`{" ".join(command[1:])}` failed:\n{out.stderr[-500:]}')
+            res.append(json.loads(out.stdout.split('RESULT ')[-1]))
+            print(f'{name}, batch {b}: {res[-1]["step_ms"]:.0f} ms, {res[-1]["memory_gib"]:.2f} GiB', flush=True)
+        per_clip = (res[1]['memory_gib'] - res[0]['memory_gib']) / (b2 - b1)
+        rows.append((name, res[1]['step_ms'] / b2, per_clip, res[0]['memory_gib'] - b1 * per_clip, paper))
+    umt = rows[0]
+    print('\n| row | ms per clip | GiB per clip | fixed GiB | predicted at 64 clips | / UMT | paper GB | paper / UMT |'
+          '\n|---|---|---|---|---|---|---|---|')
+    for name, ms, per_clip, fixed, paper in rows:
+        predicted = fixed + 64 * per_clip
+        print(f'| {name} | {ms:.0f} | {per_clip:.3f} | {fixed:.2f} | {predicted:.1f} GiB | '
+              f'{predicted / (umt[3] + 64 * umt[2]):.2f}x | {paper or "-"} | '
+              f'{f"{paper / umt[4]:.2f}x" if paper else "-"} |')
+
+
 if LOADER_DIR:
     bench_loader(LOADER_DIR)
+    sys.exit()
+if TABLE1:
+    bench_table1([int(b) for b in TABLE1.split(',')])
     sys.exit()
 
 # ----------------------------------------------------------------------------------------------
@@ -112,38 +167,60 @@ dtype = training.pick_dtype(device, DTYPE)
 ctx = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 torch.manual_seed(0)
-cfg = M.get_config(MODEL, num_frames=FRAMES, img_size=IMG_SIZE, align_layers=ALIGN_LAYERS,
+use_teacher = TARGET != 'pixels' or MASK_TYPE == 'semantic'  # VideoMAE's row draws its masks without one
+align = 0 if TARGET == 'pixels' else ALIGN_LAYERS
+cfg = M.get_config(MODEL, num_frames=FRAMES, img_size=IMG_SIZE, align_layers=align,
                    checkpoint_blocks=CHECKPOINT_BLOCKS)
 student = M.VideoViT(cfg)
 clip_model = build_clip(TEACHER, None)  # random weights: speed does not depend on them
-teacher = CLIPTeacher(clip_model, ALIGN_LAYERS, TEACHER_SIZE or None).to(device)
+teacher = CLIPTeacher(clip_model, ALIGN_LAYERS, TEACHER_SIZE or None).to(device) if use_teacher else None
+t, h, w = FRAMES // cfg.tubelet_size, IMG_SIZE // cfg.patch_size, IMG_SIZE // cfg.patch_size
+N = t * h * w
+decoder = None  # Table 1's rows other than UMT's
+if TARGET != 'clip':
+    out_dim = 3 * cfg.tubelet_size * cfg.patch_size ** 2 if 'pixels' in TARGET else cfg.teacher_dim
+    decoder = M.Decoder(cfg.embed_dim, out_dim, N, *M.DECODERS[MODEL]).to(device).train()
 model = (student if STAGE == 1 else build_umt(student, clip_model)).to(device).train()
 if COMPILE:  # in place, so the stage-2 model's vision encoder is compiled too
     student.compile()
-encode = torch.compile(teacher.encode) if COMPILE else teacher.encode
-optimizer = training.adamw(model, 1e-4, 0.05, (0.9, 0.999))
+    if decoder is not None:
+        decoder.compile()
+encode = (torch.compile(teacher.encode) if COMPILE else teacher.encode) if teacher else None
+trained = model if decoder is None else torch.nn.ModuleList([model, decoder])
+optimizer = training.adamw(trained, 1e-4, 0.05, (0.9, 0.999))
 video = torch.randn(BATCH, 3, FRAMES, IMG_SIZE, IMG_SIZE, device=device)
 captions = [f'a person is doing something unusual in clip number {i}' for i in range(BATCH)]
 input_ids, attention_mask = (x.to(device) for x in tokenize(captions))  # [B, 32] each, 12 real tokens
 ids = torch.arange(BATCH, device=device)                                    # sample ids for VTC / VTM
 gen = torch.Generator(device).manual_seed(0)
 
+
 def sync():
     if device.type == 'cuda':
         torch.cuda.synchronize()
+
 
 def step():
     """One training step, cut into timed phases (the syncs cost a little; 'total' below is without them)."""
     times = {}
     t0 = time.perf_counter()
     with ctx:
-        hidden, attn = encode(video)                              # [K, B, N, E], [B, T, h*w]
-        keep = make_mask('semantic', attn, MASK_RATIO, gen)       # [B, T*n_keep]
-        targets = teacher.targets(hidden, keep)                   # [K, B, N_vis, C]
+        hidden, attn = encode(video) if teacher else (None, torch.ones(BATCH, FRAMES, h * w, device=device))
+        keep = make_mask(MASK_TYPE, attn, MASK_RATIO, gen)        # [B, T*n_keep]
+        targets = teacher.targets(hidden, keep) if align else None  # [K, B, N_vis, C]
+        if decoder is not None:
+            masked = M.masked_tokens(keep, N)
+            hidden_targets = M.pixel_targets(video, masked, cfg.tubelet_size, cfg.patch_size) \
+                if 'pixels' in TARGET else teacher.targets(hidden[-1:], masked)[0]
     sync(); times['teacher'] = time.perf_counter() - t0; t0 = time.perf_counter()
     with ctx:
         if STAGE == 1:
-            loss = M.uta_loss(model(video, keep)[1], targets)     # L_uta
+            x, aligned = model(video, keep)
+            loss = M.uta_loss(aligned, targets) if align else 0.0  # L_uta
+            if decoder is not None:
+                pred = decoder(x, keep)
+                loss = loss + (F.mse_loss(pred.float(), hidden_targets) if 'pixels' in TARGET else
+                               M.uta_loss(F.normalize(pred.float(), dim=-1)[None], hidden_targets[None]))
         else:                                                     # L_vtc + L_vtm + L_mlm + L_uta
             loss = model(video, keep, targets, input_ids, attention_mask, ids).sum()
     sync(); times['student_fwd'] = time.perf_counter() - t0; t0 = time.perf_counter()
@@ -161,24 +238,32 @@ def step():
 #   teacher  = T frames x (patch embed 2*hw*3p^2*E + L_t layers on 1+hw tokens) + K proj 2*N_vis*E*C   (forward only)
 #   student  = 3 x (patch embed 2*N_vis*3p^2*D + depth layers on N_vis tokens + K heads 2*N_vis*D*C)  (fwd + 2x bwd;
 #              only the kept tubelets are embedded)
+#   decoder  = 3 x (2*N_vis*D*w in + its layers on all N tokens of width w + 2*N_mask*w*out) (Table 1's other rows)
 #   stage 2 adds 3 x text: 2 passes (caption, MLM-corrupted caption) through the text-only layers,
 #              4 passes (3 VTM pairs, MLM) through the fusion layers (+ cross-attention 4*L*Dt^2 + 4*N_vis*D*Dt
 #              + 4*L*N_vis*Dt), and the MLM decoder 2*Dt*49408 per masked token (half the real tokens)
 
+
 def layer_flops(n, d, mlp_ratio=4.0):
     return 2 * n * (4 + 2 * mlp_ratio) * d * d + 4 * n * n * d
 
-v = teacher.visual
-hw = (teacher.image_size // teacher.patch) ** 2
-E, Lt, C = v.conv1.out_channels, len(v.transformer.resblocks), v.proj.shape[1]
-t, h, w = FRAMES // cfg.tubelet_size, IMG_SIZE // cfg.patch_size, IMG_SIZE // cfg.patch_size
-N = t * h * w
+
 n_vis = t * (h * w - int(h * w * MASK_RATIO))
-teacher_flops = FRAMES * (2 * hw * 3 * teacher.patch ** 2 * E + Lt * layer_flops(1 + hw, E)) \
-    + ALIGN_LAYERS * 2 * n_vis * E * C
+teacher_flops = 0
+if teacher:
+    v = teacher.visual
+    hw = (teacher.image_size // teacher.patch) ** 2
+    E, Lt, C = v.conv1.out_channels, len(v.transformer.resblocks), v.proj.shape[1]
+    teacher_flops = FRAMES * (2 * hw * 3 * teacher.patch ** 2 * E + Lt * layer_flops(1 + hw, E)) \
+        + ALIGN_LAYERS * 2 * n_vis * E * C
 student_flops = 3 * (2 * n_vis * 3 * cfg.tubelet_size * cfg.patch_size ** 2 * cfg.embed_dim
                      + cfg.depth * layer_flops(n_vis, cfg.embed_dim, cfg.mlp_ratio)
-                     + ALIGN_LAYERS * 2 * n_vis * cfg.embed_dim * cfg.teacher_dim)
+                     + align * 2 * n_vis * cfg.embed_dim * cfg.teacher_dim)
+decoder_flops = 0
+if decoder is not None:
+    width, _, depth = M.DECODERS[MODEL]
+    decoder_flops = 3 * (2 * n_vis * cfg.embed_dim * width + depth * layer_flops(N, width)
+                         + 2 * (N - n_vis) * width * out_dim)
 text_flops = 0
 if STAGE == 2:
     te = model.text_encoder
@@ -187,7 +272,8 @@ if STAGE == 2:
     n_masked = 0.5 * (int(attention_mask[0].sum()) - 1)
     text_flops = 3 * (2 * Lf * layer_flops(L, Dt) + 4 * (len(te.blocks) - Lf) * (layer_flops(L, Dt) + cross)
                       + n_masked * 2 * Dt * (Dt + te.token_embedding.num_embeddings))
-flops_per_clip = teacher_flops + student_flops + text_flops
+flops_per_clip = teacher_flops + student_flops + decoder_flops + text_flops
+
 
 def matmul_rate(n=2048, reps=10):
     """Dense fp32 matmul FLOP/s on this device right now: the CPU's practical ceiling."""
@@ -205,8 +291,9 @@ def matmul_rate(n=2048, reps=10):
 
 hardware = torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'
 print(f'device {device} ({hardware}), '
-      f'dtype {str(dtype)[6:]}, compile {COMPILE}, batch {BATCH} x {FRAMES} x {IMG_SIZE}^2, mask {MASK_RATIO} '
-      f'({n_vis}/{N} tokens kept), stage {STAGE}, student {MODEL}, teacher {TEACHER}')
+      f'dtype {str(dtype)[6:]}, compile {COMPILE}, batch {BATCH} x {FRAMES} x {IMG_SIZE}^2, {MASK_TYPE} mask '
+      f'{MASK_RATIO} ({n_vis}/{N} tokens kept), stage {STAGE}, target {TARGET}, student {MODEL}, '
+      f'teacher {TEACHER if teacher else "none"}')
 for _ in range(WARMUP_STEPS):
     step()
 if device.type == 'cuda':
@@ -232,5 +319,7 @@ else:
 print(f'step {step_s * 1e3:.0f} ms (median of {STEPS}) | {BATCH / step_s:.2f} clips/s | peak memory {peak_mem:.2f} GiB')
 print('phases (ms, median): ' + ', '.join(f'{k} {median([p[k] for p in phases]) * 1e3:.0f}' for k in phases[0]))
 print(f'FLOPs per clip: teacher {teacher_flops / 1e9:.1f} G + student {student_flops / 1e9:.1f} G (fwd+bwd) '
+      + (f'+ decoder {decoder_flops / 1e9:.1f} G (fwd+bwd) ' if decoder is not None else '')
       + (f'+ text {text_flops / 1e9:.1f} G (fwd+bwd) ' if STAGE == 2 else '') + f'= {flops_per_clip / 1e9:.1f} G')
 print(f'achieved {achieved / 1e9:.1f} GFLOP/s = {ceiling}')
+print('RESULT ' + json.dumps({'step_ms': step_s * 1e3, 'memory_gib': peak_mem, 'gflops_per_clip': flops_per_clip / 1e9}))

@@ -1,0 +1,215 @@
+"""
+Ablations that can tell their rows apart: one reference setting of the stage-1 demo and a list of constant changes,
+each trained on several paired seeds and evaluated on the demo's 1,200 held-out videos, with the paired difference
+to the reference and its 95% confidence interval.
+
+    python -m tools.ablate --name table1 --rows target=pixels target=clip+pixels target=clip+masked
+    python -m tools.ablate --name masks --seeds 5 --rows mask_type=tube mask_type=random mask_ratio=0.9
+    python -m tools.ablate --name layers --reference align_layers=2 --rows align_layers=1 align_layers=4
+
+A row is one or more `name=value` changes of train_stage1.py's constants (comma-separated: `target=pixels,
+mask_type=tube,mask_ratio=0.9`), applied to `python train_stage1.py --preset=demo` and the reference. Seed s fixes
+the demo set (WORK/demo_data_s{s}), its demo CLIP, the student's initial weights, the data order and the masks:
+only the constants change between the runs of one seed, so their difference is paired. Every run is evaluated as
+`evaluate.py classify` does (k-NN and linear probe of the square's colour, learned on train_color.csv, tested on
+test_color.csv, 1 clip x 1 crop). A run whose result is in WORK is not run again, so a second call (or one with more
+rows or seeds) only runs what is missing. Writes WORK/NAME.json (every run's numbers and the summary) and
+WORK/NAME.png (each row's difference to the reference with its interval). train_stage1.py knows nothing of this
+tool: each run is the command line it prints.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import training
+from data import VideoClassification
+from evaluate import load_model, probe_accuracy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Student's t quantile t(0.975, df) for df = 1..30: the 95% interval of a mean of df + 1 paired differences
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def parse_changes(text):
+    """'target=pixels,mask_ratio=0.9' -> ['--target=pixels', '--mask_ratio=0.9'] ('' -> [])."""
+    out = []
+    for item in filter(None, text.split(',')):
+        if '=' not in item or not item.split('=')[0].strip():
+            training.fail(f'{item!r} in {text!r} is not name=value (e.g. mask_type=tube)')
+        out.append('--' + item.strip())
+    return out
+
+
+class Cached(torch.utils.data.Dataset):
+    """A dataset whose items are decoded once: every run of a seed is evaluated on the same clips."""
+    def __init__(self, dataset):
+        self.dataset, self.items, self.num_classes = dataset, {}, dataset.num_classes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if i not in self.items:
+            self.items[i] = self.dataset[i]
+        return self.items[i]
+
+
+EVAL_SETS = {}  # (seed, frames, size) -> (train, test): decoded once per process
+
+
+def evaluate_run(ckpt, data_root, seed):
+    """evaluate.py classify's k-NN and linear probe of the square's colour -> {'knn': top-1, 'linear': top-1}."""
+    with contextlib.redirect_stdout(io.StringIO()):  # the load report
+        net, kind, config = load_model(ckpt)
+    key = (seed, config.num_frames, config.img_size)
+    if key not in EVAL_SETS:
+        EVAL_SETS.clear()  # one seed at a time: the runs go seed after seed
+        EVAL_SETS[key] = tuple(Cached(VideoClassification(f'{data_root}/{split}_color.csv', data_root, key[1], key[2],
+                                                          mode=mode, num_clips=1, num_crops=1))
+                               for split, mode in (('train', 'val'), ('test', 'test')))
+    with contextlib.redirect_stderr(io.StringIO()):  # the feature loops' progress bars
+        r = probe_accuracy(net, kind, config, *EVAL_SETS[key], torch.device('cpu'), workers=0)
+    return {'knn': r['knn']['top1'], 'linear': r['linear']['top1']}
+
+
+def run(work, seed, changes):
+    """One training run of the stage-1 demo and its evaluation -> its result (read back if done before)."""
+    data_root = os.path.join(work, f'demo_data_s{seed}')
+    out = os.path.join(work, 'runs', f's{seed}', changes.replace('=', '-').replace(',', '_') or 'reference')
+    result_file = os.path.join(out, 'result.json')
+    if os.path.exists(result_file):
+        return json.load(open(result_file))
+    command = [sys.executable, os.path.join(ROOT, 'train_stage1.py'), '--preset=demo', f'--seed={seed}',
+               f'--data_root={data_root}', f'--data_list={data_root}/train.csv', f'--out_dir={out}',
+               *parse_changes(changes)]
+    os.makedirs(out, exist_ok=True)
+    t = time.perf_counter()
+    with open(os.path.join(out, 'train.txt'), 'w') as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.perf_counter() - t
+    if code:
+        tail = open(os.path.join(out, 'train.txt')).read().splitlines()[-3:]
+        training.fail(f'the run `{" ".join(command[1:])}` failed:\n' + '\n'.join(tail))
+    records = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    steps = [r for r in records if 'ms_per_step' in r]
+    result = {'seed': seed, 'changes': changes, **evaluate_run(os.path.join(out, 'last.pt'), data_root, seed),
+              'final_loss': steps[-1]['loss'], 'steps': steps[-1]['step'], 'train_seconds': round(seconds, 1),
+              'ms_per_step': statistics.median(r['ms_per_step'] for r in steps[1:] or steps)}
+    with open(result_file, 'w') as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def interval(xs):
+    """Mean and the half-width of its 95% interval (Student's t over the seeds; nan for one seed)."""
+    if len(xs) < 2:
+        return statistics.fmean(xs), math.nan
+    return statistics.fmean(xs), T975[min(len(xs), 31) - 2] * statistics.stdev(xs) / math.sqrt(len(xs))
+
+
+def summarize(results, rows):
+    """results[row][seed] -> one summary per row: its means, and its paired differences to rows[0]."""
+    out = []
+    for row in rows:
+        seeds = sorted(set(results[row]) & set(results[rows[0]]))
+        s = {'row': row or 'reference', 'seeds': len(seeds),
+             'ms_per_step': statistics.fmean(results[row][k]['ms_per_step'] for k in seeds),
+             'train_seconds': statistics.fmean(results[row][k]['train_seconds'] for k in seeds)}
+        for m in ('knn', 'linear'):
+            s[m] = interval([results[row][k][m] for k in seeds])
+            s[f'{m}_diff'] = interval([results[row][k][m] - results[rows[0]][k][m] for k in seeds])
+        out.append(s)
+    return out
+
+
+def table(summary):
+    cell = lambda m, h: f'{m:+.1f} [{m - h:+.1f}, {m + h:+.1f}]' if not math.isnan(h) else f'{m:+.1f}'  # noqa: E731
+    lines = ['| row | k-NN top-1 | difference, 95% CI | linear top-1 | difference, 95% CI | ms per step |',
+             '|---|---|---|---|---|---|']
+    for s in summary:
+        lines.append(f'| {s["row"]} | {s["knn"][0]:.1f} | {cell(*s["knn_diff"]) if s is not summary[0] else "-"} | '
+                     f'{s["linear"][0]:.1f} | {cell(*s["linear_diff"]) if s is not summary[0] else "-"} | '
+                     f'{s["ms_per_step"]:.0f} |')
+    return lines
+
+
+def picture(summary, path, title):
+    """Each row's difference to the reference (dot) and its 95% interval (bar), k-NN left, linear probe right."""
+    rows, label_w, panel_w, row_h, top = summary[1:], 260, 320, 26, 40
+    finite = [abs(x) for s in rows for m in ('knn', 'linear') for x in (s[f'{m}_diff'][0] - s[f'{m}_diff'][1],
+                                                                         s[f'{m}_diff'][0] + s[f'{m}_diff'][1])
+              if not math.isnan(x)]
+    span = max([5.0] + finite) * 1.1  # points either side of 0
+    img = Image.new('RGB', (label_w + 2 * panel_w + 20, top + row_h * len(rows) + 30), 'white')
+    draw = ImageDraw.Draw(img)
+    draw.text((8, 6), f'{title}: difference to the reference, points (95% interval)', fill='black')
+    for p, m in enumerate(('k-NN', 'linear')):
+        x0 = label_w + p * (panel_w + 10)
+        to_x = lambda v: x0 + panel_w / 2 + v / span * panel_w / 2  # noqa: E731
+        draw.line([(to_x(0), top - 6), (to_x(0), top + row_h * len(rows))], fill=(160, 160, 160))
+        draw.text((x0 + 4, top - 18), f'{m}   (-{span:.0f} .. +{span:.0f})', fill='black')
+        for i, s in enumerate(rows):
+            mean, half = s[f'{"knn" if p == 0 else "linear"}_diff']
+            y = top + row_h * i + row_h // 2
+            colour = (200, 40, 40) if not math.isnan(half) and mean - half > 0 else \
+                (40, 40, 200) if not math.isnan(half) and mean + half < 0 else (90, 90, 90)
+            if not math.isnan(half):
+                draw.line([(to_x(max(mean - half, -span)), y), (to_x(min(mean + half, span)), y)], fill=colour,
+                          width=3)
+            draw.ellipse([to_x(mean) - 4, y - 4, to_x(mean) + 4, y + 4], fill=colour)
+    for i, s in enumerate(rows):
+        draw.text((8, top + row_h * i + row_h // 2 - 6), s['row'][:40], fill='black')
+    img.save(path)
+
+
+def main(argv=None):
+    training.short_errors()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--name', required=True, help='the table: WORK/NAME.json and WORK/NAME.png')
+    ap.add_argument('--rows', nargs='+', required=True, help='constant changes, one row each: name=value[,name=value]')
+    ap.add_argument('--reference', default='', help='changes of the reference row (default: the demo preset as is)')
+    ap.add_argument('--seeds', type=int, default=5, help='paired seeds 0 .. SEEDS-1 (at least 2 for an interval)')
+    ap.add_argument('--work', default='ablations', help='folder of the demo sets, the runs and the results')
+    args = ap.parse_args(argv)
+    if not 1 <= args.seeds <= 31:
+        training.fail(f'--seeds {args.seeds}: pass 1 to 31')
+    for text in [args.reference] + args.rows:
+        parse_changes(text)
+    rows = [args.reference] + [','.join(filter(None, [args.reference, r])) for r in args.rows]
+    results = {row: {} for row in rows}
+    bar = tqdm(total=len(rows) * args.seeds, desc=f'ablation {args.name}', unit='run')
+    for seed in range(args.seeds):  # seed after seed: the demo set and the evaluation clips of a seed are reused
+        for row in rows:
+            bar.set_postfix(seed=seed, row=row or 'reference')
+            results[row][seed] = run(args.work, seed, row)
+            bar.update()
+    bar.close()
+    summary = summarize(results, rows)
+    lines = table(summary)
+    print(f'\n{args.name}: {args.seeds} seeds, reference `--preset=demo {" ".join(parse_changes(args.reference))}`'
+          f', 1200 held-out videos\n' + '\n'.join(lines))
+    runs = [r for row in rows for r in results[row].values()]
+    with open(os.path.join(args.work, f'{args.name}.json'), 'w') as f:
+        json.dump({'reference': args.reference, 'rows': args.rows, 'seeds': args.seeds, 'summary': summary,
+                   'runs': runs}, f, indent=1)
+    picture(summary, os.path.join(args.work, f'{args.name}.png'), args.name)
+    print(f'wrote {args.work}/{args.name}.json and {args.name}.png; training took '
+          f'{sum(r["train_seconds"] for r in runs) / 60:.0f} min over {len(runs)} runs')
+    return summary
+
+
+if __name__ == '__main__':
+    main()
