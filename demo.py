@@ -41,9 +41,7 @@ DEMO_TEST = 100                   # held-out videos per class in test.csv / test
 DEMO_T, DEMO_SIZE = 16, 96        # frames per video (8 fps) and pixels; the models see 64 px, where a square of
                                   # 24-36 px becomes 16-24 px: 2-3 patches of 8 px, a tenth of the frame
 MARKER = '.umt_demo'              # in a demo folder: written by make_demo, which may write there again
-# x264 with one thread and without its assembly: the assembly paths differ between CPUs (AVX-512 machines make
-# other encoding decisions from the same frames), the C code gives the same bytes on every x86-64 CPU
-ENCODER = {'preset': 'veryfast', 'crf': '20', 'threads': '1', 'x264-params': 'asm=0'}
+ENCODER = {'preset': 'veryfast', 'crf': '20'}  # x264; write_video(exact=True): every CPU
 
 def cubic_weights(n_in, n_out, a=-0.75):
     """[n_out, n_in] bicubic resampling weights (a = -0.75, pixel centres aligned, edge taps clamped: torch's)."""
@@ -83,7 +81,7 @@ def make_demo(out_dir, seed=0):
     linear-probe labels), captions_{train,val}.json ("a red square moving up", with the attributes as fields; val
     keeps one video per caption, for retrieval), images/*.jpg with captions_images.json, and the held-out set
     videos/test_*.mp4 with test.csv / test_color.csv (DEMO_TEST per class, from a random stream of its own, so the
-    files above do not depend on it). The same seed gives the same bytes on every x86-64 CPU (ENCODER; the JPEG
+    files above do not depend on it). The same seed gives the same bytes on every x86-64 CPU (x264 without its assembly; the JPEG
     encoder's SIMD paths are exact). out_dir must be new, empty or an earlier demo set (its MARKER file)."""
     training.claim_folder(out_dir, MARKER, 'the demo')
     rng = np.random.default_rng(seed)
@@ -99,7 +97,7 @@ def make_demo(out_dir, seed=0):
         for label, (color, direction) in enumerate(classes):
             bar.update()
             name = f'videos/{color}_{direction}_{k:02d}.mp4'
-            data.write_video(f'{out_dir}/{name}', demo_frames(color, direction, rng), fps=8, options=ENCODER)
+            data.write_video(f'{out_dir}/{name}', demo_frames(color, direction, rng), fps=8, options=ENCODER, exact=True)
             files[f'{part}.csv'].append(f'{name},{label}\n')
             if k < DEMO_FEW:
                 files['train_few.csv'].append(f'{name},{label}\n')
@@ -116,7 +114,7 @@ def make_demo(out_dir, seed=0):
         for label, (color, direction) in enumerate(classes):
             bar.update()
             name = f'videos/test_{color}_{direction}_{k:03d}.mp4'
-            data.write_video(f'{out_dir}/{name}', demo_frames(color, direction, test_rng), fps=8, options=ENCODER)
+            data.write_video(f'{out_dir}/{name}', demo_frames(color, direction, test_rng), fps=8, options=ENCODER, exact=True)
             files['test.csv'].append(f'{name},{label}\n')
             files['test_color.csv'].append(f'{name},{list(DEMO_COLORS).index(color)}\n')
     for name, content in files.items():  # the .json lists as captions_*.json

@@ -72,6 +72,7 @@ TEACHER_SIZE = None                # teacher input px; None = CLIP's own; 196 fo
 # decoder, which sees the visible tokens plus a mask token per hidden one and predicts those
 TARGET = 'clip'                    # 'clip' (UMT, paper), 'pixels' (VideoMAE: normalized pixels, no
                                    # UTA), 'clip+pixels', 'clip+masked' (+ CLIP's features there)
+NORM_PIX = True                    # pixels normalized per patch and channel (VideoMAE: always on)
 # masking
 MASK_TYPE = 'semantic'             # 'semantic' (teacher attention, paper), 'tube' or 'random'
 MASK_RATIO = 0.8                   # fraction of each frame's tokens hidden (paper: 0.8)
@@ -270,8 +271,10 @@ while step < total_steps:
             targets = teacher.targets(hidden, keep) if K else None             # [K, B, N_vis, C]
             if decoder is not None:  # Table 1: what the decoder must predict at the hidden tokens
                 masked = masked_tokens(keep, t * h * w)                         # [B, N_mask]
-                hidden_targets = pixel_targets(video, masked, tubelet, p) if 'pixels' in TARGET \
-                    else teacher.targets(hidden[-1:], masked)[0]        # [B, N_mask, 3*p*p or C]
+                if 'pixels' in TARGET:
+                    hidden_targets = pixel_targets(video, masked, tubelet, p, NORM_PIX)  # 3*p*p
+                else:  # CLIP's last-layer features of the hidden tokens
+                    hidden_targets = teacher.targets(hidden[-1:], masked)[0]   # [B, N_mask, C]
         # DDP all-reduces the gradients in every backward; the micro-steps but the last add them up.
         sync = micro == grad_accum - 1 or world_size == 1
         with nullcontext() if sync else model.no_sync():

@@ -476,7 +476,7 @@ def make_demo(out_dir, train_movies=96, val_movies=24, seed=0):
         for m in range(count):
             name, (frames, tracks) = f'demo_{split}_{m:02d}', _demo_movie(rng)
             data.write_video(f'{out_dir}/movies/{name}.mp4', frames, fps=DEMO_FPS,
-                             options={'preset': 'veryfast', 'crf': '20', 'threads': '1'})
+                             options={'preset': 'veryfast', 'crf': '20'}, exact=True)
             for ts in range(901, 900 + DEMO_SECONDS):
                 for person, (action, boxes) in enumerate(tracks):
                     box = boxes[(ts - 900) * DEMO_FPS]

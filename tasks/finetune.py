@@ -32,6 +32,7 @@ from tqdm import tqdm
 import data
 import demo
 import training
+from tasks import augment
 from util import checkpoints
 from util.evaluation import head_accuracy
 
@@ -181,7 +182,7 @@ peak_lr, warmup_lr, min_lr = BASE_LR * lr_factor, WARMUP_LR * lr_factor, MIN_LR 
 if MAKE_DEMO:
     demo.setup(DATA_ROOT, TRAIN_LIST, True, None, master, SEED)
 kw = dict(max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS, sampler=SAMPLER)
-train_set = data.RepeatedAugClassification(TRAIN_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, flip=FLIP, rrc_scale=RRC_SCALE,
+train_set = augment.RepeatedAugClassification(TRAIN_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, flip=FLIP, rrc_scale=RRC_SCALE,
                                            num_sample=NUM_SAMPLE, rand_augment=RAND_AUGMENT, erase_prob=RANDOM_ERASE,
                                            **kw)
 val_set = data.VideoClassification(VAL_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='val', **kw)
@@ -248,8 +249,8 @@ while step < total_steps:
         # depth in the model, so a resumed run replays it exactly, with any number of processes.
         torch.manual_seed(training.seed_for(SEED, step, micro, rank))
         rng = np.random.default_rng(training.seed_for(SEED, step, micro, rank, 'mix'))
-        target = data.smooth_one_hot(label, NUM_CLASSES, LABEL_SMOOTHING)    # [b x NUM_SAMPLE, C], rows sum to 1
-        video, target = data.mixup_cutmix(video, target, rng, MIXUP, CUTMIX, MIX_SWITCH_PROB)
+        target = augment.smooth_one_hot(label, NUM_CLASSES, LABEL_SMOOTHING)    # [b x NUM_SAMPLE, C], rows sum to 1
+        video, target = augment.mixup_cutmix(video, target, rng, MIXUP, CUTMIX, MIX_SWITCH_PROB)
         # DDP all-reduces the gradients in every backward; the micro-steps before the last only add them up locally.
         with nullcontext() if micro == grad_accum - 1 or world_size == 1 else model.no_sync():
             with autocast:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+from tasks import augment
 import faults
 import training
 import util.evaluation
@@ -71,14 +72,14 @@ def test_mixup_cutmix_soft_targets():
     torch.manual_seed(0)
     video = torch.randn(B, 3, 4, 16, 16)
     label = torch.tensor([0, 1, 2, 3, 4, 5])
-    hard = data.smooth_one_hot(label, C, 0.0)
-    smooth = data.smooth_one_hot(label, C, 0.1)
+    hard = augment.smooth_one_hot(label, C, 0.0)
+    smooth = augment.smooth_one_hot(label, C, 0.1)
     assert torch.allclose(smooth.sum(1), torch.ones(B)) and smooth[0, 0] == pytest.approx(0.91)
     kinds = set()
     for seed in range(20):
-        out, target = data.mixup_cutmix(video, smooth, np.random.default_rng(seed), 0.8, 1.0, 0.5)
+        out, target = augment.mixup_cutmix(video, smooth, np.random.default_rng(seed), 0.8, 1.0, 0.5)
         assert torch.allclose(target.sum(1), torch.ones(B), atol=1e-6) and target.min() >= 0
-        _, t = data.mixup_cutmix(video, hard, np.random.default_rng(seed), 0.8, 1.0, 0.5)
+        _, t = augment.mixup_cutmix(video, hard, np.random.default_rng(seed), 0.8, 1.0, 0.5)
         lam = t[0, 0].item()                                           # label 0 pairs with label 5
         assert torch.allclose(t[:, label], torch.eye(B) * lam + torch.eye(B).flip(0) * (1 - lam), atol=1e-6)
         assert torch.allclose(t, lam * hard + (1 - lam) * hard.flip(0), atol=1e-6)
@@ -94,11 +95,11 @@ def test_mixup_cutmix_soft_targets():
             assert torch.allclose(out, lam * video + (1 - lam) * video.flip(0), atol=1e-6)
     assert kinds == {'mixup', 'cutmix'}                                # switch_prob 0.5 gives both
     # switch_prob 0 / 1 and alphas of 0 pick one kind; both alphas 0 change nothing
-    out, _ = data.mixup_cutmix(video, smooth, np.random.default_rng(0), 0.8, 1.0, 0.0)
+    out, _ = augment.mixup_cutmix(video, smooth, np.random.default_rng(0), 0.8, 1.0, 0.0)
     assert not torch.all((out == video) | (out == video.flip(0)))      # mixup: blended values
-    out, _ = data.mixup_cutmix(video, smooth, np.random.default_rng(0), 0.0, 1.0, 0.0)
+    out, _ = augment.mixup_cutmix(video, smooth, np.random.default_rng(0), 0.0, 1.0, 0.0)
     assert torch.all((out == video) | (out == video.flip(0)))          # cutmix only
-    out, t = data.mixup_cutmix(video, smooth, np.random.default_rng(0), 0.0, 0.0, 0.5)
+    out, t = augment.mixup_cutmix(video, smooth, np.random.default_rng(0), 0.0, 0.0, 0.5)
     assert out is video and t is smooth
 
 
@@ -110,7 +111,7 @@ def test_rand_augment_same_ops_for_every_frame_and_magnitudes():
     frames = np.random.default_rng(0).integers(0, 256, (1, 24, 40, 3), dtype=np.uint8).repeat(4, axis=0)  # 4 equal
     changed = 0
     for seed in range(20):
-        out = data.rand_augment(frames, np.random.default_rng(seed))
+        out = augment.rand_augment(frames, np.random.default_rng(seed))
         assert out.shape == frames.shape and out.dtype == np.uint8
         assert all((out[t] == out[0]).all() for t in range(4))                 # one draw per clip, not per frame
         changed += not (out == frames).all()
@@ -118,16 +119,16 @@ def test_rand_augment_same_ops_for_every_frame_and_magnitudes():
     x = torch.from_numpy(frames).permute(0, 3, 1, 2)                           # [T, 3, H, W]
     for name in ('Rotate', 'Solarize', 'SolarizeAdd', 'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX',
                  'ShearY', 'TranslateX', 'TranslateY'):
-        assert torch.equal(data.RA_OPS[name](x, 0.0, np.random.default_rng(0)), x), name  # magnitude 0: identity
-    shifted = data.RA_OPS['TranslateX'](x, 10.0, np.random.default_rng(0))   # by 45% of the width = 18 columns
-    filled = (shifted == torch.tensor(data.RA_FILL).view(1, 3, 1, 1)).all(1).all(1).all(0)  # [W] columns of fill
+        assert torch.equal(augment.RA_OPS[name](x, 0.0, np.random.default_rng(0)), x), name  # magnitude 0: identity
+    shifted = augment.RA_OPS['TranslateX'](x, 10.0, np.random.default_rng(0))   # by 45% of the width = 18 columns
+    filled = (shifted == torch.tensor(augment.RA_FILL).view(1, 3, 1, 1)).all(1).all(1).all(0)  # [W] columns of fill
     assert filled.sum() == 18 and (filled[:18].all() or filled[-18:].all())
 
 
 def test_random_erase_one_box_per_frame():
     clips = [torch.full((3, 6, 32, 32), v, dtype=torch.uint8) for v in (0, 255)]  # two backgrounds, the same draws
     for clip in clips:
-        data.random_erase(clip, np.random.default_rng(0), prob=1.0)
+        augment.random_erase(clip, np.random.default_rng(0), prob=1.0)
     box = (clips[0] == clips[1]).all(0)                                        # [T, H, W]: the noise, on both
     for t in range(6):
         ys, xs = box[t].nonzero(as_tuple=True)
@@ -136,7 +137,7 @@ def test_random_erase_one_box_per_frame():
     noise = data.normalize(clips[0])[box[None].expand(3, -1, -1, -1)]
     assert abs(noise.mean()) < 0.1 and 0.8 < noise.std() < 1.1                # about N(0, 1) once normalized
     untouched = torch.zeros(3, 6, 32, 32, dtype=torch.uint8)
-    assert torch.equal(data.random_erase(untouched.clone(), np.random.default_rng(0), prob=0.0), untouched)
+    assert torch.equal(augment.random_erase(untouched.clone(), np.random.default_rng(0), prob=0.0), untouched)
 
 def test_multiview_average_is_mean_of_softmax():
     logits = torch.tensor([[[10.0, 0.0], [0.0, 3.0], [0.0, 3.0]]])   # [B=1, V=3, C=2]

@@ -148,7 +148,7 @@ def table(summary):
 
 def picture(summary, path, title):
     """Each row's difference to the reference (dot) and its 95% interval (bar), k-NN left, linear probe right."""
-    rows, label_w, panel_w, row_h, top = summary[1:], 260, 320, 26, 40
+    rows, label_w, panel_w, row_h, top = summary[1:], 340, 320, 26, 40
     finite = [abs(x) for s in rows for m in ('knn', 'linear') for x in (s[f'{m}_diff'][0] - s[f'{m}_diff'][1],
                                                                          s[f'{m}_diff'][0] + s[f'{m}_diff'][1])
               if not math.isnan(x)]
@@ -159,6 +159,7 @@ def picture(summary, path, title):
     for p, m in enumerate(('k-NN', 'linear')):
         x0 = label_w + p * (panel_w + 10)
         to_x = lambda v: x0 + panel_w / 2 + v / span * panel_w / 2  # noqa: E731
+        draw.rectangle([x0, top - 6, x0 + panel_w, top + row_h * len(rows)], outline=(200, 200, 200))
         draw.line([(to_x(0), top - 6), (to_x(0), top + row_h * len(rows))], fill=(160, 160, 160))
         draw.text((x0 + 4, top - 18), f'{m}   (-{span:.0f} .. +{span:.0f})', fill='black')
         for i, s in enumerate(rows):
@@ -171,19 +172,78 @@ def picture(summary, path, title):
                           width=3)
             draw.ellipse([to_x(mean) - 4, y - 4, to_x(mean) + 4, y + 4], fill=colour)
     for i, s in enumerate(rows):
-        draw.text((8, top + row_h * i + row_h // 2 - 6), s['row'][:40], fill='black')
+        draw.text((8, top + row_h * i + row_h // 2 - 6), s['row'][:54], fill='black')
     img.save(path)
+
+
+def explain(work, seeds, ratio=0.8, tol=25):
+    """Why the toy can differ from the paper, on each seed's held-out videos (4 frames at 64 px) and its demo CLIP:
+    the square's share of the tokens and of the teacher's CLS attention, the share of the square's tokens each mask
+    keeps (ratio 0.8) and how often a frame keeps none, and how well a linear probe tells the colour from the
+    teacher's last-layer tokens pooled over the square's tokens only, the background's only, or all of them."""
+    from demo import DEMO_COLORS
+    from evaluate import train_linear_probe
+    from masking import random_mask, semantic_mask, tube_mask
+    from teacher import build_teacher
+    from data import normalize
+    rgb = torch.tensor(list(DEMO_COLORS.values()), dtype=torch.float32)             # [6, 3]
+    rows = []
+    for seed in range(seeds):
+        root = os.path.join(work, f'demo_data_s{seed}')
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            teacher = build_teacher('tiny', f'{root}/tiny_clip.pt', align_layers=1)
+        stats, pooled = {}, {}
+        for split, mode in (('train', 'val'), ('test', 'test')):
+            ds = VideoClassification(f'{root}/{split}_color.csv', root, 4, 64, mode=mode)
+            loader = torch.utils.data.DataLoader(ds, batch_size=64)
+            feats = []
+            for b in loader:
+                clips, labels = b['video'].float(), b['label']                      # [B, 3, T, 64, 64]
+                near = (clips - rgb[labels][:, :, None, None, None]).norm(dim=1) < tol  # [B, T, 64, 64]
+                square = near.unflatten(2, (8, 8)).unflatten(4, (8, 8)).float().mean((3, 5))  # [B, T, 8, 8]
+                square = (square >= 0.5).flatten(2)                                 # [B, T, 64] tokens
+                with torch.no_grad():
+                    hidden, attn = teacher.encode(normalize(b['video']))             # [1, B, N, E], [B, T, 64]
+                    tokens = teacher.targets(hidden)[0]                              # [B, N, C]
+                sq = square.flatten(1).float()[:, :, None]                           # [B, N, 1]
+                feats.append(torch.stack([(tokens * sq).sum(1) / sq.sum(1).clamp(min=1),
+                                          (tokens * (1 - sq)).sum(1) / (1 - sq).sum(1), tokens.mean(1)]))
+                if split == 'test':
+                    B, T, n = attn.shape
+                    keeps = {'semantic': semantic_mask(attn, ratio), 'random': random_mask(B, T, n, ratio),
+                             'tube': tube_mask(B, T, n, ratio)}
+                    add = lambda k, v: stats.setdefault(k, []).append(v)  # noqa: E731
+                    add('square tokens', square.float().mean().item())
+                    add('attention on the square', ((attn * square).sum() / attn.sum()).item())
+                    for kind, keep in keeps.items():
+                        kept = square.flatten(1).gather(1, keep).view(B, T, -1)      # [B, T, n_keep]
+                        add(f'{kind}: square tokens kept', (kept.sum() / square.sum()).item())
+                        add(f'{kind}: frames keeping none', (kept.sum(-1) == 0).float().mean().item())
+            pooled[split] = torch.cat(feats, 1), torch.tensor([label for _, label in ds.samples])
+        for i, name in enumerate(('square tokens', 'background tokens', 'all tokens')):
+            probe = train_linear_probe(pooled['train'][0][i], pooled['train'][1], len(DEMO_COLORS))
+            hit = probe(pooled['test'][0][i]).argmax(1) == pooled['test'][1]
+            stats[f'colour from {name} (linear probe)'] = [hit.float().mean().item()]
+        rows.append({k: statistics.fmean(v) for k, v in stats.items()})
+    print(f'\nthe teacher and the masks on the held-out videos, mean over seeds 0-{seeds - 1} (min / max):')
+    for k in rows[0]:
+        xs = [100 * r[k] for r in rows]
+        print(f'| {k} | {statistics.fmean(xs):.1f}% ({min(xs):.1f} / {max(xs):.1f}) |')
+    return rows
 
 
 def main(argv=None):
     training.short_errors()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--name', required=True, help='the table: WORK/NAME.json and WORK/NAME.png')
-    ap.add_argument('--rows', nargs='+', required=True, help='constant changes, one row each: name=value[,name=value]')
+    ap.add_argument('--name', default='ablation', help='the table: WORK/NAME.json and WORK/NAME.png')
+    ap.add_argument('--rows', nargs='+', default=[], help='constant changes, one row each: name=value[,name=value]')
     ap.add_argument('--reference', default='', help='changes of the reference row (default: the demo preset as is)')
     ap.add_argument('--seeds', type=int, default=5, help='paired seeds 0 .. SEEDS-1 (at least 2 for an interval)')
     ap.add_argument('--work', default='ablations', help='folder of the demo sets, the runs and the results')
+    ap.add_argument('--explain', action='store_true', help='measure the teacher and the masks on each seed instead')
     args = ap.parse_args(argv)
+    if args.explain:
+        return explain(args.work, args.seeds)
     if not 1 <= args.seeds <= 31:
         training.fail(f'--seeds {args.seeds}: pass 1 to 31')
     for text in [args.reference] + args.rows:
