@@ -1,5 +1,5 @@
-"""Runs tools/bench.py's tiny configuration (in this process) so the benchmark cannot rot, and checks what it
-reports."""
+"""Runs tools/bench.py's tiny configuration (in this process) so the benchmark cannot rot, and
+checks what it reports."""
 import re
 
 import faults
@@ -8,7 +8,7 @@ import faults
 def test_bench_tiny_stage1():
     out = faults.run_here('tools.bench', ['--preset=tiny'])
     assert out.returncode == 0, out.stderr
-    assert '104/512 tokens kept' in out.stdout                     # 8 frames x (64 - int(64 * 0.8)) tokens
+    assert '104/512 tokens kept' in out.stdout             # 8 frames x (64 - int(64 * 0.8)) tokens
     clips = float(re.search(r'([\d.]+) clips/s', out.stdout).group(1))
     share = float(re.search(r'= ([\d.]+)% of the dense fp32 matmul rate', out.stdout).group(1))
     assert clips > 0 and 0 < share < 200

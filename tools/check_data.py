@@ -1,12 +1,15 @@
 """
-Check a dataset before a run: decode every video (or image) of a classification list or a caption annotation file,
-and check every entry's format, so that bad files are found in minutes and not in the middle of a multi-day run.
+Check a dataset before a run: decode every video (or image) of a classification list or a caption
+annotation file, and check every entry's format, so that bad files are found in minutes and not in
+the middle of a multi-day run.
 
     python -m tools.check_data train.csv --root videos/          # -> train.csv.clean, train.csv.bad
-    python -m tools.check_data captions.json --root videos/      # the same for {"video" | "image", "caption"} entries
+    # the same for {"video" | "image", "caption"} entries
+    python -m tools.check_data captions.json --root videos/
 
-FILE.clean is FILE without its bad entries (same format: the training scripts take it as it is); FILE.bad lists each
-bad entry with the reason (missing, empty, truncated, corrupt, not a video, no caption, no label, ...).
+FILE.clean is FILE without its bad entries (same format: the training scripts take it as it is);
+FILE.bad lists each bad entry with the reason (missing, empty, truncated, corrupt, not a video, no
+caption, no label, ...).
 """
 
 import argparse
@@ -29,19 +32,22 @@ def check_file(path):
             if not c.streams.video:
                 return 'no video stream'
             s = c.streams.video[0]
-            n, expected = sum(1 for _ in c.decode(s)), s.frames  # s.frames: header count, 0 if unknown
+            # s.frames: the header's count, 0 if unknown
+            n, expected = sum(1 for _ in c.decode(s)), s.frames
         return f'only {n} of {expected} frames decodable' if n == 0 or n < expected else None
     except data.BAD_ERRORS as e:
         return f'{type(e).__name__}: {e}'
 
 def entries(file, root):
-    """-> (is_json, records: lines or dicts, their media paths or None, the format problem of each or None)."""
+    """-> (is_json, records: lines or dicts, their media paths or None, the format problem of each
+    or None)."""
     text = data.read_text(file, 'FILE')
     is_json = text.lstrip()[:1] in '[{'
     if is_json:
         records, path_of = data.load_json(file), lambda o: data.parse_annotation(o, root).path
     else:
-        records = [line + '\n' for line in text.splitlines() if line.strip() and not line.lstrip().startswith('#')]
+        records = [line + '\n' for line in text.splitlines()
+                   if line.strip() and not line.lstrip().startswith('#')]
         path_of = lambda line: data._join(root, data.parse_list_line(line.strip())[0])
     paths, problems = [], []
     for r in records:
@@ -54,13 +60,16 @@ def entries(file, root):
     return is_json, records, paths, problems
 
 def check(file, root=None, overwrite=False):
-    """Decode every entry of a list or annotation file; write FILE.clean (same format) and FILE.bad (reasons)."""
+    """Decode every entry of a list or annotation file; write FILE.clean (same format) and FILE.bad
+    (reasons)."""
     outputs = (f'{file}.clean', f'{file}.bad')
     if not overwrite and any(os.path.exists(p) for p in outputs):
-        training.fail(f'{" or ".join(p for p in outputs if os.path.exists(p))} exists: move it away, or pass '
-                      '--overwrite to replace the results of an earlier check')
+        existing = ' or '.join(p for p in outputs if os.path.exists(p))
+        training.fail(f'{existing} exists: move it away, or pass --overwrite to replace the '
+                      'results of an earlier check')
     is_json, records, paths, problems = entries(file, root)
-    reasons = [why or check_file(p) for p, why in zip(tqdm(paths, desc=f'checking {file}'), problems)]
+    reasons = [why or check_file(p)
+               for p, why in zip(tqdm(paths, desc=f'checking {file}'), problems)]
     good = [r for r, why in zip(records, reasons) if why is None]
     with open(outputs[0], 'w') as f:
         json.dump(good, f, indent=1) if is_json else f.writelines(good)
@@ -72,10 +81,13 @@ def check(file, root=None, overwrite=False):
 
 def main(argv=None):
     training.short_errors()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('file', metavar='FILE', help='classification list (path,label) or caption annotation (JSON)')
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('file', metavar='FILE',
+                    help='classification list (path,label) or caption annotation (JSON)')
     ap.add_argument('--root', default=None, help='folder that relative paths in FILE start from')
-    ap.add_argument('--overwrite', action='store_true', help='replace FILE.clean and FILE.bad of an earlier check')
+    ap.add_argument('--overwrite', action='store_true',
+                    help='replace FILE.clean and FILE.bad of an earlier check')
     args = ap.parse_args(argv)
     return check(args.file, args.root, args.overwrite)
 
