@@ -1,5 +1,6 @@
-"""--help on every script and subcommand: it prints the commands of the docstring and, for the scripts configured by
-constants, every constant with its default and comment and the presets; it exits 0 and writes no file."""
+"""--help on every script and subcommand: it prints the commands of the docstring and, for the
+scripts configured by constants, every constant with its default and comment and the presets; it
+exits 0 and writes no file."""
 import importlib
 import os
 import runpy
@@ -11,11 +12,12 @@ import pytest
 import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ['train_stage1.py', 'train_stage2.py', 'tasks.finetune', 'tasks.finetune_qa', 'tasks.finetune_ava',
-           'tools.bench']
-TOOLS = {'demo': [[], ['set'], ['random-student']], 'tasks.video_qa': [[]], 'tasks.ava': [[]],
+SCRIPTS = ['train_stage1.py', 'train_stage2.py', 'tasks.finetune', 'tasks.finetune_qa',
+           'tasks.finetune_ava', 'tools.bench']
+TOOLS = {'demo': [[], ['set'], ['random-student']],
+         'tasks.video_qa': [[], ['demo'], ['mc'], ['qa']], 'tasks.ava': [[], ['demo'], ['map']],
          'tools.check_data': [[]], 'tools.prepare_data': [[]],
-         'evaluate': [[], ['retrieval'], ['classify'], ['mc'], ['features'], ['show-mask'], ['ava-map']]}
+         'evaluate': [[], ['retrieval'], ['classify'], ['features'], ['show-mask']]}
 
 
 @pytest.mark.parametrize('entry', SCRIPTS)
@@ -29,8 +31,9 @@ def test_scripts(entry, monkeypatch, tmp_path, capsys):
             runpy.run_module(entry, run_name='__main__')
     out = capsys.readouterr().out
     assert e.value.code == 0 and os.listdir(tmp_path) == []
-    assert 'python' in out.split('Constants')[0]                                  # the docstring's commands
-    assert 'DEVICE = ' in out and '# ' in out.split('DEVICE = ')[1].splitlines()[0]  # a constant with its comment
+    assert 'python' in out.split('Constants')[0]  # the docstring's commands
+    # a constant with its comment
+    assert 'DEVICE = ' in out and '# ' in out.split('DEVICE = ')[1].splitlines()[0]
     assert 'Presets (--preset=NAME):' in out and ('demo: ' in out or 'tiny: ' in out)
 
 
