@@ -28,7 +28,6 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode, functional as TF  # comes with open_clip
 
-from training import fail
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)  # ImageNet's (official), not CLIP's
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
@@ -289,7 +288,7 @@ def normalize(video):
 # default_rng(seed), so the data is the same whatever the number of workers, and a resumed run sees
 # exactly what it would have seen.
 
-class _RobustDataset(torch.utils.data.Dataset):
+class RobustDataset(torch.utils.data.Dataset):
     """Shared machinery: per-item RNG and skip-and-replace of bad files with a loud failure
     threshold. Subclasses pass the file of every item and define load(i, rng) -> dict."""
     def __init__(self, paths, max_bad_fraction):
@@ -323,21 +322,22 @@ class _RobustDataset(torch.utils.data.Dataset):
                                f'broken. Examples:\n{examples}\n'
                                'Run `python -m tools.check_data FILE` to list every bad entry.')
 
-def _join(root, p):
+def join_root(root, p):
     return os.path.join(root, p) if root and not os.path.isabs(p) else p
 
 def read_text(path, what):
     """The text of a file the user named (`what` says which setting or argument), or a BadInput
     that says why not."""
     if not os.path.isfile(path):
-        fail(f'{what} {path!r} ' + ('is a folder' if os.path.isdir(path) else 'not found')
-             + ': pass a file')
+        raise ValueError(f'{what} {path!r} '
+                         + ('is a folder' if os.path.isdir(path) else 'not found')
+                         + ': pass a file')
     try:
         text = open(path, encoding='utf-8').read()
     except UnicodeDecodeError as e:
-        fail(f'{what} {path!r} is not UTF-8 text ({e.reason} at byte {e.start})')
+        raise ValueError(f'{what} {path!r} is not UTF-8 text ({e.reason} at byte {e.start})')
     if not text.strip():
-        fail(f'{what} {path!r} is empty')
+        raise ValueError(f'{what} {path!r} is empty')
     return text
 
 def parse_list_line(line):
@@ -367,8 +367,8 @@ def parse_entries(file, records, parse, max_bad_fraction=None):
     if bad and (max_bad_fraction is None or len(bad) > max_bad_fraction * len(records)):
         limit = ('' if max_bad_fraction is None
                  else f' (more than MAX_BAD_FRACTION={max_bad_fraction})')
-        fail(f'{len(bad)} of {len(records)} entries of {file} are bad{limit}, e.g. {bad[0]}. '
-             f'{tool}.')
+        raise ValueError(f'{len(bad)} of {len(records)} entries of {file} are bad{limit}, '
+                         f'e.g. {bad[0]}. {tool}.')
     if bad:
         warnings.warn(f'skipped {len(bad)} of {len(records)} entries of {file}, e.g. {bad[0]}; '
                       f'{tool}')
@@ -381,11 +381,11 @@ def read_list(list_file, root=None, what='list', max_bad_fraction=None):
     lines = [(f'line {n}', line)
              for n, line in enumerate(read_text(list_file, what).splitlines(), 1)
              if line.strip() and not line.lstrip().startswith('#')]
-    out = [(_join(root, path), label) for path, label in
+    out = [(join_root(root, path), label) for path, label in
            parse_entries(list_file, lines, lambda line: parse_list_line(line.strip()),
                          max_bad_fraction)]
     if not out:
-        fail(f'{list_file} lists no video (one `path,label` per line)')
+        raise ValueError(f'{list_file} lists no video (one `path,label` per line)')
     return out
 
 Annotation = namedtuple('Annotation', 'path captions is_image')
@@ -400,13 +400,13 @@ def load_json(path, what='annotation file'):
         try:  # JSONL: one object per line
             objs = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError:
-            fail(f'{path} is not JSON (line {first.lineno}: {first.msg}) nor JSONL (one object '
-                 'per line)')
+            raise ValueError(f'{path} is not JSON (line {first.lineno}: {first.msg}) nor JSONL '
+                             '(one object per line)')
     objs = [objs] if isinstance(objs, dict) else objs
     if not isinstance(objs, list) or not all(isinstance(o, dict) for o in objs):
-        fail(f'{path} must hold a list of objects {{...}}, got {type(objs).__name__}')
+        raise ValueError(f'{path} must hold a list of objects {{...}}, got {type(objs).__name__}')
     if not objs:
-        fail(f'{path} holds no entry')
+        raise ValueError(f'{path} holds no entry')
     return objs
 
 def pre_text(text):
@@ -429,7 +429,7 @@ def parse_annotation(o, root=None):
             else [caps])
     if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
         raise ValueError('"caption" must be a non-empty text or a list of them')
-    return Annotation(_join(root, o[key]), [pre_text(c) for c in caps], key == 'image')
+    return Annotation(join_root(root, o[key]), [pre_text(c) for c in caps], key == 'image')
 
 def read_annotations(ann_file, root=None, media=None, max_bad_fraction=None):
     """Official JSON list (or JSONL) of {"video" or "image": path, "caption": str or [str]} ->
@@ -440,7 +440,7 @@ def read_annotations(ann_file, root=None, media=None, max_bad_fraction=None):
                                      max_bad_fraction)
             if media is None or media == ('image' if a.is_image else 'video')]
 
-class VideoClassification(_RobustDataset):
+class VideoClassification(RobustDataset):
     """Kinetics-style classification. train: TSN frames + aug ('multiscale' stage 1, 'rrc') + flip;
     val: 1 clip, center crop; test: num_clips x num_crops views -> video [V,3,T,S,S] when V > 1.
     sampler: 'kinetics' or 'ssv2', the official test rule of each dataset (sample_indices)."""
@@ -475,7 +475,7 @@ class VideoClassification(_RobustDataset):
                                                       'center', num_crops=self.num_crops)]
         return {'video': torch.stack(views) if len(views) > 1 else views[0], 'label': label}
 
-class VideoText(_RobustDataset):
+class VideoText(RobustDataset):
     """Video/image-caption pairs (stage 2). train: 'rand' frames, RRC + flip, one random caption;
     eval: middle frames, squash resize, first caption. `.items` keeps every caption for retrieval
     evaluation; paragraph=True joins a video's captions into one (paragraph retrieval); max_seconds:

@@ -32,6 +32,7 @@ import data
 import model
 import teacher
 import training
+from util import configurator
 
 DEMO_COLORS = {  # the squares' colours (RGB): what the k-NN asks for
     'red': (225, 45, 40), 'green': (40, 185, 60), 'blue': (45, 95, 235), 'yellow': (235, 205, 40),
@@ -137,6 +138,24 @@ def make_demo(out_dir, seed=0):
             json.dump(content, f, indent=1) if name.endswith('.json') else f.writelines(content)
     bar.close()
 
+def tiny_clip(weights=None, seed=0, quick_gelu=True):
+    """The demo's stand-in for OpenAI's CLIP: a 64-px open_clip.CLIP (8-px patches, 4 blocks of
+    width 64, QuickGELU), with seeded random weights (a teacher is never saved in a checkpoint, so a
+    resumed run must rebuild the same one), or those train_demo_clip wrote to `weights`."""
+    vision = open_clip.model.CLIPVisionCfg(image_size=64, patch_size=8, width=64, layers=4,
+                                           head_width=32)
+    text = open_clip.model.CLIPTextCfg(context_length=32, vocab_size=49408, width=64, heads=2,
+                                       layers=4)
+    with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG stream
+        torch.manual_seed(seed)
+        clip = open_clip.CLIP(embed_dim=64, vision_cfg=vision, text_cfg=text, quick_gelu=quick_gelu)
+    if weights not in (None, 'openai'):  # 'openai': the real teacher's tag, random here
+        if not os.path.isfile(weights):
+            raise ValueError(f'tiny CLIP weights {weights!r} not found: demo.train_demo_clip '
+                             'writes them (the demo presets do this themselves)')
+        clip.load_state_dict(torch.load(weights, map_location='cpu', weights_only=True))
+    return clip
+
 def train_demo_clip(out_path, steps=200, batch=64, lr=1e-3, seed=0):
     """Trains tiny_clip() CLIP-style on stills of the demo world drawn afresh at every step (its own
     corpus, as OpenAI's CLIP had its own), each captioned with what a still shows ("a red square"),
@@ -146,7 +165,7 @@ def train_demo_clip(out_path, steps=200, batch=64, lr=1e-3, seed=0):
     this training it looks at the square and knows its colour."""
     colors = list(DEMO_COLORS)
     text = open_clip.tokenize([f'a {c} square' for c in colors], context_length=32)   # [C, 32]
-    clip, rng = teacher.tiny_clip(seed=seed).train(), np.random.default_rng(seed)
+    clip, rng = tiny_clip(seed=seed).train(), np.random.default_rng(seed)
     clip.visual.output_tokens = True                 # visual(x) -> (CLS embedding, patch tokens)
     in_scale, in_shift = teacher.imagenet_to_clip()  # the teacher's input normalization
     opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.1)
@@ -178,7 +197,8 @@ def random_student(path, seed=0):
     presets) with random weights, as a stage-1 checkpoint that evaluate.py, train_stage2.py and
     tasks.finetune read like any other."""
     if os.path.exists(path):
-        training.fail(f'{path} exists: pass a new file name (a checkpoint is never written over)')
+        configurator.fail(f'{path} exists: pass a new file name '
+                          '(a checkpoint is never written over)')
     torch.manual_seed(seed)
     config = model.get_config('tiny', num_frames=4)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
@@ -198,14 +218,14 @@ def setup(root, data_file, make_set, teacher_pretrained, master, seed=0):
     write_set = make_set and not os.path.exists(data_file)
     if write_set and os.path.isdir(root) and os.listdir(root) and \
             not os.path.exists(f'{root}/{MARKER}'):
-        training.fail(f'{data_file} not found, and {root} holds files the demo did not write: the '
-                      'demo writes its set only into a new or empty folder. Pass the list of your '
-                      'own videos, or another folder.')
+        configurator.fail(f'{data_file} not found, and {root} holds files the demo did not write: '
+                          'the demo writes its set only into a new or empty folder. Pass the list '
+                          'of your own videos, or another folder.')
     if train_teacher and not os.path.exists(weights) and not write_set and \
             not os.path.exists(marker):
-        training.fail(f"TEACHER_PRETRAINED='demo' is a tiny CLIP that knows only the demo's "
-                      f'coloured squares, and {root} is not the demo set (no {marker}): pass a '
-                      'real teacher, e.g. --teacher_pretrained=openai')
+        configurator.fail(f"TEACHER_PRETRAINED='demo' is a tiny CLIP that knows only the demo's "
+                          f'coloured squares, and {root} is not the demo set (no {marker}): pass a '
+                          'real teacher, e.g. --teacher_pretrained=openai')
     if master and write_set:
         make_demo(root, seed)
     if master and train_teacher and not os.path.exists(weights):
@@ -215,7 +235,7 @@ def setup(root, data_file, make_set, teacher_pretrained, master, seed=0):
     return weights if train_teacher else teacher_pretrained
 
 def main(argv=None):
-    training.short_errors()
+    configurator.short_errors()
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest='command', required=True)

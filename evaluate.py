@@ -41,14 +41,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import demo
 import training
 from data import (BAD_ERRORS, VideoClassification, VideoText, augment, normalize,
                   read_annotations, read_frames, read_list, sample_indices)
 from masking import semantic_mask
-from teacher import build_teacher
+from teacher import CLIPTeacher, build_clip
 from util import checkpoints
 from util.bert import VOCAB
-from util.configurator import fail, short_errors
+from util.configurator import fail, short_errors, user_input
 from util.evaluation import (BATCH, K_TEST, MAX_TEXT_LEN, WORKERS, evaluate_retrieval, finish,
                              head_accuracy, multiview_average, new_output, per_view, topk_accuracy)
 
@@ -130,7 +131,7 @@ def load_model(path, command, num_frames=None, img_size=None, vocab=None):
     stage-2 UMT ('umt'; vocab: an official file's vocabulary, None for video features only);
     otherwise the video encoder ('vit'), or a fine-tuned classifier with its own head and, for an
     official one, its own stored position table ('classifier')."""
-    w = checkpoints.read(checkpoints.resolve(path, '--ckpt'), path)  # hf://...: fetched once
+    w = checkpoints.read(training.resolve(path, '--ckpt'), path)  # hf://...: fetched once
     overrides = {k: v for k, v in (('num_frames', num_frames), ('img_size', img_size)) if v}
     if command == 'retrieval' or (command == 'features' and w.kind == 'umt'):
         net, report = checkpoints.load_stage2(w, vocab=vocab, **overrides)
@@ -246,6 +247,12 @@ def mask_picture(video, attn, keep):
     grid = torch.stack(rows).permute(0, 2, 1, 3, 4).reshape(3 * S, T * S, 3)
     return (grid * 255).round().byte().numpy()
 
+def teacher_model(name, weights):
+    """A CLIP teacher by open_clip name and weights, or 'tiny' (demo.tiny_clip: the demo's)."""
+    with user_input():
+        clip = demo.tiny_clip(weights) if name == 'tiny' else build_clip(name, weights)
+        return CLIPTeacher(clip, align_layers=1)
+
 def show_mask(video_path, out, teacher_name, pretrained, frames, mask_ratio, seed=0):
     """Teacher attention and the semantic mask (masking.semantic_mask, as in training) for one video
     -> PNG."""
@@ -254,7 +261,7 @@ def show_mask(video_path, out, teacher_name, pretrained, frames, mask_ratio, see
         clip = read_frames(video_path, lambda n: sample_indices(n, frames, 'middle'))
     except BAD_ERRORS as e:
         fail(f'{video_path} cannot be read as a video ({type(e).__name__}: {e})')
-    teacher = build_teacher(teacher_name, pretrained, align_layers=1)
+    teacher = teacher_model(teacher_name, pretrained)
     video = augment(clip, teacher.image_size, 'center')[0][None]        # [1, 3, T, S, S] uint8
     _, attn = teacher.encode(normalize(video))                          # [1, T, h*w]
     generator = torch.Generator().manual_seed(seed)
@@ -359,20 +366,19 @@ def main(argv=None):
     short_errors()
     args = parse_args(argv)
     check_args(args)
-    pretrained = checkpoints.resolve(getattr(args, 'pretrained', None), '--pretrained')
+    pretrained = training.resolve(getattr(args, 'pretrained', None), '--pretrained')
     if args.command == 'show-mask':
         return show_mask(args.video, args.out, args.teacher, pretrained, args.frames,
                          args.mask_ratio, args.seed)
-    # The files first, before any model: a typo costs seconds.
-    if args.command == 'retrieval':
-        read_annotations(args.ann)
-    for path in (getattr(args, 'train', None), getattr(args, 'val', None)):  # classify's lists
-        if path:
-            read_list(path)
+    with user_input():  # the files first, before any model: a typo costs seconds
+        if args.command == 'retrieval':
+            read_annotations(args.ann)
+        for path in (getattr(args, 'train', None), getattr(args, 'val', None)):  # classify's
+            if path:
+                read_list(path)
     _, _, device = training.init_distributed(args.device)
     if getattr(args, 'teacher', None):  # classify the teacher's own features: what it teaches
-        net = build_teacher(args.teacher, pretrained, align_layers=1)
-        kind = 'teacher'
+        net, kind = teacher_model(args.teacher, pretrained), 'teacher'
         config = SimpleNamespace(num_frames=args.frames or 8, img_size=net.image_size,
                                  tubelet_size=1)
     else:  # an official stage-2 file's vocabulary is read only where text is

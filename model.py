@@ -143,9 +143,9 @@ class VideoViTConfig:
                              f'{self.depth}')
         if self.img_size % self.patch_size or self.num_frames % self.tubelet_size or \
                 min(self.img_size, self.num_frames) < 1:
-            raise ValueError(f'img_size={self.img_size} must be a positive multiple of the patch size '
-                             f'{self.patch_size}, num_frames={self.num_frames} of the tubelet size '
-                             f'{self.tubelet_size}')
+            raise ValueError(f'img_size={self.img_size} must be a positive multiple of the patch '
+                             f'size {self.patch_size}, num_frames={self.num_frames} of the tubelet '
+                             f'size {self.tubelet_size}')
 
 class VideoViT(nn.Module):
 

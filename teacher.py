@@ -10,8 +10,8 @@ clip goes through CLIP's visual transformer on its own, and the teacher gives ba
 
 Weights come from open_clip: 'ViT-B-16-quickgelu' + 'openai' for UMT-B, 'ViT-L-14-quickgelu' with
 image_size=196 for UMT-L (196/14 = 14x14 patches, the same grid as the student's 224/16); the CPU
-demo's is tiny_clip() trained by demo.py. The forward is written out over open_clip's own modules,
-because open_clip has no API for attention weights (see CLIPTeacher.block). Unlike the official
+demo's is demo.tiny_clip(), trained by demo.py. The forward is written out over open_clip's own
+modules, as open_clip has no API for attention weights (see CLIPTeacher.block). Unlike the official
 code, CLIP gets frames in its own normalization, not the student's ImageNet one (see encode).
 
 Usage:
@@ -31,8 +31,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 
-from training import fail
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # data.py normalizes clips with these (as the official code)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # ... but OpenAI CLIP was trained with these
@@ -49,57 +47,30 @@ def imagenet_to_clip():
                                             (IMAGENET_MEAN, IMAGENET_STD, CLIP_MEAN, CLIP_STD))
     return std_in / std_clip, (mean_in - mean_clip) / std_clip
 
-def check_pretrained(pretrained):
-    """A TEACHER_PRETRAINED naming a weights file must be one (checked before anything heavy)."""
-    if pretrained and pretrained.endswith(('.bin', '.pt', '.pth', '.safetensors')) and \
-            not os.path.isfile(pretrained):
-        fail(f"teacher weights file {pretrained!r} not found. Pass an existing file, or the "
-             "open_clip tag 'openai' (downloaded once into the Hugging Face cache; needs the "
-             'network the first time).')
-
-def tiny_clip(quick_gelu=True, seed=0):
-    """A 64-px open_clip.CLIP for tests and the CPU demo. Its random weights are seeded: a teacher
-    is never saved in a checkpoint, so a resumed run must rebuild exactly the same one (the demo
-    trains it once with train_demo_clip, from its own seed, and loads the file)."""
-    vision = open_clip.model.CLIPVisionCfg(image_size=64, patch_size=8, width=64, layers=4,
-                                           head_width=32)
-    text = open_clip.model.CLIPTextCfg(context_length=32, vocab_size=49408, width=64, heads=2,
-                                       layers=4)
-    with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG stream
-        torch.manual_seed(seed)
-        return open_clip.CLIP(embed_dim=64, vision_cfg=vision, text_cfg=text, quick_gelu=quick_gelu)
-
 def check_quickgelu(model):
     """OpenAI CLIP was trained with QuickGELU, x * sigmoid(1.702 x). With exact GELU the features
     are quietly wrong, and open_clip silently picks nn.GELU for e.g. 'ViT-B-16' + a file path."""
     act = model.visual.transformer.resblocks[0].mlp.gelu
     if not isinstance(act, QuickGELU):
-        fail(f"OpenAI CLIP weights need QuickGELU but this model uses {type(act).__name__}: use a "
-             "'-quickgelu' model name such as 'ViT-B-16-quickgelu'")
+        raise ValueError(f"OpenAI CLIP weights need QuickGELU but this model uses "
+                         f"{type(act).__name__}: use a '-quickgelu' model name such as "
+                         "'ViT-B-16-quickgelu'")
 
 def build_clip(name='ViT-B-16-quickgelu', pretrained='openai'):
     """Frozen open_clip CLIP model (both towers; video_language.py builds the text side from it).
-    `pretrained`: an open_clip tag, a local weights file, or None for random weights. name='tiny'
-    gives tiny_clip(): random for None or 'openai', else the file train_demo_clip wrote."""
-    if name == 'tiny':
-        model = tiny_clip()
-        if pretrained not in (None, 'openai'):
-            if not os.path.isfile(pretrained):
-                fail(f'tiny CLIP weights {pretrained!r} not found: demo.train_demo_clip writes '
-                     'them (the demo presets do this themselves)')
-            model.load_state_dict(torch.load(pretrained, map_location='cpu', weights_only=True))
-    else:
-        try:
-            if pretrained is None:  # random on purpose: open_clip's warning would only be noise
-                logging.disable(logging.WARNING)
-            model = open_clip.create_model(name, pretrained=pretrained)
-        except RuntimeError as e:  # unknown model name; offline and not cached; a missing file
-            fail(f"could not build the CLIP teacher {name!r} with weights {pretrained!r}: "
-                 f"{str(e).splitlines()[0]}\n{WEIGHTS_HINT}")
-        finally:
-            logging.disable(logging.NOTSET)
-        if pretrained == 'openai' or (pretrained is not None and os.path.isfile(pretrained)):
-            check_quickgelu(model)
+    `pretrained`: an open_clip tag, a local weights file, or None for random weights. (The demo's
+    tiny CLIP is demo.tiny_clip.)"""
+    try:
+        if pretrained is None:  # random on purpose: open_clip's warning would only be noise
+            logging.disable(logging.WARNING)
+        model = open_clip.create_model(name, pretrained=pretrained)
+    except RuntimeError as e:  # unknown model name; offline and not cached; a missing file
+        raise ValueError(f"could not build the CLIP teacher {name!r} with weights {pretrained!r}: "
+                         f"{str(e).splitlines()[0]}\n{WEIGHTS_HINT}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    if pretrained == 'openai' or (pretrained is not None and os.path.isfile(pretrained)):
+        check_quickgelu(model)
     return model.eval().requires_grad_(False)
 
 def resize_pos_embed(pos, grid):
@@ -122,14 +93,14 @@ class CLIPTeacher(nn.Module):
                              'ResidualAttentionBlock blocks)')
         depth = len(blocks)
         if not (isinstance(align_layers, int) and 1 <= align_layers <= depth):
-            fail(f'align_layers must be an int in 1..{depth} (the teacher has {depth} blocks), '
-                 f'got {align_layers!r}')
+            raise ValueError(f'align_layers must be an int in 1..{depth} (the teacher has {depth} '
+                             f'blocks), got {align_layers!r}')
         self.align_layers, self.heads = align_layers, blocks[0].attn.num_heads
         self.patch, native = v.patch_size[0], v.image_size[0]
         self.image_size = image_size or native  # S: frames are resized to S x S before the teacher
         if self.image_size % self.patch:
-            fail(f'the teacher size {self.image_size} is not a multiple of the patch size '
-                 f'{self.patch}')
+            raise ValueError(f'the teacher size {self.image_size} is not a multiple of the patch '
+                             f'size {self.patch}')
         # Learned positions exist for the native grid only: resize once (UMT-L: 16x16 -> 14x14).
         grid = self.image_size // self.patch
         pos = (None if self.image_size == native
@@ -223,7 +194,7 @@ class CLIPTeacher(nn.Module):
 
 def build_teacher(name='ViT-B-16-quickgelu', pretrained='openai', align_layers=6, image_size=None):
     """UMT-B: the defaults. UMT-L: build_teacher('ViT-L-14-quickgelu', image_size=196).
-    Demo: build_teacher('tiny')."""
+    The demo: CLIPTeacher(demo.tiny_clip(weights), align_layers)."""
     return CLIPTeacher(build_clip(name, pretrained), align_layers=align_layers,
                        image_size=image_size)
 

@@ -43,7 +43,7 @@ import masking
 import training
 from model import DECODERS, Decoder, VideoViT, get_config, load_strict, masked_tokens, pixel_targets
 from model import uta_loss
-from teacher import build_teacher
+from teacher import CLIPTeacher, build_clip
 from util.configurator import (check_pretrained, configure, epoch_steps, fail, need_files,
                                need_positive, split_batch, user_input)
 
@@ -126,7 +126,9 @@ with user_input('the student: '):  # a MODEL, size, frame count or ALIGN_LAYERS 
     student_config = get_config(MODEL, img_size=IMG_SIZE, num_frames=NUM_FRAMES,
                                 drop_path=DROP_PATH, checkpoint_blocks=CHECKPOINT_BLOCKS,
                                 align_layers=0 if TARGET == 'pixels' else ALIGN_LAYERS)
-check_pretrained(TEACHER_PRETRAINED)
+# hf://OWNER/REPO/FILE: fetched once into the Hugging Face cache
+teacher_pretrained = training.resolve(TEACHER_PRETRAINED, 'TEACHER_PRETRAINED')
+check_pretrained(teacher_pretrained)
 need_files({'DATA_LIST': DATA_LIST}, 'it lists one training video per line as `path,label` (or '
            '`path label`), paths relative to DATA_ROOT; labels are not used in stage 1. To try the '
            'script first: `python train_stage1.py --preset=demo` (it makes a synthetic set).',
@@ -149,12 +151,13 @@ min_lr = MIN_LR * TOTAL_BATCH / 256
 # Data: TSN-sparse frames, multi-scale crop and flip (paper section 4.1), uint8 until the device
 
 # The demo (--preset=demo) writes its synthetic set and trains its stand-in for OpenAI's CLIP, once.
-teacher_weights = TEACHER_PRETRAINED
+teacher_weights = teacher_pretrained
 if MAKE_DEMO:
-    teacher_weights = demo.setup(DATA_ROOT, DATA_LIST, MAKE_DEMO, TEACHER_PRETRAINED, master, SEED)
-dataset = data.VideoClassification(DATA_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='train',
-                                   aug='multiscale', flip=True, max_bad_fraction=MAX_BAD_FRACTION,
-                                   threads=DECODE_THREADS)
+    teacher_weights = demo.setup(DATA_ROOT, DATA_LIST, MAKE_DEMO, teacher_pretrained, master, SEED)
+with user_input():  # a list file that cannot be read
+    dataset = data.VideoClassification(DATA_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='train',
+                                       aug='multiscale', flip=True, threads=DECODE_THREADS,
+                                       max_bad_fraction=MAX_BAD_FRACTION)
 steps_per_epoch = epoch_steps(len(dataset), TOTAL_BATCH, DATA_LIST, 'videos')
 total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_epoch
 
@@ -163,7 +166,10 @@ total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_
 
 teacher = None  # VideoMAE's row (TARGET 'pixels') needs a teacher only to draw semantic masks
 if TARGET != 'pixels' or MASK_TYPE == 'semantic':
-    teacher = build_teacher(TEACHER, teacher_weights, ALIGN_LAYERS, TEACHER_SIZE).to(device)
+    with user_input():  # a model name, weights file or size that does not fit
+        clip = demo.tiny_clip(teacher_weights) if TEACHER == 'tiny' else \
+            build_clip(TEACHER, teacher_weights)
+        teacher = CLIPTeacher(clip, ALIGN_LAYERS, TEACHER_SIZE).to(device)
     # Frozen: eval mode, no gradients, never in DDP, the optimizer or a checkpoint (rebuilt).
     teacher.eval().requires_grad_(False)
     # C: the heads regress CLIP's output width

@@ -40,6 +40,7 @@ import functools
 import math
 import os
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -55,7 +56,7 @@ import training
 from teacher import CLIPTeacher, build_clip
 from util import bert, checkpoints
 from util.configurator import (check_pretrained, configure, fail, need_files, need_init,
-                               need_positive)
+                               need_positive, user_input)
 from util.evaluation import evaluate_retrieval
 from util.wordpiece import Tokenizer, vocab_from_texts
 from video_language import build_umt, build_umt_bert, clip_text_state_dict
@@ -191,10 +192,10 @@ need_positive(EPOCHS=EPOCHS, NUM_FRAMES=NUM_FRAMES, IMG_SIZE=IMG_SIZE, MAX_TEXT_
               LOG_INTERVAL=LOG_INTERVAL, CKPT_INTERVAL=CKPT_INTERVAL, MAX_BAD_STEPS=MAX_BAD_STEPS)
 # hf://OWNER/REPO/FILE: fetched once into the Hugging Face cache (a resumed run needs no INIT)
 resuming = os.path.exists(os.path.join(OUT_DIR, 'last.pt'))
-init_file = INIT if resuming else checkpoints.resolve(INIT, 'INIT')
+init_file = INIT if resuming else training.resolve(INIT, 'INIT')
 need_init(init_file, OUT_DIR, 'a train_stage1.py checkpoint (out/stage1/last.pt), an official UMT '
           'stage-1 .pth or a stage-2 model', 'python train_stage1.py --preset=demo')
-teacher_pretrained = checkpoints.resolve(TEACHER_PRETRAINED, 'TEACHER_PRETRAINED')
+teacher_pretrained = training.resolve(TEACHER_PRETRAINED, 'TEACHER_PRETRAINED')
 check_pretrained(teacher_pretrained)  # a weights file that is not there
 need_files({'VIDEO_ANN': VIDEO_ANN, 'IMAGE_ANN': IMAGE_ANN, 'VAL_ANN': VAL_ANN}, 'a JSON list (or '
            'JSONL) of {"video" or "image": path, "caption": text or [texts]}, paths relative to '
@@ -215,14 +216,17 @@ ckpt_path = os.path.join(OUT_DIR, 'last.pt')
 # ----------------------------------------------------------------------------------------------
 # Data: one loader per media, each batch all-video or all-image; the schedule interleaves them
 
-# The demo set and its stand-in for OpenAI CLIP (TEACHER_PRETRAINED='demo'), made once.
-teacher_weights = demo.setup(VIDEO_ROOT, VIDEO_ANN, MAKE_DEMO, teacher_pretrained, master, SEED)
-sets = {'video': data.VideoText(VIDEO_ANN, VIDEO_ROOT, NUM_FRAMES, IMG_SIZE, 'train', media='video',
-                                max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS)}
-if IMAGE_ANN:
-    sets['image'] = data.VideoText(IMAGE_ANN, IMAGE_ROOT, NUM_FRAMES, IMG_SIZE, 'train',
-                                   media='image', max_bad_fraction=MAX_BAD_FRACTION,
-                                   threads=DECODE_THREADS)
+# The demo (--preset=demo) writes its synthetic set and trains its stand-in for OpenAI's CLIP, once.
+teacher_weights = teacher_pretrained
+if MAKE_DEMO:
+    teacher_weights = demo.setup(VIDEO_ROOT, VIDEO_ANN, MAKE_DEMO, teacher_pretrained, master, SEED)
+with user_input():  # an annotation file that cannot be read
+    sets = {media: data.VideoText(ann, root, NUM_FRAMES, IMG_SIZE, 'train', media=media,
+                                  max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS)
+            for media, ann, root in (('video', VIDEO_ANN, VIDEO_ROOT),
+                                     ('image', IMAGE_ANN, IMAGE_ROOT)) if ann}
+    val_set = data.VideoText(VAL_ANN, VAL_ROOT, NUM_FRAMES, IMG_SIZE, 'eval', media='video') \
+        if VAL_ANN else None
 global_batch = {'video': VIDEO_BATCH, 'image': IMAGE_BATCH}
 steps_of = {m: len(ds) // global_batch[m] for m, ds in sets.items()}  # incomplete batches dropped
 if min(steps_of.values()) == 0:
@@ -230,8 +234,6 @@ if min(steps_of.values()) == 0:
          f'{global_batch}')
 steps_per_epoch = sum(steps_of.values())
 total_steps, warmup_steps = EPOCHS * steps_per_epoch, WARMUP_EPOCHS * steps_per_epoch
-val_set = data.VideoText(VAL_ANN, VAL_ROOT, NUM_FRAMES, IMG_SIZE, 'eval', media='video') \
-    if VAL_ANN else None
 
 @functools.lru_cache(maxsize=2)
 def schedule(epoch):
@@ -251,7 +253,9 @@ source = checkpoints.read(ckpt if ckpt is not None else init_file, ckpt_path if 
 # A stage-2 INIT is loaded whole: ours, or an official one when its BERT is wanted
 whole = source.kind == 'umt' and (source.ours is not None or TEXT_ENCODER == 'bert')
 if use_teacher or (not whole and TEXT_ENCODER == 'clip'):  # teaches; its text tower: the CLIP side
-    clip_model = build_clip(TEACHER, teacher_weights)
+    with user_input():
+        clip_model = demo.tiny_clip(teacher_weights) if TEACHER == 'tiny' else \
+            build_clip(TEACHER, teacher_weights)
 # The architecture comes from the checkpoint; frames, size and regularization from the constants.
 # The position table is fixed sin-cos, so 4 frames simply use the first rows of the 8-frame table.
 overrides = {} if ckpt is not None else dict(num_frames=NUM_FRAMES, img_size=IMG_SIZE,
@@ -275,7 +279,7 @@ else:
             captions = [c for ds in sets.values() for it in ds.items for c in it.captions]
             tokenizer, released = Tokenizer(vocab_from_texts(captions)), None
         else:
-            tokenizer = Tokenizer(checkpoints.resolve(BERT_VOCAB, 'BERT_VOCAB'))
+            tokenizer = Tokenizer(training.resolve(BERT_VOCAB, 'BERT_VOCAB'))
             weights = f'hf://google-bert/bert-{size}-uncased/model.safetensors'
             released = checkpoints.read_file(weights, 'the released BERT weights')
         base = bert.CONFIGS[size]
@@ -356,9 +360,10 @@ streams = {m: training.train_batches(ds, global_batch[m] // world_size, training
 # The official all-gather keeps only this rank's share of the contrastive gradient: 1/world_size.
 vtc_weight = VTC_WEIGHT / world_size if VTC_GRAD == 'official' else VTC_WEIGHT
 loss_weights = torch.tensor([vtc_weight, VTM_WEIGHT, MLM_WEIGHT, UTA_WEIGHT], device=device)
-meter = training.Meter(dict.fromkeys(['loss', 'vtc', 'vtm', 'mlm', 'uta', 'temp'], 0), device, step)
+log_names = ('loss', 'vtc', 'vtm', 'mlm', 'uta', 'temp')  # the log record's names of stats[:6]
 bar = tqdm(total=total_steps, initial=step, disable=not master, desc='stage 2', dynamic_ncols=True)
-last_ckpt_step = step  # 0: none yet
+last_ckpt_step, skipped, bad_in_a_row = step, 0, 0  # the last checkpoint (0: none), bad steps
+t_log, step_log, data_wait, replaced = time.perf_counter(), step, 0.0, 0  # since the last log line
 while step < total_steps:
     epoch, position = divmod(step, steps_per_epoch)
     # Randomness is a function of the step number, so a resumed run replays it exactly: masks, MLM
@@ -367,7 +372,10 @@ while step < total_steps:
     lr = training.lr_at(step, total_steps, warmup_steps, LR, LR * MIN_LR_RATIO, clamp=True)
     training.set_lr(optimizer, lr)
     media = schedule(epoch)[position]
-    batch = meter.next(streams[media])
+    t0 = time.perf_counter()
+    batch = next(streams[media])
+    data_wait += time.perf_counter() - t0
+    replaced += int(batch['skipped'].sum())  # unreadable files the dataset replaced
     video = data.normalize(batch['video'].to(device, non_blocking=True))  # [B, 3, T, H, W]
     # Pair keys [B, 2]: the video (or image) file and the caption text, as crc32 (the same on every
     # rank); VTC and VTM treat pairs that share either as positives: captions of the same video
@@ -409,15 +417,31 @@ while step < total_steps:
     step += 1
     bar.update()
 
-    # ---- log, checkpoint, and a VTC retrieval check on VAL_ANN after every epoch
-    # a skipped step is counted, its losses left out of the averages
-    meter.add(good, loss=loss, vtc=parts[0], vtm=parts[1], mlm=parts[2], uta=parts[3],
-              temp=raw_model.temp)
-    if step % LOG_INTERVAL == 0 or step == total_steps or meter.bad_in_a_row == MAX_BAD_STEPS:
-        record = meter.record(step, steps_per_epoch, lr, grad_norm)
+    # ---- log this step (its losses averaged over the ranks: a host sync, so every LOG_INTERVAL)
+    skipped, bad_in_a_row = skipped + (not good), 0 if good else bad_in_a_row + 1
+    if step % LOG_INTERVAL == 0 or step == total_steps or bad_in_a_row == MAX_BAD_STEPS:
+        stats = torch.cat([loss.detach()[None], parts.detach(), raw_model.temp.detach()[None],
+                           loss.new_tensor([replaced])])
+        stats = training.all_reduce_mean(stats.float()).tolist()  # loss, vtc, vtm, mlm, uta, temp
+        seconds, done = time.perf_counter() - t_log, step - step_log
+        record = {'step': step, 'epoch': step / steps_per_epoch,
+                  **{k: v if good else None for k, v in zip(log_names, stats)}, 'lr': lr,
+                  'grad_norm': grad_norm.item() if good else None,
+                  'ms_per_step': 1000 * seconds / done, 'data_wait': data_wait / seconds,
+                  'skipped_steps': skipped, 'replaced_samples': round(stats[-1] * world_size)}
         if master:
-            training.log(OUT_DIR, record, NUM_WORKERS, device, bar)
-    training.stop_if_bad(meter, MAX_BAD_STEPS, step, ckpt_path, last_ckpt_step)  # that many in row
+            training.write_log(OUT_DIR, record)
+            tqdm.write(f'step {step} | loss {stats[0]:.4f} (vtc {stats[1]:.3f}, vtm {stats[2]:.3f},'
+                       f' mlm {stats[3]:.3f}, uta {stats[4]:.3f}) | lr {lr:.3g} | '
+                       f'{record["ms_per_step"]:.0f} ms/step | data wait {record["data_wait"]:.0%}')
+        t_log, step_log, data_wait, replaced = time.perf_counter(), step, 0.0, 0
+    if bad_in_a_row == MAX_BAD_STEPS:  # the loss diverged: stop, and name the checkpoint to resume
+        last = f'{ckpt_path} (step {last_ckpt_step})' if last_ckpt_step else 'none written yet'
+        fail(f'{MAX_BAD_STEPS} non-finite losses in a row '
+             f'(steps {step + 1 - MAX_BAD_STEPS}-{step}): stopping. The last good checkpoint is '
+             f'{last}: lower the learning rate, then launch again.')
+
+    # ---- checkpoint, and a VTC retrieval check on VAL_ANN after every epoch
     if good and (step % CKPT_INTERVAL == 0 or step == total_steps):
         if master:  # atomic: a crash while writing leaves the previous last.pt whole
             training.save_checkpoint({'model': raw_model.state_dict(),
@@ -440,7 +464,7 @@ while step < total_steps:
 
 bar.close()
 if master:
-    print(f'done: {step} steps, {meter.skipped_steps} skipped; weights in {ckpt_path} (step '
+    print(f'done: {step} steps, {skipped} skipped; weights in {ckpt_path} (step '
           f'{last_ckpt_step}), log in {OUT_DIR}/log.jsonl')
 if world_size > 1:
     dist.barrier()  # leave together: a rank that leaves first makes gloo abort the others

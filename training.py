@@ -1,11 +1,11 @@
 """
-What the training scripts share, as plain functions: settings (constants, presets, --name=value, --help), bad input,
-start-up checks, processes and precision, the lr schedule and AdamW groups, the data order, and OUT_DIR (its lock,
-resume, the atomic checkpoint, the log).
+The mechanics every training script shares, as plain functions: processes and precision, the lr
+schedule and AdamW groups, the data order, and OUT_DIR (its lock, resume, the atomic checkpoint,
+the log file). Settings, --help, bad input and the start-up checks are in util/configurator.py.
 
-The method and the optimization step stay in the scripts: train_stage1.py and train_stage2.py write out the process
-group, DistributedDataParallel, torch.compile, autocast, the GradScaler, backward, the update and the non-finite skip.
-Nothing here owns the loop or holds the run's state. This file imports nothing of the project's.
+The method and the optimization step stay in the scripts: train_stage1.py and train_stage2.py write
+out the process group, DistributedDataParallel, torch.compile, autocast, the GradScaler, backward,
+the update, the non-finite skip and the logging. Nothing here owns the loop or the run's state.
 """
 
 import fcntl
@@ -14,26 +14,22 @@ import json
 import math
 import os
 import socket
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-CORES = len(os.sched_getaffinity(0))  # the cores this process may use: no default asks for more workers
+from util.configurator import BadInput, fail
 
-# TEMPORARY: the scripts not yet moved to util.configurator find these here
-from util.configurator import (BadInput, configure, epoch_steps, fail, need_files, need_init,  # noqa: E402,F401
-                               need_positive, short_errors, split_batch)
+CORES = len(os.sched_getaffinity(0))  # cores this process may use: no default asks for more workers
 
 # ----------------------------------------------------------------------------------------------
 # Processes, devices and precision
 
 def init_distributed(device_name='auto'):
-    """-> (rank, world_size, device). Under torchrun (RANK in the environment) this joins the process group: NCCL on
-    GPUs, gloo on CPUs; plain `python script.py` is one process."""
+    """-> (rank, world_size, device). Under torchrun (RANK in the environment) this joins the
+    process group: NCCL on GPUs, gloo on CPUs; plain `python script.py` is one process."""
     use_cuda = torch.cuda.is_available() and device_name != 'cpu'
     if 'RANK' in os.environ:
         dist.init_process_group('nccl' if use_cuda else 'gloo')
@@ -46,15 +42,16 @@ def init_distributed(device_name='auto'):
     return rank, world_size, torch.device(f'cuda:{local_rank}' if use_cuda else 'cpu')
 
 def pick_dtype(device, dtype='auto'):
-    """'auto' = bf16 on a GPU that has it, fp16 (which needs loss scaling) on older GPUs, fp32 on the CPU."""
+    """'auto' = bf16 on a GPU that has it, fp16 (needs loss scaling) on older GPUs, fp32 on CPU."""
     if dtype == 'auto':
-        dtype = 'float32' if device.type != 'cuda' else ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16')
+        dtype = 'float32' if device.type != 'cuda' else (
+            'bfloat16' if torch.cuda.is_bf16_supported() else 'float16')
     if dtype not in ('float32', 'bfloat16', 'float16'):
         fail(f"DTYPE must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
     return getattr(torch, dtype)
 
 def autocast(device, dtype='auto'):
-    """The precision context of the forward passes (evaluation's; the training scripts write theirs out)."""
+    """The forward passes' precision context (evaluation's; the training scripts write theirs)."""
     dtype = pick_dtype(device, dtype)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -67,25 +64,26 @@ def all_reduce_mean(t):
     return t
 
 def finite_everywhere(loss, grad_norm=None):
-    """True when the loss (and the gradient norm, if given) is finite on every rank: all ranks take the same
-    update-or-skip decision. One host sync."""
-    values = torch.stack([loss.detach().float(), torch.as_tensor(0.0 if grad_norm is None else grad_norm,
-                                                                   device=loss.device).float()])
+    """True when the loss (and the gradient norm, if given) is finite on every rank: all ranks take
+    the same update-or-skip decision. One host sync."""
+    values = torch.stack([loss.detach().float(), torch.as_tensor(
+        0.0 if grad_norm is None else grad_norm, device=loss.device).float()])
     return all_reduce_mean((~torch.isfinite(values)).float().sum()).item() == 0
 
 def seed_for(*keys):
-    """A 63-bit seed from a few values (e.g. SEED, step, rank): different keys give unrelated streams.
-    The scripts draw masks, stochastic depth, mixup and negatives from seeds that are functions of the
-    step, so a resumed run replays them exactly without saving any generator state."""
-    return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), 'little') >> 1
+    """A 63-bit seed from a few values (e.g. SEED, step, rank): other keys give unrelated streams.
+    The scripts draw masks, stochastic depth, mixup and negatives from seeds that are functions of
+    the step, so a resumed run replays them exactly without saving any generator state."""
+    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little') >> 1
 
 # ----------------------------------------------------------------------------------------------
 # Optimizer: schedule and parameter groups
 
 def lr_at(step, total_steps, warmup_steps, peak, floor, start=0.0, clamp=False):
-    """The per-iteration schedule: linear warmup start -> peak, then half-cosine peak -> floor. clamp=True is the
-    official stage-2 LambdaLR (multi_modality/utils/scheduler.py): warmup from 0 and cosine to 0, both clamped from
-    below at floor. A pure function of the step, so a resumed run has nothing to restore or drift."""
+    """Per iteration: linear warmup start -> peak, then half-cosine peak -> floor. clamp=True is the
+    official stage-2 LambdaLR (multi_modality/utils/scheduler.py): warmup from 0 and cosine to 0,
+    both clamped below at floor. Only the step matters: a resume has nothing to restore or drift."""
     if clamp:
         return max(floor, lr_at(step, total_steps, warmup_steps, peak, 0.0))
     if step < warmup_steps:
@@ -99,22 +97,23 @@ def set_lr(optimizer, lr):
         g['lr'] = lr * g['lr_scale']
 
 def adamw(model, lr, weight_decay, betas, lr_scale=None):
-    """AdamW (eps 1e-8, as the official scripts; fused on a GPU) with no weight decay on 1-D parameters (norms, q/v
-    biases, the temperature) and biases. lr_scale(name) -> a per-parameter lr multiplier (layer_decay); each group
-    keeps its 'lr_scale' for set_lr."""
+    """AdamW (eps 1e-8, as the official scripts; fused on a GPU) with no weight decay on 1-D
+    parameters (norms, q/v biases, the temperature) and biases. lr_scale(name) -> a per-parameter
+    lr multiplier (layer_decay); each group keeps its 'lr_scale' for set_lr."""
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             wd = 0.0 if p.ndim <= 1 or name.endswith('.bias') else weight_decay
             scale = lr_scale(name) if lr_scale else 1.0
-            groups.setdefault((wd, scale), {'params': [], 'weight_decay': wd, 'lr_scale': scale})['params'].append(p)
+            groups.setdefault((wd, scale), {'params': [], 'weight_decay': wd,
+                                            'lr_scale': scale})['params'].append(p)
     return torch.optim.AdamW(list(groups.values()), lr=lr, betas=betas, eps=1e-8,
                              fused=next(model.parameters()).is_cuda)
 
 def layer_decay(depth, decay, prefix=''):
-    """name -> lr multiplier decay^(depth + 1 - layer) (BEiT's layer-wise decay, used by the official fine-tuning):
-    the patch embedding is layer 0, block i layer i + 1, everything after the blocks layer depth + 1 (full lr).
-    The early layers, which hold the most general pre-trained features, move least (UMT-B: 0.75^13 = 0.024)."""
+    """name -> lr multiplier decay^(depth + 1 - layer) (BEiT's layer-wise decay, as the official
+    fine-tuning): patch embedding layer 0, block i layer i + 1, the rest depth + 1 (full lr). The
+    early layers, which hold the most general features, move least (UMT-B: 0.75^13 = 0.024)."""
     def layer(name):
         name = name.removeprefix(prefix)
         if name.startswith('patch_embed.'):
@@ -123,15 +122,16 @@ def layer_decay(depth, decay, prefix=''):
     return lambda name: decay ** (depth + 1 - layer(name)) if name.startswith(prefix) else 1.0
 
 # ----------------------------------------------------------------------------------------------
-# Data order: the same on every rank, independent of the number of workers, replayed exactly after a resume
+# Data order: the same on every rank, for any number of workers, replayed exactly after a resume
 
 class ResumableSampler(torch.utils.data.Sampler):
-    """DistributedSampler semantics (one global permutation per (seed, epoch), padded or cut to a multiple of
-    world_size, rank r takes positions r, r+W, ...) that yields (index, item_seed) with item_seed a function of
-    (seed, epoch, global position). set_start(p) skips this rank's first p samples of the next epoch iterated
-    (one-shot: the epoch after starts at 0 again). len() = samples per rank in a full epoch."""
+    """DistributedSampler semantics (one global permutation per (seed, epoch), padded or cut to a
+    multiple of world_size, rank r takes positions r, r+W, ...) yielding (index, item_seed),
+    item_seed a function of (seed, epoch, global position). set_start(p) skips this rank's first p
+    samples of the next epoch iterated (that epoch only). len() = samples per rank per epoch."""
     def __init__(self, length, shuffle=True, seed=0, rank=0, world_size=1, drop_last=True):
-        self.length, self.shuffle, self.seed, self.rank, self.world = length, shuffle, seed, rank, world_size
+        self.length, self.shuffle, self.seed = length, shuffle, seed
+        self.rank, self.world = rank, world_size
         per_rank = length // world_size if drop_last else math.ceil(length / world_size)
         self.total, self.epoch, self.start = per_rank * world_size, 0, 0
 
@@ -154,22 +154,24 @@ class ResumableSampler(torch.utils.data.Sampler):
             yield int(order[p]), int(seeds[p])
 
 def _worker_init(_):
-    torch.set_num_threads(1)  # parallelism comes from the workers; more threads only oversubscribe the cores
+    torch.set_num_threads(1)  # the workers are the parallelism; more threads oversubscribe cores
 
-def make_loader(dataset, batch_size, shuffle, seed, rank, world_size, num_workers, drop_last=True, start=0):
-    """DataLoader over a ResumableSampler; `start` = samples of this rank's epoch already consumed (resume)."""
+def make_loader(dataset, batch_size, shuffle, seed, rank, world_size, num_workers, drop_last=True,
+                start=0):
+    """DataLoader on a ResumableSampler; `start`: this rank's samples of the epoch used (resume)."""
     sampler = ResumableSampler(len(dataset), shuffle, seed, rank, world_size, drop_last)
     sampler.set_start(start)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None, worker_init_fn=_worker_init,
-        generator=torch.Generator())  # its own: creating an iterator must not draw from torch's global RNG
+        generator=torch.Generator())  # its own: iter() must not draw from torch's global RNG
     return loader, sampler
 
-def train_batches(dataset, batch_size, seed, rank, world_size, num_workers, step, steps_per_epoch, per_step=1):
-    """This rank's training batches without end, from optimizer step `step` on (a resumed run continues where it
-    stopped): epoch after epoch, a new permutation each, steps_per_epoch x per_step batches per epoch (per_step:
+def train_batches(dataset, batch_size, seed, rank, world_size, num_workers, step, steps_per_epoch,
+                  per_step=1):
+    """This rank's batches without end from optimizer step `step` on (a resume continues where it
+    stopped): a new permutation each epoch, steps_per_epoch x per_step batches per epoch (per_step:
     micro-batches per optimizer step; the incomplete rest of an epoch is dropped)."""
     loader, sampler = make_loader(dataset, batch_size, True, seed, rank, world_size, num_workers)
     epoch, done = divmod(step, steps_per_epoch)
@@ -187,9 +189,9 @@ def train_batches(dataset, batch_size, seed, rank, world_size, num_workers, step
 # OUT_DIR: one run at a time, resume, atomic checkpoints, the log
 
 def lock_out_dir(out_dir):
-    """Hold OUT_DIR/run.lock while this process lives (the master calls it): a second run on the same OUT_DIR stops
-    with a message. The lock is the kernel's (flock), freed when the process ends however it ends, even killed: the
-    file a crashed run leaves behind never blocks the next one; only a live process holds the lock."""
+    """Hold OUT_DIR/run.lock while this process lives (the master calls it): a second run on the
+    same OUT_DIR stops with a message. The lock is the kernel's (flock), freed however the process
+    ends, even killed: only a live process holds it, a crashed run's file never blocks the next."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         fail(f'OUT_DIR {out_dir!r} is a file: pass a folder (--out_dir=...)')
     os.makedirs(out_dir, exist_ok=True)
@@ -198,39 +200,58 @@ def lock_out_dir(out_dir):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        fail(f'OUT_DIR {out_dir!r} is in use by another run ({f.read().strip() or "running"}): wait for it to end, '
-             'or pass another --out_dir')
+        fail(f'OUT_DIR {out_dir!r} is in use by another run ({f.read().strip() or "running"}): '
+             'wait for it to end, or pass another --out_dir')
     f.truncate(0)
-    f.write(f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+    f.write(f'pid {os.getpid()} on {socket.gethostname()} '
+            f'since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
     f.flush()
     return f  # the lock lasts as long as this file stays open
 
 def claim_folder(folder, marker, what):
-    """A folder a command writes into must be new, empty, or marked as its own by an earlier run (the file `marker`
-    in it): never a folder of the user's. Makes it and leaves the marker."""
+    """A folder a command writes into must be new, empty, or marked as its own by an earlier run
+    (the file `marker` in it): never a folder of the user's. Makes it and leaves the marker."""
     if os.path.isfile(folder) or (os.path.isdir(folder) and os.listdir(folder)
                                   and not os.path.exists(os.path.join(folder, marker))):
         fail(f'{folder} holds files that {what} did not write: pass a new or empty folder')
     os.makedirs(folder, exist_ok=True)
     open(os.path.join(folder, marker), 'a').close()
 
+def resolve(path, what='--init'):
+    """A weights file by name: hf://OWNER/REPO/FILE (FILE may have folders) is fetched once into the
+    Hugging Face cache by huggingface_hub.hf_hub_download and its local path returned; anything else
+    is returned as it is. what: the setting it came from, for the message."""
+    if not isinstance(path, str) or not path.startswith('hf://'):
+        return path
+    parts = path[len('hf://'):].split('/', 2)
+    if len(parts) < 3 or not all(parts):
+        fail(f'{what} {path}: a Hugging Face file is hf://OWNER/REPO/FILE')
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(f'{parts[0]}/{parts[1]}', parts[2])
+    except Exception as e:  # noqa: BLE001 - offline, no such repo or file, no access: the user's
+        fail(f'{what} {path}: cannot fetch {parts[2]} from the Hugging Face repo {parts[0]}/'
+             f'{parts[1]} ({type(e).__name__}). Offline or without access, download the file '
+             f'elsewhere and pass its local path: {what}=/path/to/{parts[2].split("/")[-1]}')
+
 def read_checkpoint(path):
-    """A checkpoint file -> dict, read with weights_only=True (tensors and plain data, never code to run)."""
+    """A checkpoint file -> dict, read weights_only (tensors and plain data, never code to run)."""
     if os.path.isdir(path) or not os.path.exists(path):
         fail(f'checkpoint {path!r} ' + ('is a folder' if os.path.isdir(path) else 'not found') +
              ': pass a .pt / .pth file')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every way a file can fail to load is the file's, reported as such
+    except Exception as e:  # noqa: BLE001 - any failure to load is the file's, reported as such
         why = (str(e).splitlines() or [type(e).__name__])[0].split('. ')[0]
         if 'Unsupported global' in str(e):
-            fail(f"{path} holds pickled Python objects, never loaded here. If you trust it, keep its weights once: "
+            fail(f"{path} holds pickled Python objects, never loaded here. "
+                 "If you trust it, keep its weights once: "
                  "torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')")
-        fail(f'{path} cannot be read ({type(e).__name__}: {why}): the file is truncated or corrupt, or not a '
-             'checkpoint')
+        fail(f'{path} cannot be read ({type(e).__name__}: {why}): the file is truncated or '
+             'corrupt, or not a checkpoint')
     if not isinstance(ckpt, dict) or not ckpt:
-        fail(f'{path} holds a {type(ckpt).__name__}, not a dict of weights: pass a checkpoint of this project or an '
-             'official UMT .pth')
+        fail(f'{path} holds a {type(ckpt).__name__}, not a dict of weights: pass a checkpoint of '
+             'this project or an official UMT .pth')
     return ckpt
 
 def save_checkpoint(obj, path):
@@ -243,17 +264,17 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)  # atomic on POSIX
 
 def resume(out_dir, world_size, device, kind_key='model_config', not_keys=()):
-    """OUT_DIR/last.pt as a dict, or None for a new run. Every rank must take the same decision, so a checkpoint
-    seen by some ranks only (OUT_DIR not on shared storage) stops the run; so does a file that cannot be read, or one
-    that another script wrote (no `kind_key`, or one of `not_keys`): starting over silently would throw the run away."""
+    """OUT_DIR/last.pt as a dict, or None for a new run. Ranks must agree: a checkpoint seen by some
+    only (OUT_DIR not on shared storage) stops the run, as does an unreadable file or one another
+    script wrote (no `kind_key`, or one of `not_keys`): starting over would throw the run away."""
     path = os.path.join(out_dir, 'last.pt')
-    exists = os.path.exists(path)  # a stray last.pt.tmp (a crash mid-write) is ignored: last.pt is intact
+    exists = os.path.exists(path)  # a last.pt.tmp left by a crash is ignored: last.pt is intact
     if world_size > 1:
         seen = torch.tensor([float(exists)], device=device)
         dist.all_reduce(seen)
         if 0 < seen.item() < world_size:
-            fail(f'{path} is visible on {int(seen.item())} of {world_size} ranks: put OUT_DIR on storage that every '
-                 'node sees')
+            fail(f'{path} is visible on {int(seen.item())} of {world_size} ranks: put OUT_DIR on '
+                 'storage that every node sees')
     if not exists:
         return None
     try:
@@ -265,113 +286,32 @@ def resume(out_dir, world_size, device, kind_key='model_config', not_keys=()):
     return ckpt
 
 def resumed_line(ckpt, config, path, steps_per_epoch):
-    """'resumed from PATH at step S (epoch E)' and the settings that changed since the checkpoint."""
+    """'resumed from PATH at step S (epoch E)' and the settings changed since the checkpoint."""
     old = ckpt['config']
     diff = ', '.join(f'{k}: {old.get(k)!r} -> {v!r}' for k, v in config.items() if old.get(k) != v)
-    return f'resumed from {path} at step {ckpt["step"]} (epoch {ckpt["step"] // steps_per_epoch})' + \
-        (f'; settings changed since: {diff}' if diff else '')
-
-class Meter:
-    """Sums for one log record, since the last one: the losses of the good steps, samples, replaced samples and the
-    seconds spent waiting for data; and the count of skipped (non-finite) steps, in all and in a row. `record`
-    averages them over ranks and starts over."""
-
-    def __init__(self, sizes, device, step=0):
-        self.sizes, self.device, self.last_step = sizes, device, step  # sizes: {loss: 0 if a scalar, else its length}
-        self.skipped_steps = self.bad_in_a_row = 0
-        self.reset()
-
-    def reset(self):
-        self.sums, self.steps, self.samples, self.replaced, self.wait = {}, 0, 0, 0, 0.0
-        self.t0 = time.perf_counter()
-
-    def next(self, batches):
-        """The next batch, timing the wait for it."""
-        t = time.perf_counter()
-        batch = next(batches)
-        self.wait += time.perf_counter() - t
-        self.samples += len(batch['index'])
-        self.replaced += int(batch['skipped'].sum())  # unreadable files the dataset replaced by others
-        return batch
-
-    def add(self, good, **losses):
-        """One optimizer step: its losses (scalars or vectors) if it was good, else one more skipped step."""
-        self.skipped_steps, self.bad_in_a_row = self.skipped_steps + (not good), 0 if good else self.bad_in_a_row + 1
-        if good:
-            for k, v in losses.items():
-                self.sums[k] = self.sums.get(k, 0.0) + torch.as_tensor(v).detach().double().reshape(-1)
-            self.steps += 1
-
-    def record(self, step, steps_per_epoch, lr, grad_norm):
-        """{'step', 'epoch', every loss (None without a good step since the last record), 'lr', 'grad_norm' (None if
-        this step was skipped), 'samples_per_s', 'ms_per_step', 'data_wait' (a fraction of the time),
-        'skipped_steps', 'skipped_samples'}."""
-        width = {k: max(n, 1) for k, n in self.sizes.items()}
-        flat = [self.sums.get(k, torch.zeros(n, dtype=torch.float64)).to(self.device) for k, n in width.items()]
-        counts = torch.tensor([self.samples, self.replaced, self.wait], device=self.device, dtype=torch.float64)
-        stats = all_reduce_mean(torch.cat(flat + [counts])).tolist()
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        seconds = time.perf_counter() - self.t0
-        record = {'step': step, 'epoch': step / steps_per_epoch}
-        for k, n in width.items():
-            part, stats = [x / max(self.steps, 1) for x in stats[:n]], stats[n:]
-            record[k] = None if not self.steps else part if self.sizes[k] else part[0]
-        record.update(lr=lr, grad_norm=None if self.bad_in_a_row else float(grad_norm),
-                      samples_per_s=stats[0] * world / seconds,
-                      ms_per_step=1000 * seconds / max(1, step - self.last_step),
-                      data_wait=min(1.0, stats[2] / seconds), skipped_steps=self.skipped_steps,
-                      skipped_samples=round(stats[1] * world))
-        if self.device.type == 'cuda':
-            record['max_memory_gib'] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-        self.last_step = step
-        self.reset()
-        return record
-
-def stop_if_bad(meter, max_bad_steps, step, ckpt_path, last_ckpt_step):
-    """MAX_BAD_STEPS non-finite steps in a row end the run, naming the last good checkpoint to resume from."""
-    if meter.bad_in_a_row >= max_bad_steps:
-        last = f'{ckpt_path} (step {last_ckpt_step})' if last_ckpt_step else 'none: no checkpoint was written yet'
-        fail(f'{meter.bad_in_a_row} non-finite losses in a row (steps {step + 1 - meter.bad_in_a_row}-{step}): '
-             f'stopping. The last good checkpoint is {last}: lower the learning rate, then launch again to resume.')
-
-NOT_LOSSES = ('epoch', 'lr', 'grad_norm', 'samples_per_s', 'ms_per_step', 'data_wait', 'max_memory_gib', 'boxes')
+    return (f'resumed from {path} at step {ckpt["step"]} (epoch {ckpt["step"] // steps_per_epoch})'
+            + (f'; settings changed since: {diff}' if diff else ''))
 
 def write_log(out_dir, record):
     """One JSON line in OUT_DIR/log.jsonl (the master writes)."""
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(record) + '\n')
 
-def log(out_dir, record, workers, device, bar=None):
-    """A Meter record into log.jsonl and onto the screen (the master calls it). When the step waited for data a
-    fifth of the time, it says once what can be done: more workers where cores are idle and, on a GPU, prepared
-    videos (on a CPU the model shares the cores with decoding: nothing to do)."""
-    write_log(out_dir, record)
-    scores = ' | '.join(f'{k} {v:.4f}' for k, v in record.items() if isinstance(v, float) and k not in NOT_LOSSES)
-    tqdm.write(f'step {record["step"]} | {scores or "loss n/a"} | lr {record["lr"]:.3g} | grad norm '
-               f'{record["grad_norm"] or 0:.3f} | {record["ms_per_step"]:.0f} ms/step | '
-               f'{record["samples_per_s"]:.1f} samples/s | data wait {record["data_wait"]:.0%}')
-    if bar is not None:
-        bar.set_postfix(loss='n/a' if record.get('loss') is None else f'{record["loss"]:.4f}')
-    cores = CORES // int(os.environ.get('LOCAL_WORLD_SIZE', 1))  # per process
-    remedies = ([f'raise NUM_WORKERS (now {workers}; {cores} cores per process)'] if workers < cores - 1 else []) + \
-        (['prepare the videos for fast sampling (python -m tools.prepare_data)'] if device.type == 'cuda' else [])
-    if record['data_wait'] > 0.2 and remedies and not getattr(log, 'hinted', False):
-        log.hinted = True
-        tqdm.write(f'the step waited for data {record["data_wait"]:.0%} of the time: ' + ', or '.join(remedies))
-
 # ----------------------------------------------------------------------------------------------
 # For the downstream scripts (tasks/): what the stage scripts write out, in three calls
 
 def start(device_name, dtype_name, out_dir):
-    """Processes, precision and the OUT_DIR lock, as train_stage1.py writes them out -> (rank, world_size, device,
+    """train_stage1.py's processes, precision and OUT_DIR lock -> (rank, world_size, device,
     autocast, scaler, lock): rank 0 holds the lock; the GradScaler only acts in fp16."""
     rank, world_size, device = init_distributed(device_name)
-    scaler = torch.amp.GradScaler(device.type, enabled=pick_dtype(device, dtype_name) == torch.float16)
-    return rank, world_size, device, autocast(device, dtype_name), scaler, lock_out_dir(out_dir) if rank == 0 else None
+    scaler = torch.amp.GradScaler(device.type,
+                                  enabled=pick_dtype(device, dtype_name) == torch.float16)
+    return (rank, world_size, device, autocast(device, dtype_name), scaler,
+            lock_out_dir(out_dir) if rank == 0 else None)
 
 def restore(ckpt, optimizer, scaler, config, path, steps_per_epoch):
-    """train_stage1.py's resume: the optimizer state, the loss scale and the step of ckpt (None: a new run, step 0)
-    -> (step, the report line or None)."""
+    """train_stage1.py's resume: the optimizer state, the loss scale and the step of ckpt (None: a
+    new run, step 0) -> (step, the report line or None)."""
     if ckpt is None:
         return 0, None
     optimizer.load_state_dict(ckpt['optimizer'])
@@ -379,18 +319,19 @@ def restore(ckpt, optimizer, scaler, config, path, steps_per_epoch):
     return ckpt['step'], resumed_line(ckpt, config, path, steps_per_epoch)
 
 def wrap(raw_model, part, compile, world_size, device):
-    """train_stage1.py's compile and DDP: torch.compile of `part` (raw_model or a piece with static shapes) in place,
-    so the weights keep their names; DistributedDataParallel around raw_model with several processes."""
+    """train_stage1.py's compile and DDP: torch.compile of `part` (raw_model or a piece with static
+    shapes) in place (the weights keep their names); DDP around raw_model with several processes."""
     if compile:
         part.forward = torch.compile(part.forward)
-    model = torch.nn.parallel.DistributedDataParallel(
-        raw_model, device_ids=[device.index] if device.type == 'cuda' else None) if world_size > 1 else raw_model
+    model = (torch.nn.parallel.DistributedDataParallel(
+        raw_model, device_ids=[device.index] if device.type == 'cuda' else None)
+        if world_size > 1 else raw_model)
     return model.train()
 
 def update(optimizer, scaler, model, grad_clip, loss):
-    """train_stage1.py's update in one call: unscale, clip (or only measure), step unless the loss or a gradient is
-    not finite on some rank (in fp16 overflowing gradients are the scaler's to skip), the next loss scale, zero the
-    gradients -> (good, gradient norm)."""
+    """train_stage1.py's update in one call: unscale, clip (or only measure), step unless the loss
+    or a gradient is not finite on some rank (in fp16 overflowing gradients are the scaler's to
+    skip), the next loss scale, zero the gradients -> (good, gradient norm)."""
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
     good = finite_everywhere(loss, None if scaler.is_enabled() else grad_norm)

@@ -45,7 +45,7 @@ from torchvision.transforms.v2 import InterpolationMode, functional as TF
 
 import data
 import training
-from util.configurator import fail, short_errors
+from util.configurator import fail, short_errors, user_input
 from util.evaluation import new_output
 
 # training boxes: each side moves by U(-out, in) x the box size; (x out, x in, y out, y in) as the
@@ -62,6 +62,11 @@ IOU_THRESHOLD = 0.5  # frame-mAP: a detection hits a ground-truth box at IoU >= 
 # box: normalized (x1, y1, x2, y2); action: None if empty
 Row = namedtuple('Row', 'video ts box action score')
 
+def read_text(path, what):
+    """data.read_text; a file that cannot be read ends the command with its message."""
+    with user_input():
+        return data.read_text(path, what)
+
 def read_csv(path, with_score=False, what='CSV'):
     """An AVA CSV -> (rows, skipped): a box outside the frame (or empty) is skipped and counted; a
     line that does not parse is bad input that names the file and the line. Columns: video_id,
@@ -70,7 +75,7 @@ def read_csv(path, with_score=False, what='CSV'):
     rows, skipped = [], 0
     last = 'score' if with_score else 'person_id'
     fields = f'video_id, timestamp, x1, y1, x2, y2, action_id, {last}'
-    for n, line in enumerate(data.read_text(path, what).splitlines(), 1):
+    for n, line in enumerate(read_text(path, what).splitlines(), 1):
         r = [x.strip() for x in line.split(',')]
         if not line.strip() or line.startswith('#'):
             continue
@@ -95,7 +100,7 @@ def read_csv(path, with_score=False, what='CSV'):
 def read_labelmap(path):
     """A .pbtxt label map -> {action id: name}, in file order."""
     names = {}
-    for block in data.read_text(path, 'label map').split('}'):
+    for block in read_text(path, 'label map').split('}'):
         name = re.search(r'name:\s*"([^"]*)"', block)
         num = re.search(r'(?:label_id|\bid):\s*(\d+)', block)
         if name and num:
@@ -108,7 +113,7 @@ def read_labelmap(path):
 def read_exclusions(path):
     """video_id, timestamp per line -> a set of (video_id, timestamp) keys."""
     keys = set()
-    for n, line in enumerate(data.read_text(path, 'exclusions file').splitlines(), 1):
+    for n, line in enumerate(read_text(path, 'exclusions file').splitlines(), 1):
         r = [x.strip() for x in line.split(',')]
         if line.strip():
             if len(r) < 2 or not r[1].isdigit():
@@ -252,7 +257,7 @@ def clip_times(num_frames, stride):
     first = (OFFICIAL_SPAN - num_frames * s) // 2 + (s - 1) // 2 - OFFICIAL_SPAN // 2
     return (first + s * np.arange(num_frames)) / OFFICIAL_FPS
 
-class Keyframes(data._RobustDataset):
+class Keyframes(data.RobustDataset):
     """One item per keyframe (video_id, timestamp): T frames `stride` seconds apart, centred on it,
     and its boxes.
 

@@ -42,7 +42,7 @@ import training
 from tasks import augment
 from util import checkpoints
 from util.configurator import (configure, epoch_steps, fail, need_files, need_init, need_positive,
-                               split_batch)
+                               split_batch, user_input)
 from util.evaluation import head_accuracy
 
 # ----------------------------------------------------------------------------------------------
@@ -224,12 +224,13 @@ peak_lr, warmup_lr, min_lr = BASE_LR * lr_factor, WARMUP_LR * lr_factor, MIN_LR 
 if MAKE_DEMO:
     demo.setup(DATA_ROOT, TRAIN_LIST, True, None, master, SEED)
 kw = dict(max_bad_fraction=MAX_BAD_FRACTION, threads=DECODE_THREADS, sampler=SAMPLER)
-train_set = augment.RepeatedAugClassification(
-    TRAIN_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, flip=FLIP, rrc_scale=RRC_SCALE,
-    num_sample=NUM_SAMPLE, rand_augment=RAND_AUGMENT, erase_prob=RANDOM_ERASE, **kw)
-val_set = data.VideoClassification(VAL_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='val', **kw)
-test_set = data.VideoClassification(VAL_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='test',
-                                    num_clips=TEST_CLIPS, num_crops=TEST_CROPS, **kw)
+with user_input():  # a list file that cannot be read
+    train_set = augment.RepeatedAugClassification(
+        TRAIN_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, flip=FLIP, rrc_scale=RRC_SCALE,
+        num_sample=NUM_SAMPLE, rand_augment=RAND_AUGMENT, erase_prob=RANDOM_ERASE, **kw)
+    val_set = data.VideoClassification(VAL_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='val', **kw)
+    test_set = data.VideoClassification(VAL_LIST, DATA_ROOT, NUM_FRAMES, IMG_SIZE, mode='test',
+                                        num_clips=TEST_CLIPS, num_crops=TEST_CROPS, **kw)
 for name, ds in (('TRAIN_LIST', train_set), ('VAL_LIST', val_set)):
     if ds.num_classes > NUM_CLASSES:
         fail(f'{name} has label {ds.num_classes - 1}, but NUM_CLASSES={NUM_CLASSES}')
@@ -245,8 +246,8 @@ if ckpt is not None and ckpt['num_classes'] != NUM_CLASSES:
     fail(f'{ckpt_path} has {ckpt["num_classes"]} classes but NUM_CLASSES={NUM_CLASSES}: another '
          'OUT_DIR?')
 # the sin-cos table is regenerated for NUM_FRAMES x IMG_SIZE
-raw_model, report = checkpoints.load(
-    INIT if ckpt is None else ckpt, 'classifier', NUM_CLASSES,
+raw_model, report = checkpoints.load_classifier(
+    INIT if ckpt is None else ckpt, NUM_CLASSES,
     head_rows=head_rows if ckpt is None else None, head_dropout=HEAD_DROPOUT,
     init_scale=INIT_SCALE, num_frames=NUM_FRAMES, img_size=IMG_SIZE, drop_path=DROP_PATH,
     checkpoint_blocks=CHECKPOINT_BLOCKS, name=INIT if ckpt is None else ckpt_path)

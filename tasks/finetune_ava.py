@@ -204,9 +204,10 @@ if ckpt is not None and ckpt['num_classes'] != NUM_CLASSES:
     fail(f'{ckpt_path} has {ckpt["num_classes"]} classes but NUM_CLASSES={NUM_CLASSES}: another '
          'OUT_DIR?')
 # any checkpoint gives a classifier's backbone; sin-cos table regenerated for NUM_FRAMES x CROP
-encoder, report = checkpoints.load(INIT if ckpt is None else ckpt, 'classifier', NUM_CLASSES,
-                                   num_frames=NUM_FRAMES, img_size=CROP, drop_path=DROP_PATH,
-                                   name=INIT if ckpt is None else ckpt_path)
+encoder, report = checkpoints.load_classifier(INIT if ckpt is None else ckpt, NUM_CLASSES,
+                                              num_frames=NUM_FRAMES, img_size=CROP,
+                                              drop_path=DROP_PATH,
+                                              name=INIT if ckpt is None else ckpt_path)
 raw_model = ava.ActionDetector(encoder.backbone, NUM_CLASSES, INIT_SCALE, ROI_ALIGNED)
 if ckpt is not None:
     load_strict(raw_model, ckpt['model'])

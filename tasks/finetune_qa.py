@@ -27,6 +27,7 @@ OUT_DIR/last.pt (and a finished run tests again).
 import json
 import os
 import sys
+import time
 from contextlib import nullcontext
 
 import torch
@@ -127,7 +128,7 @@ if K_TEST < 1 or MAX_ANSWER_LEN < 3 or MAX_QUESTION_LEN < 3:
     fail(f'K_TEST={K_TEST} must be >= 1, MAX_ANSWER_LEN and MAX_QUESTION_LEN >= 3 (a start, a '
          'token, an end)')
 resuming = os.path.exists(os.path.join(OUT_DIR, 'last.pt'))  # then INIT is not needed
-init_file = INIT if resuming else checkpoints.resolve(INIT, 'INIT')
+init_file = INIT if resuming else training.resolve(INIT, 'INIT')
 need_init(init_file, OUT_DIR, 'a stage-2 checkpoint of train_stage2.py or an official stage-2 .pth',
           'python train_stage2.py --preset=demo')
 need_files({'TRAIN_ANN': TRAIN_ANN, 'VAL_ANN': VAL_ANN, 'TEST_ANN': TEST_ANN,
@@ -215,15 +216,17 @@ def evaluate_qa(split):
 
 batches = training.train_batches(train_set, micro_batch, SEED, rank, world_size, NUM_WORKERS,
                                  step, steps_per_epoch, grad_accum)
-meter = training.Meter({'loss': 0}, device, step)
 bar = tqdm(total=total_steps, initial=step, disable=not master, desc='QA', dynamic_ncols=True)
-last_ckpt_step = step
+last_ckpt_step, skipped, bad_in_a_row = step, 0, 0  # the last checkpoint, bad steps
+t_log, step_log, data_wait = time.perf_counter(), step, 0.0  # since the last log line
 while step < total_steps:
     lr = training.lr_at(step, total_steps, warmup_steps, LR, min_lr, clamp=True)  # official
     training.set_lr(optimizer, lr)
     step_loss = torch.zeros((), device=device)
     for micro in range(grad_accum):
-        batch = meter.next(batches)
+        t0 = time.perf_counter()
+        batch = next(batches)
+        data_wait += time.perf_counter() - t0
         video = data.normalize(batch['video'].to(device, non_blocking=True))  # [b, 3, T, S, S]
         text = [batch[k].to(device) for k in ('ids', 'mask', 'answer_ids', 'answer_mask',
                                               'weights')]
@@ -242,12 +245,27 @@ while step < total_steps:
     good, grad_norm = training.update(optimizer, scaler, raw_model, GRAD_CLIP, step_loss)
     step += 1
     bar.update()
-    meter.add(good, loss=step_loss)  # a skipped step is counted, its loss left out of the mean
-    if step % LOG_INTERVAL == 0 or step == total_steps or meter.bad_in_a_row == MAX_BAD_STEPS:
-        record = meter.record(step, steps_per_epoch, lr, grad_norm)
+
+    # ---- log this step (its loss averaged over the ranks: a host sync, so every LOG_INTERVAL)
+    skipped, bad_in_a_row = skipped + (not good), 0 if good else bad_in_a_row + 1
+    if step % LOG_INTERVAL == 0 or step == total_steps or bad_in_a_row == MAX_BAD_STEPS:
+        loss_value = training.all_reduce_mean(step_loss).item()
+        seconds, done = time.perf_counter() - t_log, step - step_log
+        record = {'step': step, 'epoch': step / steps_per_epoch,
+                  'loss': loss_value if good else None, 'lr': lr,
+                  'grad_norm': grad_norm.item() if good else None,
+                  'ms_per_step': 1000 * seconds / done, 'data_wait': data_wait / seconds,
+                  'skipped_steps': skipped}
         if master:
-            training.log(OUT_DIR, record, NUM_WORKERS, device, bar)
-    training.stop_if_bad(meter, MAX_BAD_STEPS, step, ckpt_path, last_ckpt_step)
+            training.write_log(OUT_DIR, record)
+            tqdm.write(f'step {step} | loss {loss_value:.4f} | lr {lr:.3g} | '
+                       f'{record["ms_per_step"]:.0f} ms/step | data wait {record["data_wait"]:.0%}')
+        t_log, step_log, data_wait = time.perf_counter(), step, 0.0
+    if bad_in_a_row == MAX_BAD_STEPS:  # the loss diverged: stop, and name the checkpoint to resume
+        last = f'{ckpt_path} (step {last_ckpt_step})' if last_ckpt_step else 'none written yet'
+        fail(f'{MAX_BAD_STEPS} non-finite losses in a row '
+             f'(steps {step + 1 - MAX_BAD_STEPS}-{step}): stopping. The last good checkpoint is '
+             f'{last}: lower the learning rate, then launch again.')
 
     # ---- validation after every epoch; a checkpoint too
     if 'val' in tests and step % steps_per_epoch == 0:
@@ -286,7 +304,7 @@ if 'test' in tests:
         json.dump(predictions, open(os.path.join(OUT_DIR, 'test_predictions.json'), 'w'), indent=1)
         print(f'wrote {OUT_DIR}/test_predictions.json')
 if master:
-    print(f'done: {step} steps, {meter.skipped_steps} skipped; weights in {ckpt_path}, log in '
+    print(f'done: {step} steps, {skipped} skipped; weights in {ckpt_path}, log in '
           f'{OUT_DIR}/log.jsonl')
 if world_size > 1:
     torch.distributed.barrier()  # leave together: a rank that leaves first makes gloo abort

@@ -54,6 +54,16 @@ DEMO_MARKER = '.umt_demo'  # the demo set's marker (demo.py): its QA files go be
 # ----------------------------------------------------------------------------------------------
 # Multiple choice: zero-shot scoring with the stage-2 heads
 
+def read_text(path, what):
+    """data.read_text; a file that cannot be read ends the command with its message."""
+    with user_input():
+        return data.read_text(path, what)
+
+def load_json(path, what):
+    """data.load_json; a file that cannot be read ends the command with its message."""
+    with user_input():
+        return data.load_json(path, what)
+
 def mc_combine(itm_logits, sim, temp, itm_weight=MC_ITM_WEIGHT):
     """itm_logits [B, O, 2] (no-match, match), sim [B, O] mean over frames of the per-frame cosine
     -> scores [B, O] = w softmax(itm)[match] + (1 - w) softmax over the O options of sim / temp
@@ -296,7 +306,7 @@ def load_qa(source, name=None, vocab=None, **overrides):
     config = checkpoints.official_config(vision, overrides)
     bert = bert_config(sub_state_dict(w.sd, 'text_encoder.'))  # heads: width / 64, as B and L
     with user_input(f'--vocab {vocab}: '):
-        tokenizer = Tokenizer(checkpoints.resolve(vocab, '--vocab')) if vocab else None
+        tokenizer = Tokenizer(training.resolve(vocab, '--vocab')) if vocab else None
     text_config = dict(text_encoder='bert', bert=dataclasses.asdict(bert),
                        vocab=tokenizer.tokens if tokenizer else None)
     sd = {**{'vision_encoder.' + k: v for k, v in vision.items()},
@@ -321,7 +331,7 @@ def read_qa(ann_file, root=None):
     A list's unique answers weigh count / len (official). An entry without a video, a question or a
     non-empty answer is skipped and counted."""
     items, skipped = [], []
-    for i, o in enumerate(data.load_json(ann_file, 'QA file')):
+    for i, o in enumerate(load_json(ann_file, 'QA file')):
         answers = o.get('answer') if isinstance(o.get('answer'), list) else [o.get('answer')]
         answers = [a for a in answers if isinstance(a, str) and a.strip()]
         if not (isinstance(o.get('video'), str) and isinstance(o.get('question'), str) and answers):
@@ -339,7 +349,7 @@ def read_qa(ann_file, root=None):
 def read_answer_list(path):
     """JSON list of answer strings -> the list, as it is (answers are never cleaned)."""
     try:
-        answers = json.loads(data.read_text(path, 'answer list'))
+        answers = json.loads(read_text(path, 'answer list'))
     except json.JSONDecodeError as e:
         fail(f'answer list {path} is not JSON ({e})')
     if not isinstance(answers, list) or not answers:
@@ -364,7 +374,7 @@ def read_mc(ann_file, root=None):
     options cleaned by data.pre_text. Every question needs the same number of options (5 in
     MSRVTT-MC) and an answer among them."""
     items = []
-    for i, o in enumerate(data.load_json(ann_file, 'MC file')):
+    for i, o in enumerate(load_json(ann_file, 'MC file')):
         options, answer = o.get('caption'), o.get('answer')
         if not (isinstance(options, list) and len(options) >= 2 and type(answer) is int
                 and 0 <= answer < len(options) and isinstance(o.get('video'), str)
@@ -377,7 +387,7 @@ def read_mc(ann_file, root=None):
         fail(f'{ann_file}: the questions have different numbers of options')
     return items
 
-class VideoQuestions(data._RobustDataset):
+class VideoQuestions(data.RobustDataset):
     """QAItems or MCItems with their uint8 clips (data.normalize makes them model inputs). 'train':
     the official 'rand' frames, random-resized crop + flip, an unreadable video replaced by another
     and counted (data.py); 'eval': middle frames, the whole frame resized (the official test
@@ -489,7 +499,7 @@ def make_demo_qa(root, out_dir=None, seed=0):
     folder."""
     out_dir, rng = out_dir or root, np.random.default_rng(seed)
     # (record, attributes) of the captions that fit the template
-    splits = {s: [(r, a) for r in data.load_json(f'{root}/captions_{s}.json', 'demo captions')
+    splits = {s: [(r, a) for r in load_json(f'{root}/captions_{s}.json', 'demo captions')
                   if (a := demo_attributes(r))] for s in ('train', 'val')}
     training.claim_folder(out_dir, DEMO_MARKER, 'the demo')
     asked = {k: q for k, q in DEMO_QUESTIONS.items()              # not an attribute of one value
@@ -572,7 +582,7 @@ def main(argv=None):
     ctx = training.autocast(device)
     overrides = {k: v for k, v in (('num_frames', args.frames), ('img_size', args.size)) if v}
     vocab = args.vocab or VOCAB  # read only for an official checkpoint
-    ckpt = checkpoints.read(checkpoints.resolve(args.ckpt, '--ckpt'), args.ckpt)  # hf://: fetched
+    ckpt = checkpoints.read(training.resolve(args.ckpt, '--ckpt'), args.ckpt)  # hf://: fetched
     if args.command == 'mc':
         net, report = checkpoints.load_stage2(ckpt, vocab=vocab, **overrides)
         print('\n'.join(report))

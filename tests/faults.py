@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import training  # noqa: E402
+from util import configurator
 
 NAN_STEPS = {int(s) for s in os.environ.get('UMT_TEST_NAN_STEPS', '').split(',') if s}
 KILL_AFTER = int(os.environ.get('UMT_TEST_KILL_AFTER', 0))
@@ -68,7 +69,7 @@ def run_here(entry, argv, nan_steps=(), kill_after=0):
                 runpy.run_path(str(entry), run_name='__main__')
             else:
                 runpy.run_module(entry, run_name='__main__')
-    except training.BadInput as e:
+    except configurator.BadInput as e:
         code = 1
         err.write(f'{os.path.basename(str(entry))}: {e}\n')
     except SystemExit as e:

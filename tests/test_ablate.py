@@ -26,7 +26,7 @@ def test_differences_are_paired_by_seed():
 
 
 def test_bad_rows_are_named():
-    with pytest.raises(ablate.training.BadInput, match="'tube' in 'mask_type=semantic,tube' is not name=value"):
+    with pytest.raises(ablate.configurator.BadInput, match="'tube' in 'mask_type=semantic,tube' is not name=value"):
         ablate.parse_changes('mask_type=semantic,tube')
 
 

@@ -21,6 +21,7 @@ import data
 import faults
 import tasks.ava as ava
 import training
+from util import configurator
 from model import VideoViT, get_config
 from conftest import counting_video, frame_numbers, log_records
 
@@ -192,14 +193,14 @@ def test_bad_input_is_skipped_counted_or_refused(tmp_path):
     assert item['index'] == 0 and item['skipped'] >= 1 and train.num_bad >= 1
     assert item['num_boxes'] <= 1
     message = r'action id 7 \(video m1, timestamp 900\) is outside 1 .. 3'
-    with pytest.raises(training.BadInput, match=message):
+    with pytest.raises(configurator.BadInput, match=message):
         ava.Keyframes([rows[0]._replace(action=7)], str(tmp_path / 'movies'), 'train', **kw)
     crowded = ava.Keyframes([rows[0], rows[0]._replace(box=(0.6, 0.6, 0.9, 0.9))],
                             str(tmp_path / 'movies'), 'train', **kw, max_boxes=1)
     with pytest.raises(ValueError, match='more than max_boxes=1'):
         crowded.load(0, np.random.default_rng(0))
     (tmp_path / 'bad.csv').write_text('m1,0900,0.1,0.1,0.5,0.5,1,0\nm1,09x0,0.1,0.1,0.5,0.5,1,0\n')
-    with pytest.raises(training.BadInput, match='bad.csv line 2'):
+    with pytest.raises(configurator.BadInput, match='bad.csv line 2'):
         ava.read_csv(tmp_path / 'bad.csv')
     # the test: an unreadable keyframe gets no detections (not those of its replacement) and is
     # reported
@@ -255,7 +256,7 @@ def test_bad_constants_fail_fast(small_run, monkeypatch):
                          ('--init=missing.pt', "INIT 'missing.pt' not found"),
                          ('--labelmap=missing.pbtxt', "LABELMAP 'missing.pbtxt' not found"),
                          ('--num_classes=1', r'action id 2 .* is outside 1 .. 1')):
-        with pytest.raises(training.BadInput, match=message):
+        with pytest.raises(configurator.BadInput, match=message):
             run(args + [bad, f'--out_dir={tmp / "bad"}'], monkeypatch)
 
 def test_resume_is_exact_and_the_reported_map_is_the_files(small_run, monkeypatch, capsys):

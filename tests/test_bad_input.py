@@ -1,5 +1,5 @@
 """Bad input from a user, entry point by entry point: each row must end the command with a short
-message that names the input (training.BadInput, which the entry points print without a traceback),
+message that names the input (configurator.BadInput, which the entry points print without a traceback),
 or give the right result; nothing the command did not write is ever overwritten. Rows run in this
 process (no start-up cost); test_the_message_is_all checks once, in a fresh process, that the user
 sees the message and no traceback."""
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import training
+from util import configurator
 from tasks import ava
 from model import VideoViT, get_config
 
@@ -68,7 +68,7 @@ def files(demo_dir, tmp_path_factory):
 
 def stops(run, *message):
     """run() must raise BadInput whose message matches every regex of `message`."""
-    with pytest.raises(training.BadInput) as e:
+    with pytest.raises(configurator.BadInput) as e:
         run()
     for m in message:
         assert __import__('re').search(m, str(e.value)), (m, str(e.value))

@@ -18,7 +18,6 @@ import data
 import demo
 import evaluate
 import teacher as tm
-import training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,10 +120,10 @@ def test_demo_clip_learns_the_colors(demo_dir, demo_clip, tmp_path):
         with torch.no_grad():
             pred = (F.normalize(clip.encode_image(images), dim=-1) @ txt.t()).argmax(1)
         return sum(names[p] == c for p, c in zip(pred, colors)) / len(colors)
-    assert color_accuracy(tm.build_clip('tiny', demo_clip)) >= 10 / 12
-    assert color_accuracy(tm.build_clip('tiny', None)) <= 5 / 12
-    with pytest.raises(training.BadInput, match="train_demo_clip"):
-        tm.build_clip('tiny', str(tmp_path / 'missing.pt'))
+    assert color_accuracy(demo.tiny_clip(demo_clip)) >= 10 / 12
+    assert color_accuracy(demo.tiny_clip(None)) <= 5 / 12
+    with pytest.raises(ValueError, match="train_demo_clip"):
+        demo.tiny_clip(str(tmp_path / 'missing.pt'))
 
 
 def test_representation_eval_tells_the_teacher_from_a_random_student(demo_dir, demo_clip, tmp_path):

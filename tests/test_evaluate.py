@@ -249,11 +249,11 @@ def test_classify_command(demo_dir, tmp_path):
 
 
 def tiny_stage2(path):
-    from teacher import build_clip
+    from demo import tiny_clip
     from video_language import build_umt
     torch.manual_seed(0)
     config = get_config('tiny', num_frames=4)
-    umt = build_umt(VideoViT(config), build_clip('tiny'))
+    umt = build_umt(VideoViT(config), tiny_clip())
     torch.save({'model': umt.state_dict(), 'model_config': dataclasses.asdict(config),
                 'text_config': umt.text_config}, path)
 

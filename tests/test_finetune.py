@@ -17,6 +17,7 @@ import data
 from tasks import augment
 import faults
 import training
+from util import configurator
 import util.evaluation
 from util import checkpoints
 from model import VideoClassifier, VideoViT, get_config, sincos_table
@@ -193,7 +194,7 @@ def test_from_official_finetuned_layout():
     # small inputs keep the test fast: the first rows of the same table
     video = torch.randn(2, 3, 2, 32, 32)
 
-    model, report = checkpoints.load({'module': sd}, 'classifier', 6, num_frames=8, img_size=64)
+    model, report = checkpoints.load_classifier({'module': sd}, 6, num_frames=8, img_size=64)
     assert 'new: none' in report and 'unused: none' in report
     with torch.no_grad():
         # the head is reused: the same class count
@@ -202,7 +203,7 @@ def test_from_official_finetuned_layout():
     # fine-tuned at 4 frames: the official file then carries pos_embed [1, N, D]; it is replaced by
     # the regenerated table (here the same values, so the outputs must still agree)
     sd4 = {**sd, 'pos_embed': sincos_table(4 * 64, 128)[None]}
-    model, report = checkpoints.load(sd4, 'classifier', 6, num_frames=4, img_size=64)
+    model, report = checkpoints.load_classifier(sd4, 6, num_frames=4, img_size=64)
     assert 'unused: pos_embed' in report
     # and the report says what the table is, not '0 frames x 224 px'
     assert "position table: sin-cos for 4 frames x 64 px; the checkpoint's pos_embed " \
@@ -211,7 +212,7 @@ def test_from_official_finetuned_layout():
         assert torch.allclose(model.eval()(video), ref(video), atol=1e-5)
 
     # another class count: the backbone and fc_norm are kept, the head is new and small
-    model, report = checkpoints.load(sd, 'classifier', 3, num_frames=8, img_size=64)
+    model, report = checkpoints.load_classifier(sd, 3, num_frames=8, img_size=64)
     assert 'new: head.* (2)' in report and 'unused: head.* (2)' in report
     assert torch.equal(model.fc_norm.weight, ref.fc_norm.weight)
     assert model.head.weight.abs().max() < 0.002 * 3 and torch.all(model.head.bias == 0)
@@ -227,18 +228,18 @@ def test_head_transfer_keeps_the_rows_of_the_classes():
                                     num_classes=10))
     sd = {k.removeprefix('backbone.'): v for k, v in ref.state_dict().items()}
     for rows in (range(4), [7, 2, 5, 0]):
-        model, report = checkpoints.load(sd, 'classifier', 4, head_rows=rows, num_frames=8,
+        model, report = checkpoints.load_classifier(sd, 4, head_rows=rows, num_frames=8,
                                          img_size=64)
         assert torch.equal(model.head.weight, ref.head.weight[list(rows)]) and 'new: none' in report
         assert torch.equal(model.head.bias, ref.head.bias[list(rows)])
         assert 'head = 4 of its rows' in report[0]
-    with pytest.raises(training.BadInput, match='3 rows for 4 classes'):
-        checkpoints.load(sd, 'classifier', 4, head_rows=[1, 2, 3], num_frames=8, img_size=64)
+    with pytest.raises(configurator.BadInput, match='3 rows for 4 classes'):
+        checkpoints.load_classifier(sd, 4, head_rows=[1, 2, 3], num_frames=8, img_size=64)
 
 def test_from_our_stage1_and_stage2_checkpoints():
     vit = randomize(tiny_vit())                     # stage 1: align_layers 2, with heads
     ckpt = {'model': vit.state_dict(), 'model_config': dataclasses.asdict(vit.config), 'step': 7}
-    model, report = checkpoints.load(ckpt, 'classifier', 5, num_frames=4, img_size=64,
+    model, report = checkpoints.load_classifier(ckpt, 5, num_frames=4, img_size=64,
                                      drop_path=0.1)
     assert report[1:3] == ['new: fc_norm.* (2), head.* (2)',
                            'unused: norm.* (2), clip_decoder.* (8)']
@@ -261,15 +262,15 @@ def test_from_our_stage1_and_stage2_checkpoints():
     # stage 2: the video encoder sits under vision_encoder.*; the text side is reported unused
     sd2 = {**{'vision_encoder.' + k: v for k, v in ckpt['model'].items()},
            'text_encoder.w': torch.zeros(3)}
-    model2, report = checkpoints.load(
-        {'model': sd2, 'model_config': ckpt['model_config'], 'text_config': {}}, 'classifier', 5)
+    model2, report = checkpoints.load_classifier(
+        {'model': sd2, 'model_config': ckpt['model_config'], 'text_config': {}}, 5)
     assert report[2] == 'unused: text_encoder.* (1), norm.* (2), clip_decoder.* (8)'
     assert torch.equal(model2.backbone.blocks[3].mlp.fc2.weight, vit.blocks[3].mlp.fc2.weight)
 
     # an incomplete backbone is an error that names what is missing
     del ckpt['model']['blocks.2.attn.qkv.weight']
-    with pytest.raises(training.BadInput, match='blocks.2.attn.qkv.weight'):
-        checkpoints.load(ckpt, 'classifier', 5)
+    with pytest.raises(configurator.BadInput, match='blocks.2.attn.qkv.weight'):
+        checkpoints.load_classifier(ckpt, 5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +324,7 @@ def test_bad_constants_fail_fast(small_run, monkeypatch):
                          ('--rand_augment=(4,12,0.5)', 'RAND_AUGMENT=.* be None or'),
                          ('--num_classes=5', 'has label 11, but NUM_CLASSES=5')):
         monkeypatch.setattr(sys, 'argv', [MODULE, *map(str, args), bad, f'--out_dir={tmp / "bad"}'])
-        with pytest.raises(training.BadInput, match=message):
+        with pytest.raises(configurator.BadInput, match=message):
             runpy.run_module(MODULE, run_name='__main__')
 
 
@@ -412,11 +413,11 @@ def test_head_rows_from_two_lists_of_class_names(tmp_path):
     (tmp_path / 'k700.txt').write_text('zumba\nabseiling\nyoga on a mat\n')
     names = lambda other: f'names:{tmp_path / "k710.txt"},{tmp_path / other}'  # noqa: E731
     assert checkpoints.head_rows(names('k600.txt'), 3) == [3, 0, 2]
-    with pytest.raises(training.BadInput,
+    with pytest.raises(configurator.BadInput,
                        match="k700.txt are not in .*k710.txt, e.g. 'yoga on a mat'"):
         checkpoints.head_rows(names('k700.txt'), 3)
     (tmp_path / 'rows.json').write_text('[3, 0, 2]')
     assert checkpoints.head_rows(str(tmp_path / 'rows.json'), 3) == [3, 0, 2]
     assert checkpoints.head_rows('first', 2) == [0, 1] and checkpoints.head_rows(None, 2) is None
-    with pytest.raises(training.BadInput, match='one row number per class'):
+    with pytest.raises(configurator.BadInput, match='one row number per class'):
         checkpoints.head_rows(str(tmp_path / 'rows.json'), 4)

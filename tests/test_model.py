@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import training
+from util import configurator
 from util import checkpoints
 from model import CONFIGS, Attention, VideoClassifier, VideoViT, get_config, sincos_table, uta_loss
 
@@ -113,7 +113,7 @@ def test_vit_b16_has_the_official_key_layout():
 @pytest.mark.parametrize('wrap', [None, 'model', 'module'])
 def test_load_official_stage1(wrap):
     sd = official_stage1_keys(96, 4, 2, 64)
-    model, report = checkpoints.load(sd if wrap is None else {wrap: sd}, img_size=64, num_heads=3)
+    model, report = checkpoints.load_vit(sd if wrap is None else {wrap: sd}, img_size=64, num_heads=3)
     assert 'unused: none' in report and 'new: none' in report
     assert isinstance(model, VideoViT) and model.config.align_layers == 2
     assert torch.equal(model.blocks[3].attn.q_bias, sd['encoder.blocks.3.attn.q_bias'])
@@ -124,7 +124,7 @@ def test_load_official_stage2_reports_unused():
     sd = {'vision_encoder.' + k: v for k, v in official_stage1_keys(96, 4, 2, 64).items()}
     sd.update({'vision_encoder.pool_norm.weight': torch.ones(96), 'text_encoder.bert.x': torch.zeros(2),
                'temp': torch.tensor(0.07)})
-    model, report = checkpoints.load(sd, img_size=64, num_heads=3)
+    model, report = checkpoints.load_vit(sd, img_size=64, num_heads=3)
     assert isinstance(model, VideoViT)
     assert 'unused: vision_encoder.* (1), text_encoder.* (1), temp' in report
 
@@ -134,7 +134,7 @@ def test_load_official_finetuned_with_pos_embed():
     del sd['norm.weight'], sd['norm.bias']                           # fine-tuned models have no final norm
     sd.update({'fc_norm.weight': torch.ones(96), 'fc_norm.bias': torch.zeros(96), 'head.weight': torch.randn(5, 96),
                'head.bias': torch.randn(5), 'pos_embed': torch.randn(1, 16 * 64, 96)})   # 16 frames
-    model, report = checkpoints.load({'module': sd}, img_size=64, num_heads=3, stored_table=True)
+    model, report = checkpoints.load_classifier({'module': sd}, img_size=64, num_heads=3, stored_table=True)
     assert isinstance(model, VideoClassifier) and 'unused: none' in report
     assert model.backbone.config.num_frames == 16
     assert torch.equal(model.backbone.pos_embed, sd['pos_embed'][0])
@@ -145,8 +145,8 @@ def test_load_official_finetuned_with_pos_embed():
 def test_load_official_wrong_shape_names_the_key():
     sd = official_stage1_keys(96, 4, 2, 64)
     sd['encoder.blocks.2.mlp.fc2.weight'] = torch.randn(96, 100)
-    with pytest.raises(training.BadInput, match=r'blocks\.2\.mlp\.fc2\.weight'):
-        checkpoints.load(sd, img_size=64, num_heads=3)
+    with pytest.raises(configurator.BadInput, match=r'blocks\.2\.mlp\.fc2\.weight'):
+        checkpoints.load_vit(sd, img_size=64, num_heads=3)
 
 
 def test_bad_input_is_rejected():

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_umt(quick_gelu=True):
     # here, not at the top: the spawned VTC workers need not import open_clip
-    from teacher import tiny_clip
+    from demo import tiny_clip
     torch.manual_seed(0)
     clip = tiny_clip(quick_gelu=quick_gelu)
     return M.build_umt(model.VideoViT(model.get_config('tiny', num_frames=4)), clip).eval(), clip

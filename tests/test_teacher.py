@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import demo
 import teacher as tm
-from training import BadInput
 
 MEAN_IN, STD_IN, MEAN_CLIP, STD_CLIP = (torch.tensor(c).view(1, 3, 1, 1, 1) for c in
                                         (tm.IMAGENET_MEAN, tm.IMAGENET_STD, tm.CLIP_MEAN, tm.CLIP_STD))
@@ -22,7 +22,7 @@ def reference(teacher, x_clip, K):
     """open_clip's own forward on CLIP-normalized frames x_clip [B, 3, T, S, S] (S = native size):
     targets [K, B, N, C] and last-block CLS attention [B, T, h*w] via nn.MultiheadAttention."""
     B, _, T, S, _ = x_clip.shape
-    v = tm.tiny_clip().visual  # a fresh, identical (seeded) CLIP: the teacher folded QuickGELU into SiLU in its own
+    v = demo.tiny_clip().visual  # a fresh, identical (seeded) CLIP: the teacher folded QuickGELU into SiLU in its own
     assert isinstance(teacher.visual.transformer.resblocks[0].mlp.gelu, torch.nn.SiLU)
     frames = x_clip.transpose(1, 2).reshape(B * T, 3, S, S)
     out = v.forward_intermediates(frames, indices=K + 1, output_fmt='NLC', output_extra_tokens=True)
@@ -36,7 +36,7 @@ def reference(teacher, x_clip, K):
 
 @pytest.fixture(scope='module')
 def teacher():
-    return tm.build_teacher('tiny', align_layers=2)
+    return tm.CLIPTeacher(demo.tiny_clip(), align_layers=2)
 
 
 def test_matches_open_clip_forward_and_mha_attention(teacher):
@@ -73,16 +73,16 @@ def test_targets_with_keep_equal_gathered_full_targets(teacher):
 
 
 def test_image_size_resizes_positional_embedding():
-    t = tm.build_teacher('tiny', align_layers=1, image_size=56)  # 56 / 8 = 7x7 grid instead of 8x8
+    t = tm.CLIPTeacher(demo.tiny_clip(), align_layers=1, image_size=56)  # 56 / 8 = 7x7 grid instead of 8x8
     pos, old = t.pos_resized, t.visual.positional_embedding
     assert pos.shape == (1 + 49, 64) and torch.equal(pos[0], old[0])  # CLS row kept as is
-    assert tm.build_teacher('tiny', align_layers=1).pos_resized is None  # native size: nothing resized
+    assert tm.CLIPTeacher(demo.tiny_clip(), align_layers=1).pos_resized is None  # native size: nothing resized
     torch.testing.assert_close(tm.resize_pos_embed(old, 8), old)  # same grid: bicubic is the identity
     targets, attn = t(torch.randn(2, 3, 4, 64, 64))  # the 64-px clip is resized down to 56
     assert targets.shape == (1, 2, 4 * 49, 64) and attn.shape == (2, 4, 49)
     assert torch.isfinite(targets).all() and (attn > 0).all() and (attn.sum(-1) < 1).all()
-    with pytest.raises(BadInput, match='multiple of the patch size'):
-        tm.build_teacher('tiny', align_layers=1, image_size=60)
+    with pytest.raises(ValueError, match='multiple of the patch size'):
+        tm.CLIPTeacher(demo.tiny_clip(), align_layers=1, image_size=60)
 
 
 def test_bad_inputs_and_arguments_raise(teacher):
@@ -91,8 +91,8 @@ def test_bad_inputs_and_arguments_raise(teacher):
     with pytest.raises(ValueError, match=r'\[B, 3, T, H, W\]'):
         teacher.encode(torch.randn(2, 4, 2, 64, 64))  # 4 channels
     for bad in (0, 5, 2.0):
-        with pytest.raises(BadInput, match='align_layers'):
-            tm.build_teacher('tiny', align_layers=bad)
+        with pytest.raises(ValueError, match='align_layers'):
+            tm.CLIPTeacher(demo.tiny_clip(), align_layers=bad)
 
 
 def test_frozen_deterministic_and_no_grad(teacher):
@@ -100,31 +100,31 @@ def test_frozen_deterministic_and_no_grad(teacher):
     assert not teacher.training and not teacher.visual.training  # train() keeps the teacher in eval
     assert not any(p.requires_grad for p in teacher.parameters())
     assert not hasattr(teacher, 'transformer')  # text tower not kept
-    a, b = tm.build_clip('tiny'), tm.build_clip('tiny')  # seeded: a resumed demo rebuilds the same teacher
+    a, b = demo.tiny_clip(), demo.tiny_clip()  # seeded: a resumed demo rebuilds the same teacher
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     targets, attn = teacher(torch.randn(1, 3, 1, 64, 64, requires_grad=True))
     assert not targets.requires_grad and not attn.requires_grad
 
 
 def test_quickgelu_check():
-    tm.check_quickgelu(tm.tiny_clip(quick_gelu=True))  # passes
-    with pytest.raises(BadInput, match='-quickgelu'):
-        tm.check_quickgelu(tm.tiny_clip(quick_gelu=False))
+    tm.check_quickgelu(demo.tiny_clip(quick_gelu=True))  # passes
+    with pytest.raises(ValueError, match='-quickgelu'):
+        tm.check_quickgelu(demo.tiny_clip(quick_gelu=False))
 
 
 def test_build_clip_checks_quickgelu_for_weight_files(monkeypatch, tmp_path):
     # open_clip builds nn.GELU for 'ViT-B-16' + a file, silently; build_clip must refuse it.
     weights = tmp_path / 'weights.bin'
     weights.write_bytes(b'')
-    monkeypatch.setattr(tm.open_clip, 'create_model', lambda name, pretrained: tm.tiny_clip(quick_gelu=False))
-    with pytest.raises(BadInput, match='QuickGELU'):
+    monkeypatch.setattr(tm.open_clip, 'create_model', lambda name, pretrained: demo.tiny_clip(quick_gelu=False))
+    with pytest.raises(ValueError, match='QuickGELU'):
         tm.build_clip('ViT-B-16', str(weights))
     tm.build_clip('ViT-B-16', None)  # random weights: GELU is fine, no check
 
 
 def test_missing_weights_file_gives_hint(tmp_path):
     missing = str(tmp_path / 'no_such_weights.bin')  # open_clip rejects it before any download
-    with pytest.raises(BadInput, match='open_clip_pytorch_model.bin') as err:
+    with pytest.raises(ValueError, match='open_clip_pytorch_model.bin') as err:
         tm.build_clip('ViT-B-16-quickgelu', missing)
     assert 'quickgelu' in str(err.value) and missing in str(err.value)
 

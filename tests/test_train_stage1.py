@@ -23,6 +23,7 @@ import torch
 import data
 import faults
 import training
+from util import configurator
 from tools.prepare_data import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def test_table1_targets_train_and_save_the_student_only(demo_dir, small_list, tm
     assert ckpt['config']['TARGET'] == target and any(k.startswith('blocks.') for k in ckpt['decoder'])
     assert not any(k.startswith(('decoder', 'mask_token', 'encoder_to')) for k in ckpt['model'])
     from util import checkpoints
-    student, report = checkpoints.load(str(tmp_path / 'run' / 'last.pt'), 'vit')
+    student, report = checkpoints.load_vit(str(tmp_path / 'run' / 'last.pt'))
     assert student.config.align_layers == (0 if target == 'pixels' else 2) and 'unused: none' in report
 
 
@@ -198,7 +199,7 @@ def test_demo_teacher_says_what_it_needs(small_list, tmp_path, monkeypatch):
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     monkeypatch.setattr(sys, 'argv', [SCRIPT, '--preset=demo', f'--data_list={small_list}', '--device=cpu',
                                       f'--data_root={tmp_path / "my_videos"}', f'--out_dir={tmp_path / "out"}'])
-    with pytest.raises(training.BadInput, match="TEACHER_PRETRAINED='demo' is a tiny CLIP that knows only the demo's "
+    with pytest.raises(configurator.BadInput, match="TEACHER_PRETRAINED='demo' is a tiny CLIP that knows only the demo's "
                                          r"coloured squares.*captions_train.json.*--teacher_pretrained=openai"):
         runpy.run_path(SCRIPT, run_name='__main__')
 
@@ -226,7 +227,7 @@ def test_invalid_settings_fail_fast(overrides, world_size, message, monkeypatch)
     monkeypatch.setattr(sys, 'argv', [SCRIPT, '--out_dir=/nonexistent/out'] + overrides)
     monkeypatch.setenv('WORLD_SIZE', str(world_size))            # read before init_process_group
     monkeypatch.delenv('RANK', raising=False)
-    with pytest.raises(training.BadInput, match=message):
+    with pytest.raises(configurator.BadInput, match=message):
         runpy.run_path(SCRIPT, run_name='__main__')
 
 
@@ -236,12 +237,12 @@ def test_checks_that_need_the_data_or_the_teacher(demo_dir, small_list, tmp_path
     monkeypatch.delenv('RANK', raising=False)
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     monkeypatch.setattr(sys, 'argv', base)  # 12 videos, 16 clips per step
-    with pytest.raises(training.BadInput, match='has 12 videos, fewer than one global batch of TOTAL_BATCH=16'):
+    with pytest.raises(configurator.BadInput, match='has 12 videos, fewer than one global batch of TOTAL_BATCH=16'):
         runpy.run_path(SCRIPT, run_name='__main__')
     # The tiny teacher at 72 px cuts frames into 9x9 patches, the student at 64 px into 8x8: UTA pairs tokens
     # by position, so this must stop and name the size that fits.
     monkeypatch.setattr(sys, 'argv', base + ['--total_batch=4', '--micro_batch=4', '--teacher_size=72'])
-    with pytest.raises(training.BadInput, match='student cuts a clip into 4x8x8 tokens but the teacher into 4x9x9.*'
+    with pytest.raises(configurator.BadInput, match='student cuts a clip into 4x8x8 tokens but the teacher into 4x9x9.*'
                                          'TEACHER_SIZE = 64'):
         runpy.run_path(SCRIPT, run_name='__main__')
 

@@ -9,21 +9,22 @@ import pytest
 import torch
 
 import training
+from util import configurator
 
 
 def test_configure_presets_and_overrides():
     presets = {'demo': {'EPOCHS': 3, 'MASK_TYPE': 'tube'}}
     g = {'MASK_RATIO': 0.8, 'MASK_TYPE': 'semantic', 'EPOCHS': 201, 'PRETRAINED': None, 'lower': 1,
          'PRESETS': presets, 'F': torch.nn.functional}   # neither the presets nor a module alias are settings
-    cfg = training.configure(g, presets, ['--preset=demo', '--mask_type=random', '--MASK_RATIO=1', '--pretrained=x.pt'])
+    cfg = configurator.configure(g, presets, ['--preset=demo', '--mask_type=random', '--MASK_RATIO=1', '--pretrained=x.pt'])
     assert cfg == {'EPOCHS': 3, 'MASK_RATIO': 1.0, 'MASK_TYPE': 'random', 'PRETRAINED': 'x.pt'}
     assert isinstance(g['MASK_RATIO'], float)
-    with pytest.raises(training.BadInput, match='valid: EPOCHS'):
-        training.configure(g, presets, ['--epoch=3'])
-    with pytest.raises(training.BadInput, match='EPOCHS must be int'):
-        training.configure(g, presets, ['--epochs=3.5'])
-    with pytest.raises(training.BadInput, match='unknown preset'):
-        training.configure(g, presets, ['--preset=paper'])
+    with pytest.raises(configurator.BadInput, match='valid: EPOCHS'):
+        configurator.configure(g, presets, ['--epoch=3'])
+    with pytest.raises(configurator.BadInput, match='EPOCHS must be int'):
+        configurator.configure(g, presets, ['--epochs=3.5'])
+    with pytest.raises(configurator.BadInput, match='unknown preset'):
+        configurator.configure(g, presets, ['--preset=paper'])
 
 
 def test_split_batch_lowers_the_micro_batch_only_when_it_must(monkeypatch):
@@ -32,12 +33,12 @@ def test_split_batch_lowers_the_micro_batch_only_when_it_must(monkeypatch):
     for world, total, micro, expected in ((1, 2048, 64, (1, 64, 32)), (8, 2048, 64, (8, 64, 4)),
                                           (2, 16, 16, (2, 8, 1)), (1, 10, 4, (1, 2, 5)), (8, 2048, 48, (8, 32, 8))):
         monkeypatch.setenv('WORLD_SIZE', str(world))
-        assert training.split_batch(total, micro) == expected
+        assert configurator.split_batch(total, micro) == expected
     monkeypatch.setenv('WORLD_SIZE', '4')
-    with pytest.raises(training.BadInput, match='TOTAL_BATCH=6 must be a positive multiple of the 4 processes'):
-        training.split_batch(6, 4)
-    with pytest.raises(training.BadInput, match='MICRO_BATCH=0 must be positive'):
-        training.split_batch(8, 0)
+    with pytest.raises(configurator.BadInput, match='TOTAL_BATCH=6 must be a positive multiple of the 4 processes'):
+        configurator.split_batch(6, 4)
+    with pytest.raises(configurator.BadInput, match='MICRO_BATCH=0 must be positive'):
+        configurator.split_batch(8, 0)
 
 
 def test_lr_schedule():
@@ -82,10 +83,10 @@ def test_unreadable_checkpoints_say_what_to_do(tmp_path):
     (tmp_path / 'truncated.pt').write_bytes(whole[:len(whole) // 2])
     (tmp_path / 'empty.pt').write_bytes(b'')
     for name in ('truncated.pt', 'empty.pt'):
-        with pytest.raises(training.BadInput, match=f'{name} cannot be read .*truncated or corrupt'):
+        with pytest.raises(configurator.BadInput, match=f'{name} cannot be read .*truncated or corrupt'):
             training.read_checkpoint(str(tmp_path / name))
     torch.save({'model': {}, 'args': argparse.Namespace(lr=1e-3)}, tmp_path / 'official_trainer.pth')
-    with pytest.raises(training.BadInput, match="pickled Python objects.*keep its weights"):
+    with pytest.raises(configurator.BadInput, match="pickled Python objects.*keep its weights"):
         training.read_checkpoint(str(tmp_path / 'official_trainer.pth'))
 
 
@@ -99,12 +100,12 @@ def test_layer_decay():
 
 def test_help_lists_the_constants_with_their_comments(tmp_path):
     script = tmp_path / 'script.py'
-    script.write_text('"""A script.\n\n    python script.py --preset=demo\n"""\nimport sys\nimport training\n'
+    script.write_text('"""A script.\n\n    python script.py --preset=demo\n"""\nimport sys\nfrom util import configurator\n'
                       'EPOCHS = 200                       # passes over the data (paper: 200)\n'
                       'MASK_RATIO = 0.8                   # fraction hidden\n'
                       '                                   # (paper: 0.8)\n'
                       "PRESETS = {'demo': {'EPOCHS': 3}}\n"
-                      'training.configure(globals(), PRESETS, sys.argv[1:])\nopen("ran", "w")\n')
+                      'configurator.configure(globals(), PRESETS, sys.argv[1:])\nopen("ran", "w")\n')
     out = subprocess.run([sys.executable, str(script), '--help'], cwd=tmp_path, capture_output=True, text=True,
                          env={'PYTHONPATH': str(training.__file__).rsplit('/', 1)[0]})
     assert out.returncode == 0, out.stderr
@@ -133,5 +134,5 @@ def test_out_dir_lock_blocks_a_live_run_but_not_a_dead_one(tmp_path):
     again = subprocess.run([sys.executable, '-c', code, str(tmp_path)], capture_output=True, text=True, env=env)
     assert again.returncode == 0 and again.stdout.strip() == 'locked'   # ... and blocks nothing
     (tmp_path / 'file').write_text('')
-    with pytest.raises(training.BadInput, match='is a file'):
+    with pytest.raises(configurator.BadInput, match='is a file'):
         training.lock_out_dir(str(tmp_path / 'file'))

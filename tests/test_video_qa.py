@@ -33,7 +33,7 @@ BPE = BPETokenizer()
 
 
 def tiny_stage2():
-    from teacher import tiny_clip
+    from demo import tiny_clip
     torch.manual_seed(0)
     config = get_config('tiny', num_frames=4)
     umt = build_umt(VideoViT(config), tiny_clip())

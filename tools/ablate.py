@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-import training
+from util import configurator
 from data import VideoClassification
 from evaluate import load_model, probe_accuracy
 
@@ -54,7 +54,7 @@ def parse_changes(text):
     out = []
     for item in filter(None, text.split(',')):
         if '=' not in item or not item.split('=')[0].strip():
-            training.fail(f'{item!r} in {text!r} is not name=value (e.g. mask_type=tube)')
+            configurator.fail(f'{item!r} in {text!r} is not name=value (e.g. mask_type=tube)')
         out.append('--' + item.strip())
     return out
 
@@ -113,7 +113,7 @@ def run(work, seed, changes):
     seconds = time.perf_counter() - t
     if code:
         tail = open(os.path.join(out, 'train.txt')).read().splitlines()[-3:]
-        training.fail(f'the run `{" ".join(command[1:])}` failed:\n' + '\n'.join(tail))
+        configurator.fail(f'the run `{" ".join(command[1:])}` failed:\n' + '\n'.join(tail))
     records = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
     steps = [r for r in records if 'ms_per_step' in r]
     result = {'seed': seed, 'changes': changes,
@@ -203,18 +203,19 @@ def explain(work, seeds, ratio=0.8, tol=25):
     the square's tokens each mask keeps (ratio 0.8) and how often a frame keeps none, and how well a
     linear probe tells the colour from the teacher's last-layer tokens pooled over the square's
     tokens only, the background's only, or all of them."""
-    from demo import DEMO_COLORS
+    from demo import DEMO_COLORS, tiny_clip
     from evaluate import train_linear_probe
     from masking import random_mask, semantic_mask, tube_mask
-    from teacher import build_teacher
+    from teacher import CLIPTeacher
     from data import normalize
     rgb = torch.tensor(list(DEMO_COLORS.values()), dtype=torch.float32)             # [6, 3]
     rows = []
     for seed in range(seeds):
         root = os.path.join(work, f'demo_data_s{seed}')
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            teacher = build_teacher('tiny', f'{root}/tiny_clip.pt', align_layers=1)
+            teacher = CLIPTeacher(tiny_clip(f'{root}/tiny_clip.pt'), align_layers=1)
         stats, pooled = {}, {}
+        g = torch.Generator().manual_seed(seed)  # the masks: the same in every call
         for split, mode in (('train', 'val'), ('test', 'test')):
             ds = VideoClassification(f'{root}/{split}_color.csv', root, 4, 64, mode=mode)
             loader = torch.utils.data.DataLoader(ds, batch_size=64)
@@ -236,9 +237,9 @@ def explain(work, seeds, ratio=0.8, tol=25):
                                           tokens.mean(1)]))
                 if split == 'test':
                     B, T, n = attn.shape
-                    keeps = {'semantic': semantic_mask(attn, ratio),
-                             'random': random_mask(B, T, n, ratio),
-                             'tube': tube_mask(B, T, n, ratio)}
+                    keeps = {'semantic': semantic_mask(attn, ratio, g),
+                             'random': random_mask(B, T, n, ratio, generator=g),
+                             'tube': tube_mask(B, T, n, ratio, generator=g)}
                     add = lambda k, v: stats.setdefault(k, []).append(v)  # noqa: E731
                     add('square tokens', square.float().mean().item())
                     add('attention on the square', ((attn * square).sum() / attn.sum()).item())
@@ -262,7 +263,7 @@ def explain(work, seeds, ratio=0.8, tol=25):
 
 
 def main(argv=None):
-    training.short_errors()
+    configurator.short_errors()
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--name', default='ablation',
@@ -281,7 +282,7 @@ def main(argv=None):
     if args.explain:
         return explain(args.work, args.seeds)
     if not 1 <= args.seeds <= 31:
-        training.fail(f'--seeds {args.seeds}: pass 1 to 31')
+        configurator.fail(f'--seeds {args.seeds}: pass 1 to 31')
     for text in [args.reference] + args.rows:
         parse_changes(text)
     rows = [args.reference] + [','.join(filter(None, [args.reference, r])) for r in args.rows]

@@ -39,8 +39,10 @@ import torch
 import torch.nn.functional as F
 
 import data
+import demo
 import model as M
 import training
+from util import configurator
 from masking import make_mask
 from teacher import CLIPTeacher, build_clip
 from tools.prepare_data import prepare
@@ -80,17 +82,17 @@ PRESETS = {
              'WARMUP_STEPS': 1},
     'stage2': {'STAGE': 2, 'FRAMES': 4},  # the paper's stage-2 video step: 4 frames, plus text
 }
-config = training.configure(globals(), PRESETS, sys.argv[1:])
+config = configurator.configure(globals(), PRESETS, sys.argv[1:])
 if STAGE not in (1, 2):
-    training.fail(f'STAGE={STAGE} must be 1 (video-only alignment) or 2 (video-text)')
+    configurator.fail(f'STAGE={STAGE} must be 1 (video-only alignment) or 2 (video-text)')
 if TARGET not in ('clip', 'pixels', 'clip+pixels', 'clip+masked') or \
         MASK_TYPE not in ('semantic', 'tube', 'random'):
-    training.fail(f"TARGET={TARGET!r} must be 'clip', 'pixels', 'clip+pixels' or 'clip+masked', "
-                  f"MASK_TYPE={MASK_TYPE!r} 'semantic', 'tube' or 'random'")
-training.need_positive(BATCH=BATCH, FRAMES=FRAMES, IMG_SIZE=IMG_SIZE, STEPS=STEPS)
+    configurator.fail(f"TARGET={TARGET!r} must be 'clip', 'pixels', 'clip+pixels' or "
+                      f"'clip+masked', MASK_TYPE={MASK_TYPE!r} 'semantic', 'tube' or 'random'")
+configurator.need_positive(BATCH=BATCH, FRAMES=FRAMES, IMG_SIZE=IMG_SIZE, STEPS=STEPS)
 if not 0 < MASK_RATIO < 1 or WARMUP_STEPS < 0:
-    training.fail(f'MASK_RATIO={MASK_RATIO} must lie strictly between 0 and 1, '
-                  f'WARMUP_STEPS={WARMUP_STEPS} >= 0')
+    configurator.fail(f'MASK_RATIO={MASK_RATIO} must lie strictly between 0 and 1, '
+                      f'WARMUP_STEPS={WARMUP_STEPS} >= 0')
 
 # ----------------------------------------------------------------------------------------------
 # The data loader (LOADER_DIR)
@@ -169,7 +171,7 @@ def bench_table1(batches):
                        '--warmup_steps=1', *[f'--{k.lower()}={v!r}' for k, v in settings.items()]]
             out = subprocess.run(command, capture_output=True, text=True, cwd=root)
             if out.returncode:
-                training.fail(f'`{" ".join(command[1:])}` failed:\n{out.stderr[-500:]}')
+                configurator.fail(f'`{" ".join(command[1:])}` failed:\n{out.stderr[-500:]}')
             res.append(json.loads(out.stdout.split('RESULT ')[-1]))
             print(f'{name}, batch {b}: {res[-1]["step_ms"]:.0f} ms, '
                   f'{res[-1]["memory_gib"]:.2f} GiB', flush=True)
@@ -206,7 +208,8 @@ align = 0 if TARGET == 'pixels' else ALIGN_LAYERS
 cfg = M.get_config(MODEL, num_frames=FRAMES, img_size=IMG_SIZE, align_layers=align,
                    checkpoint_blocks=CHECKPOINT_BLOCKS)
 student = M.VideoViT(cfg)
-clip_model = build_clip(TEACHER, None)  # random weights: speed does not depend on them
+# random weights: speed does not depend on them
+clip_model = demo.tiny_clip() if TEACHER == 'tiny' else build_clip(TEACHER, None)
 teacher = None
 if use_teacher:
     teacher = CLIPTeacher(clip_model, ALIGN_LAYERS, TEACHER_SIZE or None).to(device)

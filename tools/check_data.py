@@ -20,7 +20,7 @@ import av
 from tqdm import tqdm
 
 import data
-import training
+from util import configurator
 
 def check_file(path):
     """None if every frame of `path` decodes, else the reason."""
@@ -41,14 +41,16 @@ def check_file(path):
 def entries(file, root):
     """-> (is_json, records: lines or dicts, their media paths or None, the format problem of each
     or None)."""
-    text = data.read_text(file, 'FILE')
-    is_json = text.lstrip()[:1] in '[{'
+    with configurator.user_input():  # a FILE that cannot be read
+        text = data.read_text(file, 'FILE')
+        is_json = text.lstrip()[:1] in '[{'
+        records = data.load_json(file) if is_json else None
     if is_json:
-        records, path_of = data.load_json(file), lambda o: data.parse_annotation(o, root).path
+        path_of = lambda o: data.parse_annotation(o, root).path  # noqa: E731
     else:
         records = [line + '\n' for line in text.splitlines()
                    if line.strip() and not line.lstrip().startswith('#')]
-        path_of = lambda line: data._join(root, data.parse_list_line(line.strip())[0])
+        path_of = lambda line: data.join_root(root, data.parse_list_line(line.strip())[0])
     paths, problems = [], []
     for r in records:
         try:
@@ -65,8 +67,8 @@ def check(file, root=None, overwrite=False):
     outputs = (f'{file}.clean', f'{file}.bad')
     if not overwrite and any(os.path.exists(p) for p in outputs):
         existing = ' or '.join(p for p in outputs if os.path.exists(p))
-        training.fail(f'{existing} exists: move it away, or pass --overwrite to replace the '
-                      'results of an earlier check')
+        configurator.fail(f'{existing} exists: move it away, or pass --overwrite to replace the '
+                          'results of an earlier check')
     is_json, records, paths, problems = entries(file, root)
     reasons = [why or check_file(p)
                for p, why in zip(tqdm(paths, desc=f'checking {file}'), problems)]
@@ -80,7 +82,7 @@ def check(file, root=None, overwrite=False):
     return len(good), len(records) - len(good)
 
 def main(argv=None):
-    training.short_errors()
+    configurator.short_errors()
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('file', metavar='FILE',

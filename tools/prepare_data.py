@@ -23,7 +23,7 @@ import av
 from tqdm import tqdm
 
 import data
-import training
+from util import configurator
 from tools.check_data import entries
 
 SHORT_SIDE = 256  # short side of prepared videos (no upscaling): every crop of the recipe is a
@@ -89,16 +89,16 @@ def prepare(file, root, out_dir, workers=os.cpu_count(), **options):
     new_file = os.path.join(out_dir, os.path.basename(file))
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and \
             not os.path.exists(os.path.join(out_dir, MARKER)):
-        training.fail(f'--out {out_dir!r} holds files that this tool did not write: pass a new or '
-                      'empty folder')
+        configurator.fail(f'--out {out_dir!r} holds files that this tool did not write: pass a '
+                          'new or empty folder')
     if os.path.realpath(new_file) == os.path.realpath(file):
-        training.fail(f'--out {out_dir!r} would overwrite the list {file} itself: pass another '
-                      'folder')
+        configurator.fail(f'--out {out_dir!r} would overwrite the list {file} itself: pass another '
+                          'folder')
     is_json, records, paths, problems = entries(file, root)
     if any(problems):
         n, why = next((n, p) for n, p in enumerate(problems) if p)
-        training.fail(f'{file} entry #{n}: {why} (python -m tools.check_data lists every bad '
-                      'entry)')
+        configurator.fail(f'{file} entry #{n}: {why} (python -m tools.check_data lists every bad '
+                          'entry)')
     rels = [o.get('image') or o.get('video') for o in records] if is_json else \
         [data.parse_list_line(r.strip())[0] for r in records]
     jobs, failed = {}, {}
@@ -134,7 +134,7 @@ def prepare(file, root, out_dir, workers=os.cpu_count(), **options):
     return new_file, failed
 
 def main(argv=None):
-    training.short_errors()
+    configurator.short_errors()
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('file', metavar='FILE',
@@ -145,7 +145,7 @@ def main(argv=None):
     ap.add_argument('--workers', type=int, default=os.cpu_count(), help='parallel processes')
     args = ap.parse_args(argv)
     if args.workers < 1:
-        training.fail(f'--workers {args.workers}: pass at least 1')
+        configurator.fail(f'--workers {args.workers}: pass at least 1')
     return prepare(args.file, args.root, args.out, args.workers)
 
 if __name__ == '__main__':

@@ -36,28 +36,16 @@ import torch
 
 import data
 from model import VideoClassifier, VideoViT, VideoViTConfig, load_strict
-from training import read_checkpoint
+from training import read_checkpoint, resolve
 from util.bert import bert_config, sub_state_dict
 from util.configurator import fail, user_input
 from util.wordpiece import Tokenizer
 from video_language import UMT
 
-def resolve(path, what='--init'):
-    """A weights file by name: hf://OWNER/REPO/FILE (FILE may have folders) is fetched once into the
-    Hugging Face cache by huggingface_hub.hf_hub_download and its local path returned; anything else
-    is returned as it is. what: the setting it came from, for the message."""
-    if not isinstance(path, str) or not path.startswith('hf://'):
-        return path
-    parts = path[len('hf://'):].split('/', 2)
-    if len(parts) < 3 or not all(parts):
-        fail(f'{what} {path}: a Hugging Face file is hf://OWNER/REPO/FILE')
-    from huggingface_hub import hf_hub_download
-    try:
-        return hf_hub_download(f'{parts[0]}/{parts[1]}', parts[2])
-    except Exception as e:  # noqa: BLE001 - offline, no such repo or file, no access: the user's
-        fail(f'{what} {path}: cannot fetch {parts[2]} from the Hugging Face repo {parts[0]}/'
-             f'{parts[1]} ({type(e).__name__}). Offline or without access, download the file '
-             f'elsewhere and pass its local path: {what}=/path/to/{parts[2].split("/")[-1]}')
+def read_text(path, what):
+    """data.read_text; a file that cannot be read ends the command with its message."""
+    with user_input():
+        return data.read_text(path, what)
 
 def read_file(path, what='--init'):
     """A weights file (a local path or hf://...) -> the dict it holds: .safetensors, or a torch file
@@ -318,22 +306,6 @@ def official_stage2(sd):
             unused.append(k)
     return out, unused
 
-def load(source, want='auto', num_classes=None, head_rows=None, stored_table=False,
-         head_dropout=0.0, init_scale=0.001, name=None, **overrides):
-    """The one call of the scripts written before the named loaders (tasks/finetune.py,
-    tasks/finetune_ava.py): want 'vit', 'classifier', 'umt' or 'auto' (ours: what it holds; an
-    official stage-2 file: its video encoder) -> load_vit, load_classifier or load_stage2."""
-    w = read(source, name)
-    if want == 'auto':
-        want = w.kind if w.ours is not None and w.kind != 'qa' else \
-            'classifier' if w.kind == 'classifier' else 'vit'
-    if want == 'umt':
-        return load_stage2(w, **overrides)
-    if want == 'classifier':
-        return load_classifier(w, num_classes, head_rows, stored_table, head_dropout, init_scale,
-                               **overrides)
-    return load_vit(w, **overrides)
-
 def head_rows(spec, num_classes):
     """HEAD_ROWS -> the rows of INIT's head that become the new head, one per class (None: a new
     head). 'names:A,B': class i of list B is row A.index(B[i]); a class of B missing from A is an
@@ -344,7 +316,7 @@ def head_rows(spec, num_classes):
         return list(range(num_classes))
     if spec.startswith('names:'):
         files = spec[len('names:'):].split(',')
-        lists = [[n.strip() for n in data.read_text(f, 'HEAD_ROWS file').splitlines() if n.strip()]
+        lists = [[n.strip() for n in read_text(f, 'HEAD_ROWS file').splitlines() if n.strip()]
                  for f in files]
         if len(lists) != 2:
             fail(f"HEAD_ROWS={spec!r}: 'names:' takes two files, K710's class names and this "
@@ -356,7 +328,7 @@ def head_rows(spec, num_classes):
         rows = [lists[0].index(n) for n in lists[1]]
     elif spec.endswith('.json'):
         try:
-            rows = json.loads(data.read_text(spec, 'HEAD_ROWS'))
+            rows = json.loads(read_text(spec, 'HEAD_ROWS'))
         except json.JSONDecodeError as e:
             fail(f'HEAD_ROWS {spec} is not JSON ({e})')
     else:

@@ -1,15 +1,16 @@
 """
-The scripts' settings and their checks, which a first reading skips (nanoGPT's configurator.py plays the same role).
+The scripts' settings and their checks, which a first reading skips (as nanoGPT's configurator.py).
 
-A script's settings are the UPPER_CASE constants at its top. `configure(globals(), PRESETS, sys.argv[1:])` applies
-`--preset=NAME`, then `--name=value` overrides, prints what differs from the defaults (the paper's recipe) and returns
-the resolved {name: value} dict that goes into the log and every checkpoint; `--help` prints the script's docstring,
-every constant with its comment, and the presets.
+Settings are the UPPER_CASE constants atop a script. `configure(globals(), PRESETS, sys.argv[1:])`
+applies `--preset=NAME`, then `--name=value` overrides, prints what differs from the defaults (the
+paper's recipe) and returns the resolved {name: value} dict for the log and every checkpoint;
+`--help` prints the script's docstring, every constant with its comment, and the presets.
 
-Bad input: a file, path or value of the user's that cannot be used ends the command with one message that names it
-and says what to do (BadInput, printed by short_errors' hook without a traceback). The concept files (model, teacher,
-masking, data) raise ValueError; the scripts turn it into BadInput where they read what the user named
-(`with user_input(): ...`). The start-up checks run before anything heavy, so a typo costs seconds, not a queue slot.
+Bad input: a file, path or value of the user's that cannot be used ends the command with one message
+that names it and says what to do (BadInput, printed by short_errors' hook without a traceback). The
+concept files (model, teacher, masking, data) raise ValueError; the scripts turn it into BadInput
+where they read what the user named (`with user_input(): ...`). The start-up checks run before
+anything heavy, so a typo costs seconds, not a queue slot.
 """
 
 import ast
@@ -22,14 +23,14 @@ import sys
 # Bad input: one message, never a traceback
 
 class BadInput(Exception):
-    """A file, path or setting given by the user that cannot be used. The message says what to do."""
+    """A file, path or setting of the user's that cannot be used. The message says what to do."""
 
 def fail(message):
     raise BadInput(message)
 
 def short_errors():
-    """From here on an uncaught BadInput ends the program with its message on stderr (exit code 1), no
-    traceback. A traceback stays for everything else: those are bugs of our own."""
+    """From here on an uncaught BadInput ends the program with its message on stderr (exit code 1),
+    no traceback. A traceback stays for everything else: those are bugs of our own."""
     default = sys.excepthook
 
     def hook(kind, error, tb):
@@ -41,8 +42,8 @@ def short_errors():
 
 @contextlib.contextmanager
 def user_input(what=''):
-    """A ValueError raised inside (a concept file rejecting a file, a checkpoint or a value the user named)
-    becomes BadInput, prefixed with `what`."""
+    """A ValueError raised inside (a concept file rejecting a file, a checkpoint or a value the user
+    named) becomes BadInput, prefixed with `what`."""
     try:
         yield
     except ValueError as e:
@@ -52,7 +53,7 @@ def user_input(what=''):
 # Settings: constants, presets, --name=value, --help
 
 def constant_lines(path, names):
-    """{NAME: its source line(s)}: the assignment with its comment, and the comment lines continuing it."""
+    """{NAME: source line(s)}: the assignment, its comment and the comment lines continuing it."""
     lines, out = open(path).read().splitlines(), {}
     for i, line in enumerate(lines):
         m = re.match(r'([A-Z][A-Z0-9_]*) = ', line)
@@ -65,12 +66,12 @@ def constant_lines(path, names):
 
 def configure(constants, presets, argv):
     """Apply `--preset=NAME`, then `--KEY=VALUE` overrides, to a script's constants (its globals()).
-    Values are read with ast.literal_eval (`--mask_type=tube` and `--mask_ratio=0.9` both work), must
-    have the type of the default (an int is accepted for a float), and an unknown key fails with the
-    list of valid ones. -h / --help prints the docstring, the constants and the presets."""
+    Values are read with ast.literal_eval (`--mask_type=tube` and `--mask_ratio=0.9` both work),
+    must have the type of the default (an int is accepted for a float), and an unknown key fails
+    with the list of valid ones. -h / --help prints the docstring, the constants and the presets."""
     short_errors()
-    names = sorted(k for k, v in constants.items()  # upper-case names of plain values (not PRESETS)
-                   if k.isupper() and isinstance(v, (bool, int, float, str, tuple, list, type(None))))
+    names = sorted(k for k, v in constants.items() if k.isupper()  # plain values (not PRESETS)
+                   and isinstance(v, (bool, int, float, str, tuple, list, type(None))))
     defaults = {k: constants[k] for k in names}
     if {'-h', '--help'} & set(argv):
         source = constant_lines(constants['__file__'], names)
@@ -78,8 +79,8 @@ def configure(constants, presets, argv):
               + "\n\nConstants (--name=value; the comment gives the paper's value):\n"
               + '\n'.join(source.get(k, f'{k} = {defaults[k]!r}') for k in names)
               + '\n\nPresets (--preset=NAME):\n'
-              + '\n'.join(f'  {p}: ' + (', '.join(f'{k}={v!r}' for k, v in o.items()) or 'the defaults')
-                          for p, o in presets.items()))
+              + '\n'.join(f'  {p}: ' + (', '.join(f'{k}={v!r}' for k, v in o.items())
+                                        or 'the defaults') for p, o in presets.items()))
         raise SystemExit(0)
 
     def parse(arg):
@@ -99,8 +100,8 @@ def configure(constants, presets, argv):
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if default is not None and value is not None and type(value) is not type(default):
-            fail(f'{key} must be {type(default).__name__} like its default {default!r}, got {value!r} '
-                 f'({source})')
+            fail(f'{key} must be {type(default).__name__} like its default {default!r}, '
+                 f'got {value!r} ({source})')
         constants[key] = value
 
     pairs = [parse(a) for a in argv]
@@ -126,14 +127,14 @@ def split_batch(total_batch, micro_batch):
     """-> (world_size, micro, grad_accum) with TOTAL_BATCH = micro x processes x grad_accum.
     MICRO_BATCH is the most samples one process forwards at once: when a process's share of
     TOTAL_BATCH is no multiple of it (the demo's 16 clips over 2 processes: 8 each), micro is the
-    largest size up to MICRO_BATCH that divides the share. Only a TOTAL_BATCH that does not split over
-    the processes stops the run. Called before the process group exists: torchrun sets WORLD_SIZE."""
+    largest size up to MICRO_BATCH that divides the share. Only a TOTAL_BATCH the processes cannot
+    split stops the run. Called before the process group exists: torchrun sets WORLD_SIZE."""
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     if micro_batch < 1:
         fail(f'MICRO_BATCH={micro_batch} must be positive')
     if total_batch < 1 or total_batch % world_size:
-        fail(f'TOTAL_BATCH={total_batch} must be a positive multiple of the {world_size} processes: '
-             'change it, or the number of processes')
+        fail(f'TOTAL_BATCH={total_batch} must be a positive multiple of the {world_size} '
+             'processes: change it, or the number of processes')
     share = total_batch // world_size
     micro = max(m for m in range(1, min(micro_batch, share) + 1) if share % m == 0)
     return world_size, micro, share // micro
@@ -142,7 +143,8 @@ def need_files(paths, what, skip=False):
     """Stop when a path of {NAME: path} is set but is not a file; `what` says what it holds."""
     for name, path in paths.items():
         if path and (os.path.isdir(path) or not skip and not os.path.isfile(path)):
-            fail(f'{name} {path!r} ' + ('is a folder' if os.path.isdir(path) else 'not found') + f': {what}')
+            fail(f'{name} {path!r} ' + ('is a folder' if os.path.isdir(path) else 'not found')
+                 + f': {what}')
 
 def need_init(init, out_dir, what, demo_command):
     """INIT must be a file, unless the run resumes from OUT_DIR/last.pt."""
@@ -159,15 +161,17 @@ def need_positive(**values):
 def epoch_steps(num_items, total_batch, source, unit):
     """Optimizer steps per epoch: the incomplete last global batch of an epoch is dropped."""
     if num_items < total_batch:
-        fail(f'{source} has {num_items} {unit}, fewer than one global batch of TOTAL_BATCH={total_batch}')
+        fail(f'{source} has {num_items} {unit}, fewer than one global batch of '
+             f'TOTAL_BATCH={total_batch}')
     return num_items // total_batch
 
 def check_pretrained(pretrained):
     """A TEACHER_PRETRAINED that names a weights file must be one."""
     if pretrained and pretrained.endswith(('.bin', '.pt', '.pth', '.safetensors')) and \
             not os.path.isfile(pretrained):
-        fail(f"teacher weights file {pretrained!r} not found. Pass an existing file, or the open_clip tag "
-             "'openai' (downloaded once into the Hugging Face cache; needs the network the first time).")
+        fail(f"teacher weights file {pretrained!r} not found. Pass an existing file, or the "
+             "open_clip tag 'openai' (downloaded once into the Hugging Face cache; needs the "
+             "network the first time).")
 
 if __name__ == '__main__':  # a module, not a script: say what it holds
     print(__doc__.strip())

@@ -78,7 +78,7 @@ class Tokenizer:
     @staticmethod
     def _words(text):
         """Text without special tokens -> its words: lower-cased, unaccented, punctuation split."""
-        # per character, as the official lower-casing: 'ΟΔΟΣ' -> 'οδοσ' (str.lower() gives 'οδος')
+        # official lower-casing, per character: 'ΟΔΟΣ' -> 'οδοσ' (str.lower(): 'οδος')
         text = ''.join(c.lower() for c in text)
         for word in ''.join(_clean(c) for c in text).split():
             word = ''.join(c for c in unicodedata.normalize('NFD', word.lower())
