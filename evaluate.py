@@ -30,7 +30,7 @@ An official stage-2 checkpoint carries no vocabulary: --vocab (default bert-base
 vocab.txt, fetched once; pass a local copy offline).
 Tiny CPU demo (after train_stage1.py's demo run):
     python evaluate.py classify --ckpt out/demo_stage1/last.pt --train demo_data/train_color.csv \\
-        --val demo_data/val_color.csv --root demo_data --clips 1 --crops 1   # colour: k-NN, probe
+        --val demo_data/test_color.csv --root demo_data --clips 1 --crops 1   # colour: k-NN, probe
 """
 import argparse
 from types import SimpleNamespace

@@ -45,7 +45,7 @@ from torchvision.transforms.v2 import InterpolationMode, functional as TF
 
 import data
 import training
-from util.configurator import fail, short_errors, user_input
+from util.configurator import fail, reported, short_errors
 from util.evaluation import new_output
 
 # training boxes: each side moves by U(-out, in) x the box size; (x out, x in, y out, y in) as the
@@ -62,10 +62,7 @@ IOU_THRESHOLD = 0.5  # frame-mAP: a detection hits a ground-truth box at IoU >= 
 # box: normalized (x1, y1, x2, y2); action: None if empty
 Row = namedtuple('Row', 'video ts box action score')
 
-def read_text(path, what):
-    """data.read_text; a file that cannot be read ends the command with its message."""
-    with user_input():
-        return data.read_text(path, what)
+read_text = reported(data.read_text)  # a file it cannot read: one message
 
 def read_csv(path, with_score=False, what='CSV'):
     """An AVA CSV -> (rows, skipped): a box outside the frame (or empty) is skipped and counted; a

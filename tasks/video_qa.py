@@ -40,7 +40,7 @@ from model import VideoViT, VideoViTConfig, load_strict
 from util import checkpoints
 from util.bert import (VOCAB, BertConfig, BertLM, BertModel, BertTextEncoder, bert_config,
                        decoder_config, stage2_to_finetune, sub_state_dict)
-from util.configurator import fail, short_errors, user_input
+from util.configurator import fail, reported, short_errors, user_input
 from util.evaluation import (BATCH, K_TEST, MAX_TEXT_LEN, WORKERS, finish, gather_rows, new_output,
                              run_videos)
 from util.wordpiece import Tokenizer
@@ -50,19 +50,11 @@ MC_ITM_WEIGHT = 0.7  # score = 0.7 VTM probability + 0.3 VTC softmax (official r
 MC_FRAMES = 12       # frames per video, middle of 12 segments (official MSRVTT-MC: 12)
 QA_FRAMES = 12       # the same for open-ended QA (official num_frames_test: 12)
 DEMO_MARKER = '.umt_demo'  # the demo set's marker (demo.py): its QA files go beside its captions
+read_text = reported(data.read_text)  # a file it cannot read: one message
+load_json = reported(data.load_json)
 
 # ----------------------------------------------------------------------------------------------
 # Multiple choice: zero-shot scoring with the stage-2 heads
-
-def read_text(path, what):
-    """data.read_text; a file that cannot be read ends the command with its message."""
-    with user_input():
-        return data.read_text(path, what)
-
-def load_json(path, what):
-    """data.load_json; a file that cannot be read ends the command with its message."""
-    with user_input():
-        return data.load_json(path, what)
 
 def mc_combine(itm_logits, sim, temp, itm_weight=MC_ITM_WEIGHT):
     """itm_logits [B, O, 2] (no-match, match), sim [B, O] mean over frames of the per-frame cosine

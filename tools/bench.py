@@ -71,7 +71,7 @@ STEPS = 5                     # timed steps; medians are reported
 DEVICE = 'auto'               # 'auto' = the GPU when there is one; 'cpu' forces the CPU
 LOADER_DIR = ''               # if set: benchmark the stage-1 data loader instead, on clips written
                               # to this folder
-TABLE1 = ''                   # two batch sizes, e.g. '1,2': every Table 1 row at both, one process
+TABLE1 = ()                   # two batch sizes, e.g. --table1=2,4: every Table 1 row at both, one process
                               # each (memory)
 PRESETS = {
     'cpu': {},
@@ -175,24 +175,25 @@ def bench_table1(batches):
             res.append(json.loads(out.stdout.split('RESULT ')[-1]))
             print(f'{name}, batch {b}: {res[-1]["step_ms"]:.0f} ms, '
                   f'{res[-1]["memory_gib"]:.2f} GiB', flush=True)
-        per_clip = (res[1]['memory_gib'] - res[0]['memory_gib']) / (b2 - b1)
+        per_clip = (res[1]['memory_gib'] - res[0]['memory_gib']) / (b2 - b1)  # the RSS slope
         rows.append((name, res[1]['step_ms'] / b2, per_clip, res[0]['memory_gib'] - b1 * per_clip,
-                     paper))
-    umt = rows[0]
-    print('\n| row | ms per clip | GiB per clip | fixed GiB | predicted at 64 clips | / UMT '
-          '| paper GB | paper / UMT |\n|---|---|---|---|---|---|---|---|')
-    for name, ms, per_clip, fixed, paper in rows:
-        predicted = fixed + 64 * per_clip
-        print(f'| {name} | {ms:.0f} | {per_clip:.3f} | {fixed:.2f} | {predicted:.1f} GiB | '
-              f'{predicted / (umt[3] + 64 * umt[2]):.2f}x | {paper or "-"} | '
-              f'{f"{paper / umt[4]:.2f}x" if paper else "-"} |')
-
+                     res[1]['saved_gib_per_clip'], res[1]['state_gib'], paper))
+    # At 64 clips what grows with the batch (kept for the backward) dominates, beside the weights,
+    # their gradients and AdamW's moments: predicted = state + 64 x kept per clip.
+    predicted = [state + 64 * kept for *_, kept, state, _ in rows]
+    print('\n| row | ms per clip | RSS: per clip, fixed (GiB) | kept for the backward per clip | '
+          'weights + AdamW | predicted at 64 clips | / UMT | paper GB | paper / UMT |\n'
+          '|---|---|---|---|---|---|---|---|---|')
+    for (name, ms, per_clip, fixed, kept, state, paper), p in zip(rows, predicted):
+        print(f'| {name} | {ms:.0f} | {per_clip:.3f}, {fixed:.2f} | {kept:.3f} GiB | {state:.2f} GiB '
+              f'| {p:.1f} GiB | {p / predicted[0]:.2f}x | {paper or "-"} | '
+              f'{f"{paper / rows[0][-1]:.2f}x" if paper else "-"} |')
 
 if LOADER_DIR:
     bench_loader(LOADER_DIR)
     sys.exit()
 if TABLE1:
-    bench_table1([int(b) for b in TABLE1.split(',')])
+    bench_table1(TABLE1)
     sys.exit()
 
 # ----------------------------------------------------------------------------------------------
@@ -240,6 +241,16 @@ def sync():
         torch.cuda.synchronize()
 
 
+saved, weights = {}, {p.untyped_storage().data_ptr() for p in trained.parameters()}
+
+def keep_for_backward(x):
+    """Counts what autograd keeps for the backward (the activations; weights aside): the memory
+    that grows with the batch, and on a GPU most of it. One storage counts once."""
+    ptr = x.untyped_storage().data_ptr()
+    if ptr not in weights:
+        saved[ptr] = x.untyped_storage().nbytes()
+    return x
+
 def step():
     """One training step, cut into timed phases (the syncs cost a little; 'total' below is without
     them)."""
@@ -255,7 +266,8 @@ def step():
             hidden_targets = M.pixel_targets(video, masked, cfg.tubelet_size, cfg.patch_size) \
                 if 'pixels' in TARGET else teacher.targets(hidden[-1:], masked)[0]
     sync(); times['teacher'] = time.perf_counter() - t0; t0 = time.perf_counter()
-    with ctx:
+    saved.clear()
+    with ctx, torch.autograd.graph.saved_tensors_hooks(keep_for_backward, lambda x: x):
         if STAGE == 1:
             x, aligned = model(video, keep)
             loss = M.uta_loss(aligned, targets) if align else 0.0  # L_uta
@@ -380,5 +392,10 @@ print(f'FLOPs per clip: teacher {teacher_flops / 1e9:.1f} G + student {student_f
       + (f'+ text {text_flops / 1e9:.1f} G (fwd+bwd) ' if STAGE == 2 else '')
       + f'= {flops_per_clip / 1e9:.1f} G')
 print(f'achieved {achieved / 1e9:.1f} GFLOP/s = {ceiling}')
-print('RESULT ' + json.dumps({'step_ms': step_s * 1e3, 'memory_gib': peak_mem,
+activations = sum(saved.values()) / 2 ** 30
+state = sum(p.numel() for p in trained.parameters()) * 16 / 2 ** 30  # fp32 weight, grad, 2 moments
+print(f'kept for the backward: {activations / BATCH:.3f} GiB per clip | weights, gradients and AdamW '
+      f'state {state:.2f} GiB')
+print('RESULT ' + json.dumps({'step_ms': step_s * 1e3, 'memory_gib': peak_mem, 'state_gib': state,
+                              'saved_gib_per_clip': activations / BATCH,
                               'gflops_per_clip': flops_per_clip / 1e9}))

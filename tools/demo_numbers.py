@@ -1,16 +1,16 @@
 """
-The demo numbers of README.md and docs/demo.md from fresh runs of their own commands: every table, as
-they print it. --check names the table lines that are in neither file.
+The demo numbers of README.md and docs/demo.md from fresh runs of their own commands: every table,
+as they print it. --check names the table lines that are in neither file.
 
-    python -m tools.demo_numbers --work demo_runs                        # everything: hours on 2 cores
+    python -m tools.demo_numbers --work demo_runs                        # all: hours on 2 cores
     python -m tools.demo_numbers --work demo_runs --only stage1,qa       # some sections
     python -m tools.demo_numbers --work demo_runs --check README.md docs/demo.md
 
 The commands run in WORK (the documents' relative paths: demo_data, out/...; the ablations' runs are
-tools.ablate's, in WORK/runs). What is already in WORK is not run again, so an interrupted run goes on
-where it stopped. Sections: stage1 (three seeds: random student, stage-1 student, teacher), ablations
-(the paper's Table 1 and 2 and the aligned layers, with tools.ablate, and what explains them),
-finetune, stage2 (retrieval), qa (multiple choice and open-ended), ava.
+tools.ablate's, in WORK/runs). What is already in WORK is not run again, so an interrupted run goes
+on where it stopped. Sections: stage1 (three seeds: random student, stage-1 student, teacher),
+ablations (the paper's Table 1 and 2 and the aligned layers, with tools.ablate, and what explains
+them), finetune, stage2 (retrieval), qa (multiple choice and open-ended), ava.
 """
 
 import argparse
@@ -27,7 +27,7 @@ SEEDS = (0, 1, 2)
 
 
 def run(work, result, *command):
-    """`python COMMAND` in WORK unless WORK/result exists; the time it took goes to WORK/times.txt."""
+    """`python COMMAND` in WORK unless WORK/result exists; its time goes to WORK/times.txt."""
     if os.path.exists(os.path.join(work, result)):
         return
     t = time.time()
@@ -47,12 +47,12 @@ def last_log(work, out_dir, key):
 
 
 def classify(work, name, ckpt_or_teacher, data):
-    """evaluate.py classify of the square's colour on the 1,200 held-out videos -> (k-NN, linear)."""
+    """evaluate.py classify of the square's colour, 1,200 held-out videos -> (k-NN, linear)."""
     source = ['--ckpt', ckpt_or_teacher] if ckpt_or_teacher.endswith('.pt') else \
         ['--teacher', 'tiny', '--pretrained', f'{data}/tiny_clip.pt', '--frames', '4']
     run(work, f'results/{name}.json', f'{ROOT}/evaluate.py', 'classify', *source, '--train',
-        f'{data}/train_color.csv', '--val', f'{data}/test_color.csv', '--root', data, '--clips', '1',
-        '--crops', '1', '--out', f'results/{name}.json')
+        f'{data}/train_color.csv', '--val', f'{data}/test_color.csv', '--root', data,
+        '--clips', '1', '--crops', '1', '--out', f'results/{name}.json')
     r = read(work, f'results/{name}.json')
     return r['knn']['top1'], r['linear']['top1']
 
@@ -118,15 +118,18 @@ def cell(s, metric='knn'):
 
 
 def section_ablations(work):
-    steps, time_, t2 = ablate(work, 'table1_steps'), ablate(work, 'table1_time'), ablate(work, 'table2')
+    steps, time_ = ablate(work, 'table1_steps'), ablate(work, 'table1_time')
+    t2 = ablate(work, 'table2')
     layers, why = ablate(work, 'layers'), ablate(work, 'pixels_why')
     rows = ['| Table 1 row (TARGET) | masks | k-NN, equal steps | k-NN, equal time (epochs) | '
             'linear, equal steps | paper: memory GB / K400 / MSRVTT |', '|---|---|---|---|---|---|']
     for name, mask, row, timed, epochs, paper in (
             ('UMT: align with CLIP (`clip`)', 'semantic 0.8', '', '', 20, '16.0 / 84.9 / 66.8'),
-            ('pixels, VideoMAE (`pixels`)', 'tube 0.9', 'target=pixels,mask_type=tube,mask_ratio=0.9',
+            ('pixels, VideoMAE (`pixels`)', 'tube 0.9',
+             'target=pixels,mask_type=tube,mask_ratio=0.9',
              'target=pixels,mask_type=tube,mask_ratio=0.9,epochs=17', 17, '44.0 / 78.8 / 55.6'),
-            ('pixels (`pixels`)', 'semantic 0.8', 'target=pixels', 'target=pixels,epochs=14', 14, '-'),
+            ('pixels (`pixels`)', 'semantic 0.8', 'target=pixels', 'target=pixels,epochs=14', 14,
+             '-'),
             ('CLIP + pixels (`clip+pixels`)', 'semantic 0.8', 'target=clip+pixels',
              'target=clip+pixels,epochs=15', 15, '52.5 / 83.9 / 64.5'),
             ('CLIP + masked recovering (`clip+masked`)', 'semantic 0.8', 'target=clip+masked',
@@ -190,8 +193,8 @@ def section_stage2(work):
         run(work, result, f'{ROOT}/evaluate.py', 'retrieval', '--ckpt', ckpt, '--ann',
             'demo_data/captions_val.json', '--root', 'demo_data', '--out', result)
         r = read(work, result)
-        rows.append(f'| {name} | ' + ' | '.join(pair(r['vtc'][f'{d}_R@1'], r['reranked'][f'{d}_R@1'])
-                                              for d in ('t2v', 'v2t')) + ' |')
+        recalls = [pair(r['vtc'][f'{d}_R@1'], r['reranked'][f'{d}_R@1']) for d in ('t2v', 'v2t')]
+        rows.append(f'| {name} | ' + ' | '.join(recalls) + ' |')
     return rows
 
 
@@ -208,9 +211,11 @@ def section_qa(work):
         test = last_log(work, f'out/demo_qa_{tag}', 'test')
         types = test['test']['by_type']  # 'what' = colour, 'which' = direction
         rows.append(f'| {name} | {read(work, f"results/mc_{tag}.json")["accuracy"]:.1f} | '
-                    f'{test["test"]["accuracy"]:.1f} / {types["what"]:.1f} / {types["which"]:.1f} |')
+                    f'{test["test"]["accuracy"]:.1f} / {types["what"]:.1f} / '
+                    f'{types["which"]:.1f} |')
     prior = test['prior']
-    return rows + [f'| without the video (the printed baselines) | | {prior["majority"]:.1f} (always '
+    return rows + [f'| without the video (the printed baselines) | | {prior["majority"]:.1f} '
+                   f'(always '
                    f'"{prior["majority_answer"]}") / {prior["question_prior"]:.1f} (most frequent '
                    'answer per question) |']
 
@@ -218,7 +223,8 @@ def section_qa(work):
 def section_ava(work):
     rows = ['| init | seed 0 | seed 1 |', '|---|---|---|']
     stage2(work)  # for out/demo_stage1/last.pt, the preset's INIT
-    for name, init in (('stage-1 demo checkpoint (`out/demo_stage1/last.pt`)', 'out/demo_stage1/last.pt'),
+    for name, init in (('stage-1 demo checkpoint (`out/demo_stage1/last.pt`)',
+                        'out/demo_stage1/last.pt'),
                        ('random weights (`out/demo_random_s0/last.pt`)', random_student(work, 0))):
         cells = []
         for s in (0, 1):
@@ -231,7 +237,8 @@ def section_ava(work):
                 '--groundtruth', 'demo_ava/val.csv', '--detections', detections, '--exclusions',
                 'demo_ava/val_excluded.csv', '--out', result)
             r = read(work, result)
-            cells.append(' / '.join(f'{v:.1f}' for v in r['AP'].values()) + f' / **{r["mAP"]:.1f}**')
+            aps = ' / '.join(f'{v:.1f}' for v in r['AP'].values())
+            cells.append(f'{aps} / **{r["mAP"]:.1f}**')
         rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     return rows
 

@@ -38,14 +38,11 @@ import data
 from model import VideoClassifier, VideoViT, VideoViTConfig, load_strict
 from training import read_checkpoint, resolve
 from util.bert import bert_config, sub_state_dict
-from util.configurator import fail, user_input
+from util.configurator import fail, reported, user_input
 from util.wordpiece import Tokenizer
 from video_language import UMT
 
-def read_text(path, what):
-    """data.read_text; a file that cannot be read ends the command with its message."""
-    with user_input():
-        return data.read_text(path, what)
+read_text = reported(data.read_text)  # a file it cannot read: one message
 
 def read_file(path, what='--init'):
     """A weights file (a local path or hf://...) -> the dict it holds: .safetensors, or a torch file

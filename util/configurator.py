@@ -49,6 +49,13 @@ def user_input(what=''):
     except ValueError as e:
         fail(f'{what}{e}')
 
+def reported(fn):
+    """fn, whose ValueError (a concept file rejecting a file the user named) becomes BadInput."""
+    def call(*args, **kwargs):
+        with user_input():
+            return fn(*args, **kwargs)
+    return call
+
 # ----------------------------------------------------------------------------------------------
 # Settings: constants, presets, --name=value, --help
 
