@@ -13,7 +13,7 @@ the bf16 peak of the GPU (MFU), or on CPU a dense fp32 matmul measured in the sa
     python -m tools.bench --preset=stage2  # one stage-2 step (VTC + VTM + MLM + UTA)
     # a Table 1 row (train_stage1 TARGET)
     python -m tools.bench --target=pixels --mask_type=tube --mask_ratio=0.9
-    python -m tools.bench --table1=1,2     # Table 1's memory column, every row at 1 and 2 clips
+    python -m tools.bench --table1=2,4     # Table 1's memory column, every row at 2 and 4 clips
     # loader clips/s per core, before / after tools.prepare_data
     python -m tools.bench --loader_dir=bench_clips
 
