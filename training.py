@@ -340,3 +340,7 @@ def update(optimizer, scaler, model, grad_clip, loss):
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return good, grad_norm
+
+
+if __name__ == '__main__':  # a module, not a script: say what it holds
+    print(__doc__.strip())

@@ -440,3 +440,7 @@ def mask_text(input_ids, attention_mask, prob=0.5, generator=None, mask_id=MASK_
     masked = torch.where(pick & (u < 0.8), mask_id,
                          torch.where(pick & (u >= 0.9), rand_ids, input_ids))
     return masked, input_ids.masked_fill(~pick, -100)
+
+
+if __name__ == '__main__':  # a module, not a script: say what it holds
+    print(__doc__.strip())

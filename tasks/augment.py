@@ -149,3 +149,7 @@ class RepeatedAugClassification(VideoClassification):
                            interp='bilinear')[0]
             clips.append(random_erase(clip, rng, self.erase_prob) if self.erase_prob else clip)
         return {'video': torch.stack(clips), 'label': label}              # [num_sample, 3, T, S, S]
+
+
+if __name__ == '__main__':  # a module, not a script: say what it holds
+    print(__doc__.strip())

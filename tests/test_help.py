@@ -44,3 +44,19 @@ def test_tools_and_subcommands(entry, argv, monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv + ['--help'])
     assert e.value.code == 0 and os.listdir(tmp_path) == [] and 'usage:' in capsys.readouterr().out
+
+
+MODULES = ['data', 'model', 'masking', 'teacher', 'training', 'video_language', 'util.configurator',
+           'util.checkpoints', 'util.evaluation', 'util.bert', 'util.wordpiece', 'tasks.augment']
+
+
+@pytest.mark.parametrize('module', MODULES)
+def test_modules_run_as_scripts_say_what_they_hold(module, monkeypatch, tmp_path, capsys):
+    """`python data.py` (a newcomer's first try) prints the module's docstring, exits 0, writes
+    nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'argv', [module, '--help'])
+    runpy.run_path(str(ROOT / (module.replace('.', '/') + '.py')), run_name='__main__')
+    out = capsys.readouterr().out
+    assert out.strip() == importlib.import_module(module).__doc__.strip() and len(out) > 100
+    assert os.listdir(tmp_path) == []

@@ -308,3 +308,7 @@ def load_hf_bert(model, hf_sd):
         raise ValueError(f'not the weights of a BERT of this shape: {wrong[:4]} ...')
     model.load_state_dict({**sd, **{k: own[k] for k in new}}, strict=True)
     return new
+
+
+if __name__ == '__main__':  # a module, not a script: say what it holds
+    print(__doc__.strip())

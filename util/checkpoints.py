@@ -335,3 +335,7 @@ def head_rows(spec, num_classes):
             not all(isinstance(r, int) and r >= 0 for r in rows):
         fail(f'HEAD_ROWS={spec!r} must give one row number per class, NUM_CLASSES={num_classes}')
     return rows
+
+
+if __name__ == '__main__':  # a module, not a script: say what it holds
+    print(__doc__.strip())

@@ -236,3 +236,7 @@ def finish(results, out=None, show=True):
         dist.barrier()  # leave together: a rank that leaves first makes gloo abort the others
         dist.destroy_process_group()
     return results
+
+
+if __name__ == '__main__':  # a module, not a script: say what it holds
+    print(__doc__.strip())

@@ -119,3 +119,7 @@ class Tokenizer:
             row = [self.vocab['[CLS]']] + [self.vocab[t] for t in self.tokenize(text)][:max_len - 1]
             ids[b, :len(row)], mask[b, :len(row)] = torch.tensor(row), True
         return ids, mask
+
+
+if __name__ == '__main__':  # a module, not a script: say what it holds
+    print(__doc__.strip())
