@@ -3,9 +3,9 @@ against tests/fixtures/official_bert_seed1.pt: outputs of the official code (xbe
 umt_qa.py, criterions.py, setup_model, tokenization_bert.py) under random weights. Every stored
 output is reproduced: the text / fusion / multi_modal encodings, the projections, VTC, VTM and MLM,
 the QA question encoder, answer decoder, loss and rank_answer (of tasks/video_qa.BertUMTQA, the QA
-model with BERT), the tokenizer on 200 captions (raw
-and after data.pre_text) and the QA texts, and the stage-2 -> fine-tuning key mapping; also strict
-loading of the official key layout, the tied weights, Hugging Face BERT weights and bad input.
+model with BERT), the tokenizer on 200 captions (raw and after data.pre_text) and the QA texts, and
+the stage-2 -> fine-tuning key mapping; also strict loading of the official key layout, the tied
+weights, Hugging Face BERT weights and bad input.
 Every expected value is read from the file (another seed gives other numbers)."""
 import dataclasses
 import os
