@@ -15,7 +15,9 @@ modules, as open_clip has no API for attention weights (see CLIPTeacher.block). 
 code, CLIP gets frames in its own normalization, not the student's ImageNet one (see encode).
 
 Usage:
-    teacher = build_teacher('ViT-B-16-quickgelu', 'openai', align_layers=6).to(device)
+    teacher = CLIPTeacher(build_clip('ViT-B-16-quickgelu', 'openai'), align_layers=6).to(device)
+    # UMT-L: CLIPTeacher(build_clip('ViT-L-14-quickgelu'), 6, image_size=196); the demo's:
+    # CLIPTeacher(demo.tiny_clip(weights), align_layers)
     hidden, attn = teacher.encode(video)       # attn -> semantic mask -> keep
     targets = teacher.targets(hidden, keep)    # [K, B, N_vis, C], only the tokens the student sees
 
@@ -191,12 +193,6 @@ class CLIPTeacher(nn.Module):
         """video [B, 3, T, H, W] -> (targets [K, B, N, C] for every token, attn [B, T, h*w])."""
         hidden, attn = self.encode(video)
         return self.targets(hidden), attn
-
-def build_teacher(name='ViT-B-16-quickgelu', pretrained='openai', align_layers=6, image_size=None):
-    """UMT-B: the defaults. UMT-L: build_teacher('ViT-L-14-quickgelu', image_size=196).
-    The demo: CLIPTeacher(demo.tiny_clip(weights), align_layers)."""
-    return CLIPTeacher(build_clip(name, pretrained), align_layers=align_layers,
-                       image_size=image_size)
 
 if __name__ == '__main__':  # a module, not a script: say what it holds
     print(__doc__.strip())

@@ -223,7 +223,7 @@ def test_invalid_settings_fail_fast(overrides, world_size, message, monkeypatch)
         raise AssertionError('the script got past its checks')
     import data, teacher
     monkeypatch.setattr(data, 'VideoClassification', too_late)   # nothing heavy may run before the checks
-    monkeypatch.setattr(teacher, 'build_teacher', too_late)
+    monkeypatch.setattr(teacher, 'CLIPTeacher', too_late)
     monkeypatch.setattr(sys, 'argv', [SCRIPT, '--out_dir=/nonexistent/out'] + overrides)
     monkeypatch.setenv('WORLD_SIZE', str(world_size))            # read before init_process_group
     monkeypatch.delenv('RANK', raising=False)
