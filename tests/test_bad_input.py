@@ -266,6 +266,7 @@ def test_tools_and_demo(files, monkeypatch, tmp_path):
           r'mine holds files that the AVA demo did not')
     stops(script('tools.bench', ['--stage=3'], monkeypatch), r'STAGE=3 must be 1')
     stops(script('tools.bench', ['--steps=0'], monkeypatch), r'STEPS=0 must be positive')
+    stops(script('tools.bench', ['--table1=4,4'], monkeypatch), r'TABLE1=\(4, 4\): give two different')
     stops(script('tools.check_data', [t / 'folder.csv'], monkeypatch), r'folder\.csv. is a folder')
     prepare = [t / 'good.csv', '--root', demo, '--out', tmp_path / 'mine']
     stops(script('tools.prepare_data', prepare, monkeypatch),

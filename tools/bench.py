@@ -159,6 +159,9 @@ TABLE1_ROWS = [
 def bench_table1(batches):
     """Runs this script once per row and batch size; prints the memory table with the paper's
     ratios."""
+    if len(batches) != 2 or len(set(batches)) != 2 or \
+            not all(isinstance(b, int) and b > 0 for b in batches):
+        configurator.fail(f'TABLE1={batches!r}: give two different batch sizes, e.g. --table1=2,4')
     b1, b2 = batches
     overrides = [a for a in sys.argv[1:]
                  if not a.lower().startswith(('--table1', '--target', '--mask_'))]
