@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -312,3 +313,18 @@ def test_the_message_is_all(files, tmp_path):
     assert out.returncode == 1 and 'Traceback' not in out.stderr
     assert out.stderr.strip().startswith('evaluate.py: ')
     assert 'tensor.pt holds a Tensor' in out.stderr
+
+
+def test_demo_numbers_checks_its_arguments_before_any_run(tmp_path, capsys, monkeypatch):
+    """A wrong section or a missing document stops at once, before hours of runs, creating nothing."""
+    from tools import demo_numbers
+
+    def too_late(work):
+        raise AssertionError('a section ran before the arguments were checked')
+    monkeypatch.setattr(demo_numbers, 'SECTIONS', dict.fromkeys(demo_numbers.SECTIONS, too_late))
+    for argv, message in ((['--check', str(tmp_path / 'nosuch.md')], 'no file .*nosuch.md'),
+                          (['--only', 'stage'], "unknown section.*stage; valid: stage1")):
+        with pytest.raises(SystemExit) as e:
+            demo_numbers.main(['--work', str(tmp_path / 'work'), *argv])
+        assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []

@@ -254,6 +254,13 @@ def main(argv=None):
     ap.add_argument('--only', default=','.join(SECTIONS), help=f'sections of {", ".join(SECTIONS)}')
     ap.add_argument('--check', nargs='+', metavar='DOC', help='name the table lines not in these')
     args = ap.parse_args(argv)
+    # Before hours of runs: the sections must exist and the documents be there to read.
+    unknown = [name for name in args.only.split(',') if name not in SECTIONS]
+    if unknown:
+        ap.error(f'--only: unknown section(s) {", ".join(unknown)}; valid: {", ".join(SECTIONS)}')
+    missing = [doc for doc in args.check or () if not os.path.isfile(doc)]
+    if missing:
+        ap.error(f'--check: no file {", ".join(missing)} (pass README.md and docs/demo.md)')
     os.makedirs(os.path.join(args.work, 'results'), exist_ok=True)
     tables = {name: SECTIONS[name](args.work) for name in args.only.split(',')}
     for name, rows in tables.items():
