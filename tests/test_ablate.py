@@ -30,6 +30,14 @@ def test_bad_rows_are_named():
         ablate.parse_changes('mask_type=semantic,tube')
 
 
+def test_unknown_constants_stop_before_any_run():
+    with pytest.raises(ablate.configurator.BadInput, match="'mask_typ' in 'mask_typ=tube' is not a "
+                       "constant of train_stage1.py"):
+        ablate.parse_changes('mask_typ=tube')
+    assert ablate.parse_changes('mask_type=tube,align_layers=1') == ['--mask_type=tube',
+                                                                     '--align_layers=1']
+
+
 @pytest.fixture(scope='module')
 def small_work(demo_dir, tmp_path_factory):
     """Two seeds' demo folders over the session's demo videos, with short train / test colour lists."""

@@ -23,6 +23,7 @@ nothing of this tool: each run is the command line it prints.
 """
 
 import argparse
+import ast
 import contextlib
 import io
 import json
@@ -49,12 +50,24 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.052, 2.048, 2.045, 2.042)
 
 
+def stage1_constants():
+    """The names of train_stage1.py's constants (its upper-case top-level assignments)."""
+    tree = ast.parse(open(os.path.join(ROOT, 'train_stage1.py')).read())
+    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+            if isinstance(t, ast.Name) and t.id.isupper()}
+
+
 def parse_changes(text):
-    """'target=pixels,mask_ratio=0.9' -> ['--target=pixels', '--mask_ratio=0.9'] ('' -> [])."""
+    """'target=pixels,mask_ratio=0.9' -> ['--target=pixels', '--mask_ratio=0.9'] ('' -> []).
+    A name train_stage1.py does not have stops here, before any run (its values it checks)."""
     out = []
     for item in filter(None, text.split(',')):
         if '=' not in item or not item.split('=')[0].strip():
             configurator.fail(f'{item!r} in {text!r} is not name=value (e.g. mask_type=tube)')
+        name = item.split('=')[0].strip()
+        if name.upper() not in stage1_constants():
+            configurator.fail(f'{name!r} in {text!r} is not a constant of train_stage1.py '
+                              '(python train_stage1.py --help lists them)')
         out.append('--' + item.strip())
     return out
 
